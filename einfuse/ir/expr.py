@@ -1,0 +1,186 @@
+"""The right-hand side of a statement: a tree of tensor accesses, constants, index values and map calls."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
+
+import sympy
+
+from . import index as ix
+from .dtypes import DType
+
+IndexPos = Union[sympy.Expr, "Expr"]  # an index position: affine/div/mod arithmetic, or an integer-valued Expr
+
+
+class Expr:
+    """Base of expression nodes; nodes are immutable and compare structurally."""
+
+    __slots__ = ()
+
+    def children(self) -> tuple["Expr", ...]:
+        return ()
+
+    def with_children(self, new: tuple["Expr", ...]) -> "Expr":
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class Const(Expr):
+    """A scalar literal; `weak` like a Python scalar in torch: it adopts the other operand's dtype."""
+
+    value: bool | int | float
+
+    def key(self):
+        return (type(self.value).__name__, repr(self.value))
+
+    def __eq__(self, other):
+        return isinstance(other, Const) and self.key() == other.key()
+
+    def __hash__(self):
+        return hash(self.key())
+
+    @property
+    def category(self) -> str:
+        return {"bool": "bool", "int": "int", "float": "float"}[type(self.value).__name__]
+
+
+@dataclass(frozen=True)
+class IndexValue(Expr):
+    """An index expression used as a value (i64): `arange`, causal masks `m <= p`, positions."""
+
+    expr: sympy.Expr
+
+
+@dataclass(frozen=True)
+class Access(Expr):
+    """`tensor[i0, i1, ...]`; a position is an index expression or, for gathers, an integer Expr."""
+
+    tensor: str
+    indices: tuple
+
+    def children(self):
+        return tuple(p for p in self.indices if isinstance(p, Expr))
+
+    def with_children(self, new):
+        it = iter(new)
+        return Access(self.tensor, tuple(next(it) if isinstance(p, Expr) else p for p in self.indices))
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    """A map operator applied elementwise: `exp(x)`, `a + b`, `where(c, a, b)`; `attr` holds a cast's dtype."""
+
+    op: str
+    args: tuple
+    attr: DType | str | None = None
+
+    def children(self):
+        return self.args
+
+    def with_children(self, new):
+        return Call(self.op, tuple(new), self.attr)
+
+
+# ---------------------------------------------------------------- canonical form
+
+_INDEX_FOLD = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "floordiv": ix.FloorDiv,
+    "mod": ix.Mod,
+    "neg": lambda a: -a,
+}
+
+
+def _as_index(e: Expr):
+    if isinstance(e, IndexValue):
+        return e.expr
+    if isinstance(e, Const) and type(e.value) is int:
+        return sympy.Integer(e.value)
+    return None
+
+
+def canonical(e: Expr) -> Expr:
+    """The one form a text prints and parses back to: index-only arithmetic folded into IndexValue,
+    a negated literal folded into the literal, and an IndexValue without symbols turned into a Const."""
+    if isinstance(e, Call):
+        if e.op == "neg" and isinstance(e.args[0], Const) and type(e.args[0].value) is not bool:
+            return Const(-e.args[0].value)
+        if e.op in _INDEX_FOLD and any(isinstance(a, IndexValue) for a in e.args):
+            parts = [_as_index(a) for a in e.args]
+            if all(p is not None for p in parts):
+                return canonical(IndexValue(_INDEX_FOLD[e.op](*parts)))
+        return e
+    if isinstance(e, IndexValue):
+        v = sympy.sympify(e.expr)
+        if not v.free_symbols:
+            return Const(int(v))
+        return e if v is e.expr else IndexValue(v)
+    return e
+
+
+# ---------------------------------------------------------------- traversal
+
+def walk(e: Expr) -> Iterator[Expr]:
+    """Every node, parents before children."""
+    yield e
+    for c in e.children():
+        yield from walk(c)
+
+
+def rewrite(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
+    """Bottom-up rewrite: `fn` returns a replacement or None; results are kept canonical."""
+    kids = e.children()
+    if kids:
+        new = tuple(rewrite(c, fn) for c in kids)
+        if any(a is not b for a, b in zip(new, kids)):
+            e = canonical(e.with_children(new))
+    out = fn(e)
+    return e if out is None else canonical(out)
+
+
+def map_indices(e: Expr, fn: Callable[[sympy.Expr], sympy.Expr]) -> Expr:
+    """Apply `fn` to every sympy index expression inside `e` (access positions and index values)."""
+
+    def visit(n: Expr):
+        if isinstance(n, Access):
+            return Access(n.tensor, tuple(p if isinstance(p, Expr) else fn(p) for p in n.indices))
+        if isinstance(n, IndexValue):
+            return IndexValue(fn(n.expr))
+        return None
+
+    return rewrite(e, visit)
+
+
+def substitute(e: Expr, mapping: dict) -> Expr:
+    """Replace index symbols (sympy xreplace) everywhere in `e`."""
+    if not mapping:
+        return e
+    return map_indices(e, lambda p: sympy.sympify(p).xreplace(mapping))
+
+
+def accesses(e: Expr) -> Iterator[Access]:
+    return (n for n in walk(e) if isinstance(n, Access))
+
+
+def tensors_read(e: Expr) -> set[str]:
+    return {a.tensor for a in accesses(e)}
+
+
+def index_symbols(e: Expr) -> set:
+    """Index symbols appearing anywhere in `e`."""
+    out = set()
+    for n in walk(e):
+        if isinstance(n, Access):
+            for p in n.indices:
+                if not isinstance(p, Expr):
+                    out |= sympy.sympify(p).free_symbols
+        elif isinstance(n, IndexValue):
+            out |= n.expr.free_symbols
+    return out
+
+
+def is_finite_number(v) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)

@@ -1,0 +1,249 @@
+"""Index arithmetic: sympy symbols for ranks and sizes, floor-division and modulo, bounds and simplification.
+
+Index expressions are how views, transposes, reshapes, group-wise scales (`k // 128`) and rank splits
+(`m1*64 + m0`) are written without copying data. Everything here works on non-negative integers.
+"""
+from __future__ import annotations
+
+import functools
+
+import sympy
+from sympy.printing.str import StrPrinter
+
+
+@functools.lru_cache(maxsize=None)
+def rank(name: str) -> sympy.Symbol:
+    """The symbol of an index variable (a rank): a non-negative integer."""
+    return sympy.Symbol(name, integer=True, nonnegative=True)
+
+
+@functools.lru_cache(maxsize=None)
+def size(name: str) -> sympy.Symbol:
+    """The symbol of a symbolic size (e.g. a dynamic sequence length): a positive integer."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def is_size_symbol(s: sympy.Symbol) -> bool:
+    return bool(s.is_positive)
+
+
+class FloorDiv(sympy.Function):
+    """`a // b` for a non-negative numerator and positive divisor."""
+
+    nargs = 2
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a, b):
+        if b == 1:
+            return a
+        if a == 0:
+            return sympy.Integer(0)
+        if a.is_Integer and b.is_Integer:
+            return sympy.Integer(int(a) // int(b))
+        return None
+
+
+class Mod(sympy.Function):
+    """`a % b` for a non-negative numerator and positive divisor (written `%` in the text)."""
+
+    nargs = 2
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a, b):
+        if b == 1 or a == 0:
+            return sympy.Integer(0)
+        if a.is_Integer and b.is_Integer:
+            return sympy.Integer(int(a) % int(b))
+        return None
+
+
+class IndexPrinter(StrPrinter):
+    """Prints index expressions as the IR text writes them: `i*64 + j`, `k // 128`, `p % 4`."""
+
+    def _print_FloorDiv(self, e):
+        return f"{self._operand(e.args[0])} // {self._operand(e.args[1])}"
+
+    def _print_Mod(self, e):
+        return f"{self._operand(e.args[0])} % {self._operand(e.args[1])}"
+
+    def _print_Min(self, e):
+        return "min(" + ", ".join(self._print(a) for a in e.args) + ")"
+
+    def _print_Max(self, e):
+        return "max(" + ", ".join(self._print(a) for a in e.args) + ")"
+
+    def _operand(self, a):
+        s = self._print(a)
+        return s if (a.is_Atom or isinstance(a, (sympy.Min, sympy.Max))) and not s.startswith("-") else f"({s})"
+
+    def _print_Mul(self, e):
+        # `a*(b // c)`: keep floordiv/mod factors parenthesized so `*` and `//` never mix ambiguously.
+        coeff, factors = e.as_coeff_mul()
+        parts = [self._operand(f) if isinstance(f, (FloorDiv, Mod, sympy.Add)) else self._print(f) for f in factors]
+        body = "*".join(parts)
+        if coeff == 1:
+            return body
+        if coeff == -1:
+            return "-" + body
+        return f"{self._print(coeff)}*{body}"
+
+
+_printer = IndexPrinter({"order": "lex"})
+
+
+def to_str(e: sympy.Expr) -> str:
+    """Deterministic text for an index expression."""
+    return _printer.doprint(sympy.sympify(e))
+
+
+def precedence(e: sympy.Expr) -> int:
+    """Binding strength of the printed form: 1 additive, 2 multiplicative, 3 unary minus, 4 atom."""
+    e = sympy.sympify(e)
+    if isinstance(e, sympy.Add):
+        return 1
+    if isinstance(e, (sympy.Mul, FloorDiv, Mod)):
+        coeff, _ = e.as_coeff_mul() if isinstance(e, sympy.Mul) else (1, None)
+        return 3 if coeff == -1 and isinstance(e, sympy.Mul) and len(e.args) == 2 else 2
+    if e.is_Integer and e < 0:
+        return 3
+    return 4
+
+
+# ---------------------------------------------------------------- bounds and simplification
+
+Ranges = dict  # sympy.Symbol -> (lo, hi) inclusive bounds, sympy expressions
+
+
+def _truth(rel) -> bool:
+    """True only when sympy can prove the relation."""
+    r = sympy.sympify(rel)
+    return r is sympy.true or r == True  # noqa: E712 (sympy booleans)
+
+
+def bounds(e: sympy.Expr, ranges: Ranges) -> tuple[sympy.Expr, sympy.Expr]:
+    """Inclusive lower/upper bounds of `e` given bounds of its symbols (sizes default to [1, oo))."""
+    e = sympy.sympify(e)
+    if e.is_Integer:
+        return e, e
+    if isinstance(e, sympy.Symbol):
+        if e in ranges:
+            return ranges[e]
+        return (sympy.Integer(1), sympy.oo) if is_size_symbol(e) else (sympy.Integer(0), sympy.oo)
+    if isinstance(e, sympy.Add):
+        lo, hi = sympy.Integer(0), sympy.Integer(0)
+        for a in e.args:
+            alo, ahi = bounds(a, ranges)
+            lo, hi = lo + alo, hi + ahi
+        return lo, hi
+    if isinstance(e, sympy.Mul):
+        lo, hi = bounds(e.args[0], ranges)
+        for a in e.args[1:]:
+            alo, ahi = bounds(a, ranges)
+            cands = [lo * alo, lo * ahi, hi * alo, hi * ahi]
+            cands = [c if c is not sympy.nan else sympy.Integer(0) for c in cands]
+            lo, hi = sympy.Min(*cands), sympy.Max(*cands)
+        return lo, hi
+    if isinstance(e, FloorDiv):
+        alo, ahi = bounds(e.args[0], ranges)
+        b = e.args[1]
+        if b.is_Integer:
+            return sympy.floor(alo / b), sympy.floor(ahi / b)
+        return sympy.Integer(0), ahi
+    if isinstance(e, Mod):
+        alo, ahi = bounds(e.args[0], ranges)
+        b = e.args[1]
+        if _truth(alo >= 0) and _truth(ahi < b):
+            return alo, ahi
+        return sympy.Integer(0), b - 1
+    if isinstance(e, sympy.Min):
+        bs = [bounds(a, ranges) for a in e.args]
+        return sympy.Min(*[b[0] for b in bs]), sympy.Min(*[b[1] for b in bs])
+    if isinstance(e, sympy.Max):
+        bs = [bounds(a, ranges) for a in e.args]
+        return sympy.Max(*[b[0] for b in bs]), sympy.Max(*[b[1] for b in bs])
+    return -sympy.oo, sympy.oo
+
+
+def _split_multiple(a: sympy.Expr, c: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """Split `a` into (q, r) with a = q*c + r, pulling out every term that c divides."""
+    q, r = sympy.Integer(0), sympy.Integer(0)
+    for t in sympy.Add.make_args(a):
+        ratio = t / c
+        if ratio.is_integer:
+            q += ratio
+        else:
+            r += t
+    return q, r
+
+
+def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
+    if isinstance(e, FloorDiv):
+        a, c = e.args
+        if isinstance(a, FloorDiv) and _truth(a.args[1] > 0):
+            return _simplify_node(FloorDiv(a.args[0], a.args[1] * c), ranges)
+        q, r = _split_multiple(a, c)
+        if q != 0:
+            return q + _simplify_node(FloorDiv(r, c), ranges)
+        lo, hi = bounds(a, ranges)
+        if _truth(lo >= 0) and _truth(hi < c):
+            return sympy.Integer(0)
+        return e
+    if isinstance(e, Mod):
+        a, c = e.args
+        q, r = _split_multiple(a, c)
+        if q != 0:
+            return _simplify_node(Mod(r, c), ranges)
+        lo, hi = bounds(a, ranges)
+        if _truth(lo >= 0) and _truth(hi < c):
+            return a
+        if isinstance(a, FloorDiv):
+            # (x // b) % c == x // b when x < b*c
+            xlo, xhi = bounds(a.args[0], ranges)
+            if _truth(xhi < a.args[1] * c):
+                return a
+        return e
+    if isinstance(e, sympy.Add):
+        return _merge_divmod(e)
+    return e
+
+
+def _merge_divmod(e: sympy.Add) -> sympy.Expr:
+    """k*c*(a // c) + k*(a % c) == k*a: the pattern a view followed by its inverse view leaves behind."""
+    terms = list(sympy.Add.make_args(e))
+    for i, t in enumerate(terms):
+        k, m = t.as_coeff_Mul()
+        if not isinstance(m, Mod):
+            continue
+        a, c = m.args
+        partner = k * c * FloorDiv(a, c)
+        for j, u in enumerate(terms):
+            if j != i and u == partner:
+                rest = sympy.Add(*[x for n, x in enumerate(terms) if n not in (i, j)], k * a)
+                return _merge_divmod(rest) if isinstance(rest, sympy.Add) else rest
+    return e
+
+
+def simplify(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
+    """Range-aware rewrite of floor-division and modulo terms, bottom-up, to a fixed point."""
+    e = sympy.sympify(e)
+    for _ in range(8):
+        new = _bottom_up(e, ranges)
+        if new == e:
+            return new
+        e = new
+    return e
+
+
+def _bottom_up(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
+    if e.is_Atom:
+        return e
+    args = [_bottom_up(a, ranges) for a in e.args]
+    node = e.func(*args) if any(x is not y for x, y in zip(args, e.args)) else e
+    return _simplify_node(node, ranges) if not node.is_Atom else node
+
+
+def evaluate_int(e: sympy.Expr, env: dict) -> int:
+    """Evaluate an index expression with concrete integers for its symbols."""
+    return int(sympy.sympify(e).xreplace({k: sympy.Integer(v) for k, v in env.items()}))

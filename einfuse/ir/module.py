@@ -1,0 +1,214 @@
+"""IR containers: tensor types, inputs, Einsum statements, opaque calls and the module that holds them."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+import sympy
+from .dtypes import DType
+from .expr import Const, Expr, canonical, rewrite
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """Element type and shape; a shape entry is an int or a sympy expression over size symbols."""
+
+    dtype: DType
+    shape: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(sympy.sympify(s) for s in self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> sympy.Expr:
+        return sympy.Mul(*self.shape) if self.shape else sympy.Integer(1)
+
+    def concrete_shape(self, sizes: dict | None = None) -> tuple[int, ...]:
+        """The shape as ints, substituting values for symbolic sizes."""
+        subs = {k: sympy.Integer(v) for k, v in (sizes or {}).items()}
+        out = []
+        for s in self.shape:
+            v = s.xreplace(subs)
+            if not v.is_Integer:
+                raise ValueError(f"size {s} is symbolic and no value was given for it")
+            out.append(int(v))
+        return tuple(out)
+
+    def storage_shape(self, sizes: dict | None = None) -> tuple[int, ...]:
+        """Shape of the tensor a user binds: packed dtypes hold several values per byte in the last dim."""
+        shape = self.concrete_shape(sizes)
+        if self.dtype.packed and shape:
+            return shape[:-1] + ((shape[-1] + self.dtype.per_byte - 1) // self.dtype.per_byte,)
+        return shape
+
+
+@dataclass(frozen=True)
+class Input:
+    """A tensor the module reads from outside; `kind` is in | param | buffer | const."""
+
+    name: str
+    type: TensorType
+    kind: str = "in"
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """The reduce operator of a statement and the ranks it reduces, each with its extent."""
+
+    op: str
+    ranks: tuple  # ((symbol, extent), ...)
+
+
+@dataclass(frozen=True)
+class Iterate:
+    """An iterative rank: the output at `rank + 1` is computed from the output at `rank`, from `init`."""
+
+    rank: sympy.Symbol
+    extent: sympy.Expr
+    init: Const
+
+
+@dataclass(frozen=True)
+class Statement:
+    """`name[index]: type = reduce[ranks] expr` — one extended Einsum defining one tensor."""
+
+    name: str
+    type: TensorType
+    index: tuple  # output positions: rank symbols; the iterated position is `rank + 1`
+    expr: Expr
+    reduce: Reduce | None = None
+    iterate: Iterate | None = None
+    loc: str | None = None  # the user's source line this came from, "file.py:123"
+
+    def __post_init__(self):
+        object.__setattr__(self, "expr", rewrite(self.expr, canonical))
+        object.__setattr__(self, "index", tuple(sympy.sympify(p) for p in self.index))
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def output_ranks(self) -> dict:
+        """Output rank symbol -> extent (the iterated position counts its own rank and extent)."""
+        out = {}
+        for pos, ext in zip(self.index, self.type.shape):
+            if isinstance(pos, sympy.Symbol):
+                out[pos] = ext
+            elif self.iterate is not None:
+                out[self.iterate.rank] = self.iterate.extent
+        return out
+
+    def ranks(self) -> dict:
+        """Every rank this statement iterates over, with its extent."""
+        out = self.output_ranks()
+        if self.reduce is not None:
+            out.update(dict(self.reduce.ranks))
+        return out
+
+    def reads(self) -> set[str]:
+        from .expr import tensors_read
+
+        return tensors_read(self.expr)
+
+    def replace(self, **kw) -> "Statement":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor argument of an opaque call."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A call run by torch (topk, sort, scatter, collectives...): it splits fusion but never fails."""
+
+    outputs_typed: tuple  # ((name, TensorType), ...)
+    target: str  # "aten.topk.default", or "module:qualname" for a Python callable
+    args: tuple
+    kwargs: tuple = ()  # ((key, value), ...)
+    loc: str | None = None
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.outputs_typed)
+
+    def reads(self) -> set[str]:
+        return {r.name for r in iter_refs((self.args, tuple(v for _, v in self.kwargs)))}
+
+    def replace(self, **kw) -> "Opaque":
+        return dataclasses.replace(self, **kw)
+
+
+def iter_refs(value) -> Iterator[TensorRef]:
+    """Tensor references inside an opaque call's (nested) arguments."""
+    if isinstance(value, TensorRef):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from iter_refs(v)
+
+
+Op = Union[Statement, Opaque]
+
+
+@dataclass(frozen=True)
+class Module:
+    """A program: symbolic sizes, inputs, an ordered body of statements/opaque calls, and outputs."""
+
+    name: str
+    inputs: tuple
+    body: tuple
+    outputs: tuple
+    sizes: tuple = ()  # symbolic size symbols
+    size_hints: tuple = field(default=(), compare=True)  # ((symbol, example value), ...) for random inputs
+
+    def __post_init__(self):
+        for f in ("inputs", "body", "outputs", "sizes", "size_hints"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+
+    # ---- queries
+    @property
+    def statements(self) -> list[Statement]:
+        return [op for op in self.body if isinstance(op, Statement)]
+
+    def types(self) -> dict[str, TensorType]:
+        """Every tensor name the module defines or reads, with its type."""
+        out = {i.name: i.type for i in self.inputs}
+        for op in self.body:
+            if isinstance(op, Statement):
+                out[op.name] = op.type
+            else:
+                out.update(dict(op.outputs_typed))
+        return out
+
+    def producers(self) -> dict[str, Op]:
+        return {name: op for op in self.body for name in op.outputs}
+
+    def users(self) -> dict[str, list[Op]]:
+        out: dict[str, list[Op]] = {}
+        for op in self.body:
+            for r in op.reads():
+                out.setdefault(r, []).append(op)
+        return out
+
+    def replace(self, **kw) -> "Module":
+        return dataclasses.replace(self, **kw)
+
+    # ---- text
+    def __str__(self) -> str:
+        from .printer import print_module
+
+        return print_module(self)
+
+    def fingerprint(self) -> str:
+        """A stable hash of the module's text: the cache key of everything compiled from it."""
+        return hashlib.sha256(str(self).encode()).hexdigest()[:16]
+

@@ -1,0 +1,452 @@
+"""Text -> Module, the inverse of the printer. A hand-written recursive-descent parser: it never evals."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from . import dtypes as dt
+from . import index as ix
+from .expr import Access, Call, Const, Expr, IndexValue, canonical
+from .module import Input, Iterate, Module, Opaque, Reduce, Statement, TensorRef, TensorType
+from .ops import MAP_OPS, PREC_ADD, PREC_CMP, PREC_MUL, PREC_UNARY, REDUCE_OPS
+
+INPUT_KINDS = ("in", "param", "buffer", "const")
+
+
+class ParseError(ValueError):
+    """A malformed IR text; the message names the line and column and shows the line."""
+
+    def __init__(self, msg: str, line: int, col: int, text: str):
+        caret = " " * (col - 1) + "^"
+        super().__init__(f"line {line}, column {col}: {msg}\n    {text}\n    {caret}")
+        self.line, self.col = line, col
+
+
+@dataclass
+class Tok:
+    kind: str  # NAME NUMBER STRING OP COMMENT END
+    value: str
+    col: int
+
+
+_TOKEN = re.compile(
+    r"(?P<ws>[ \t]+)"
+    r"|(?P<COMMENT>#.*)"
+    r"|(?P<NUMBER>\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+)"
+    r"|(?P<NAME>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)"
+    r'|(?P<STRING>"(?:[^"\\]|\\.)*")'
+    r"|(?P<OP>//|<=|>=|==|!=|[-+*/%<>()\[\]{},:=~])"
+)
+
+_BINARY = {
+    "+": ("add", PREC_ADD), "-": ("sub", PREC_ADD), "*": ("mul", PREC_MUL), "/": ("div", PREC_MUL),
+    "//": ("floordiv", PREC_MUL), "%": ("mod", PREC_MUL),
+    "<": ("lt", PREC_CMP), "<=": ("le", PREC_CMP), ">": ("gt", PREC_CMP), ">=": ("ge", PREC_CMP),
+    "==": ("eq", PREC_CMP), "!=": ("ne", PREC_CMP),
+}
+_KEYWORD_CONSTS = {"inf": float("inf"), "nan": float("nan"), "true": True, "false": False}
+
+
+class _Line:
+    """Tokens of one line with a cursor; every error it raises points into the line."""
+
+    def __init__(self, text: str, lineno: int):
+        self.text, self.lineno = text, lineno
+        self.toks: list[Tok] = []
+        pos = 0
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m:
+                raise ParseError(f"unexpected character {text[pos]!r}", lineno, pos + 1, text)
+            if m.lastgroup != "ws":
+                self.toks.append(Tok(m.lastgroup, m.group(), pos + 1))
+            pos = m.end()
+        self.toks.append(Tok("END", "", len(text) + 1))
+        self.i = 0
+
+    def peek(self, k: int = 0) -> Tok:
+        return self.toks[min(self.i + k, len(self.toks) - 1)]
+
+    def next(self) -> Tok:
+        t = self.peek()
+        self.i += 1
+        return t
+
+    def error(self, msg: str, tok: Tok | None = None):
+        tok = tok or self.peek()
+        raise ParseError(msg, self.lineno, tok.col, self.text)
+
+    def expect(self, value: str) -> Tok:
+        t = self.peek()
+        if t.value != value or t.kind in ("STRING", "COMMENT"):
+            self.error(f"expected {value!r} but found {_describe(t)}")
+        return self.next()
+
+    def accept(self, value: str) -> bool:
+        t = self.peek()
+        if t.value == value and t.kind in ("OP", "NAME"):
+            self.i += 1
+            return True
+        return False
+
+    def name(self, what: str = "a name") -> str:
+        t = self.peek()
+        if t.kind != "NAME":
+            self.error(f"expected {what} but found {_describe(t)}")
+        return self.next().value
+
+    def end(self) -> str | None:
+        """Finish the line, returning a trailing comment's text (a statement's source location)."""
+        t = self.peek()
+        loc = None
+        if t.kind == "COMMENT":
+            loc = t.value[1:].strip() or None
+            self.i += 1
+        if self.peek().kind != "END":
+            self.error(f"unexpected {_describe(self.peek())} at the end of the line")
+        return loc
+
+
+def _describe(t: Tok) -> str:
+    return "the end of the line" if t.kind == "END" else repr(t.value)
+
+
+class _ExprParser:
+    """Pratt parser for value expressions; `resolve(name)` gives the sympy symbol of a rank or size."""
+
+    def __init__(self, line: _Line, resolve):
+        self.l, self.resolve = line, resolve
+
+    def parse(self, min_prec: int = 0) -> Expr:
+        left = self.prefix()
+        while True:
+            t = self.l.peek()
+            if t.kind != "OP" or t.value not in _BINARY:
+                return left
+            op, prec = _BINARY[t.value]
+            if prec < min_prec:
+                return left
+            self.l.next()
+            right = self.parse(prec + 1)
+            left = canonical(Call(op, (left, right)))
+
+    def prefix(self) -> Expr:
+        t = self.l.next()
+        if t.kind == "NUMBER":
+            return Const(_number(t.value))
+        if t.kind == "OP" and t.value == "-":
+            return canonical(Call("neg", (self.parse(PREC_UNARY),)))
+        if t.kind == "OP" and t.value == "(":
+            e = self.parse()
+            self.l.expect(")")
+            return e
+        if t.kind != "NAME":
+            self.l.error(f"expected an expression but found {_describe(t)}", t)
+        name = t.value
+        nxt = self.l.peek()
+        if nxt.value == "[" and nxt.kind == "OP":
+            return self.access(name)
+        if nxt.value == "(" and nxt.kind == "OP":
+            return self.call(name, t)
+        if name in _KEYWORD_CONSTS:
+            return Const(_KEYWORD_CONSTS[name])
+        sym = self.resolve(name)
+        if sym is None:
+            self.l.error(f"unknown name {name!r}: not a rank or size of this statement (a tensor needs [...])", t)
+        return IndexValue(sym)
+
+    def access(self, name: str) -> Access:
+        self.l.expect("[")
+        pos = []
+        if not self.l.accept("]"):
+            while True:
+                tok = self.l.peek()
+                e = self.parse()
+                pos.append(_as_position(e, self.l, tok))
+                if self.l.accept("]"):
+                    break
+                self.l.expect(",")
+        return Access(name, tuple(pos))
+
+    def call(self, name: str, tok: Tok) -> Expr:
+        self.l.expect("(")
+        args = []
+        if not self.l.accept(")"):
+            while True:
+                args.append(self.parse())
+                if self.l.accept(")"):
+                    break
+                self.l.expect(",")
+        if dt.is_dtype_name(name):
+            if len(args) != 1:
+                self.l.error(f"a cast to {name} takes one argument, got {len(args)}", tok)
+            return Call("cast", (args[0],), dt.by_name(name))
+        op = MAP_OPS.get(name)
+        if op is None:
+            self.l.error(f"unknown operator {name!r}", tok)
+        if len(args) != op.arity:
+            self.l.error(f"{name} takes {op.arity} argument(s), got {len(args)}", tok)
+        return canonical(Call(name, tuple(args)))
+
+
+def _number(s: str):
+    return float(s) if any(c in s for c in ".eE") else int(s)
+
+
+def _as_position(e: Expr, line: _Line, tok: Tok):
+    if isinstance(e, IndexValue):
+        return e.expr
+    if isinstance(e, Const):
+        if type(e.value) is not int:
+            line.error(f"an index must be an integer, got {e.value!r}", tok)
+        return sympy.Integer(e.value)
+    return e
+
+
+def _index(line: _Line, resolve) -> sympy.Expr:
+    tok = line.peek()
+    e = _ExprParser(line, resolve).parse()
+    if isinstance(e, Const) and type(e.value) is int:
+        return sympy.Integer(e.value)
+    if not isinstance(e, IndexValue):
+        line.error("expected index arithmetic (ranks, sizes, integers, + - * // %)", tok)
+    return e.expr
+
+
+class _ModuleParser:
+    def __init__(self, text: str):
+        self.text = text
+        self.sizes: dict[str, sympy.Symbol] = {}
+        self.hints: list = []
+        self.inputs: list[Input] = []
+        self.body: list = []
+        self.outputs: tuple = ()
+        self.name: str | None = None
+
+    def size_only(self, name):
+        return self.sizes.get(name)
+
+    def parse(self) -> Module:
+        for lineno, raw in enumerate(self.text.splitlines(), 1):
+            stripped = raw.strip()
+            if not stripped or stripped.startswith("#"):
+                continue
+            line = _Line(raw, lineno)
+            if self.name is None:
+                if line.peek().value != "module":
+                    line.error("a module starts with `module <name>`")
+                line.next()
+                self.name = line.name("the module's name")
+                line.end()
+                continue
+            self.line(line)
+        if self.name is None:
+            raise ParseError("empty text: a module starts with `module <name>`", 1, 1, "")
+        return Module(self.name, self.inputs, self.body, self.outputs, tuple(self.sizes.values()), self.hints)
+
+    def line(self, line: _Line):
+        first, second = line.peek(), line.peek(1)
+        word = first.value if first.kind == "NAME" else None
+        if word == "size" and second.kind == "NAME":
+            line.next()
+            name = line.name("a size name")
+            self.sizes[name] = ix.size(name)
+            if line.accept("hint"):
+                t = line.next()
+                if t.kind != "NUMBER":
+                    line.error("a size hint is an integer", t)
+                self.hints.append((self.sizes[name], int(t.value)))
+            line.end()
+        elif word in INPUT_KINDS and second.kind == "NAME":
+            line.next()
+            name = line.name()
+            line.expect(":")
+            self.inputs.append(Input(name, self.type(line), word))
+            line.end()
+        elif word == "out" and second.kind == "NAME":
+            line.next()
+            names = [line.name("an output name")]
+            while line.accept(","):
+                names.append(line.name("an output name"))
+            self.outputs = tuple(names)
+            line.end()
+        elif first.kind == "NAME" and second.value == "[":
+            self.body.append(self.statement(line))
+        elif first.kind == "NAME" and second.value == ":":
+            self.body.append(self.opaque(line))
+        else:
+            line.error("expected a declaration (size/in/param/buffer/const/out), a statement or an opaque call")
+
+    def type(self, line: _Line) -> TensorType:
+        tok = line.peek()
+        name = line.name("a dtype")
+        if not dt.is_dtype_name(name):
+            line.error(f"unknown dtype {name!r}", tok)
+        line.expect("[")
+        shape = []
+        if not line.accept("]"):
+            while True:
+                shape.append(_index(line, self.size_only))
+                if line.accept("]"):
+                    break
+                line.expect(",")
+        return TensorType(dt.by_name(name), tuple(shape))
+
+    def statement(self, line: _Line) -> Statement:
+        name = line.name()
+        line.expect("[")
+        ranks: dict[str, sympy.Symbol] = {}
+
+        def bind(n):
+            return self.sizes.get(n) or ranks.setdefault(n, ix.rank(n))
+
+        index = []
+        if not line.accept("]"):
+            while True:
+                index.append(_index(line, bind))
+                if line.accept("]"):
+                    break
+                line.expect(",")
+        line.expect(":")
+        typ = self.type(line)
+        line.expect("=")
+        reduce = iterate = None
+        head, nxt = line.peek(), line.peek(2)
+        if head.kind == "NAME" and line.peek(1).value == "[" and nxt.kind == "NAME" and line.peek(3).value == ":":
+            if head.value == "iterate":
+                iterate = self.iterate(line, ranks)
+            else:
+                reduce = self.reduce(line, ranks)
+        expr = _ExprParser(line, lambda n: self.sizes.get(n) or ranks.get(n)).parse()
+        loc = line.end()
+        return Statement(name, typ, tuple(index), expr, reduce, iterate, loc)
+
+    def reduce(self, line: _Line, ranks: dict) -> Reduce:
+        tok = line.peek()
+        op = line.name()
+        if op not in REDUCE_OPS:
+            line.error(f"unknown reduce operator {op!r}; known: {', '.join(REDUCE_OPS)}", tok)
+        line.expect("[")
+        rs = []
+        while True:
+            rtok = line.peek()
+            r = line.name("a rank name")
+            if r in ranks:
+                line.error(f"rank {r!r} is already an output rank of this statement", rtok)
+            line.expect(":")
+            ext = _index(line, self.size_only)
+            ranks[r] = ix.rank(r)
+            rs.append((ranks[r], ext))
+            if line.accept("]"):
+                break
+            line.expect(",")
+        return Reduce(op, tuple(rs))
+
+    def iterate(self, line: _Line, ranks: dict) -> Iterate:
+        line.name()
+        line.expect("[")
+        r = line.name("the iterated rank")
+        line.expect(":")
+        ext = _index(line, self.size_only)
+        line.expect(",")
+        line.expect("init")
+        line.expect("=")
+        tok = line.peek()
+        init = _ExprParser(line, lambda n: None).parse()
+        if not isinstance(init, Const):
+            line.error("init must be a literal", tok)
+        line.expect("]")
+        ranks.setdefault(r, ix.rank(r))
+        return Iterate(ranks[r], ext, init)
+
+    def opaque(self, line: _Line) -> Opaque:
+        outs = []
+        while True:
+            n = line.name("an output name")
+            line.expect(":")
+            outs.append((n, self.type(line)))
+            if not line.accept(","):
+                break
+        line.expect("=")
+        line.expect("opaque")
+        t = line.next()
+        if t.kind not in ("NAME", "STRING"):
+            line.error("expected the callee (`aten.op.overload` or \"module:function\")", t)
+        target = t.value if t.kind == "NAME" else _unquote(t.value)
+        line.expect("(")
+        args, kwargs = [], []
+        if not line.accept(")"):
+            while True:
+                if line.peek().kind == "NAME" and line.peek(1).value == "=":
+                    k = line.name()
+                    line.expect("=")
+                    kwargs.append((k, self.literal(line)))
+                else:
+                    args.append(self.literal(line))
+                if line.accept(")"):
+                    break
+                line.expect(",")
+        loc = line.end()
+        return Opaque(tuple(outs), target, tuple(args), tuple(kwargs), loc)
+
+    def literal(self, line: _Line):
+        t = line.next()
+        if t.kind == "NUMBER":
+            return _number(t.value)
+        if t.kind == "OP" and t.value == "-":
+            v = self.literal(line)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                line.error("`-` must be followed by a number", t)
+            return -v
+        if t.kind == "STRING":
+            return _unquote(t.value)
+        if t.kind == "OP" and t.value == "[":
+            items = []
+            if not line.accept("]"):
+                while True:
+                    items.append(self.literal(line))
+                    if line.accept("]"):
+                        break
+                    line.expect(",")
+            return tuple(items)
+        if t.kind == "OP" and t.value == "{":
+            e = _index(line, self.size_only)
+            line.expect("}")
+            return e
+        if t.kind == "NAME":
+            if t.value in _KEYWORD_CONSTS:
+                return _KEYWORD_CONSTS[t.value]
+            if t.value == "none":
+                return None
+            if t.value == "device":
+                line.expect("(")
+                s = line.next()
+                if s.kind != "STRING":
+                    line.error("device(...) takes a string", s)
+                line.expect(")")
+                return torch.device(_unquote(s.value))
+            if t.value.startswith("torch."):
+                return _torch_enum(t.value, line, t)
+            return TensorRef(t.value)
+        line.error(f"expected an argument but found {_describe(t)}", t)
+
+
+def _unquote(s: str) -> str:
+    return re.sub(r"\\(.)", r"\1", s[1:-1])
+
+
+def _torch_enum(path: str, line: _Line, tok: Tok):
+    obj = torch
+    for part in path.split(".")[1:]:
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+        line.error(f"{path} is not a torch dtype, layout or memory format", tok)
+    return obj
+
+
+def parse(text: str) -> Module:
+    """Parse IR text (as printed by `str(module)`) back into a Module."""
+    return _ModuleParser(text).parse()

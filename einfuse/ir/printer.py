@@ -1,0 +1,135 @@
+"""Module -> text: one statement per line, every tensor's type at its definition (see docs/ir.md)."""
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+
+from . import index as ix
+from .expr import Access, Call, Const, Expr, IndexValue
+from .module import Input, Iterate, Module, Opaque, Reduce, Statement, TensorRef, TensorType
+from .ops import MAP_OPS, PREC_ADD, PREC_ATOM, PREC_MUL, PREC_UNARY
+
+_INDEX_PREC = {1: PREC_ADD, 2: PREC_MUL, 3: PREC_UNARY, 4: PREC_ATOM}
+
+
+def fmt_const(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    return str(v)
+
+
+def _prec(e: Expr) -> int:
+    if isinstance(e, Const):
+        return PREC_UNARY if (not isinstance(e.value, bool) and (e.value < 0 or fmt_const(e.value).startswith("-"))) else PREC_ATOM
+    if isinstance(e, IndexValue):
+        return _INDEX_PREC[ix.precedence(e.expr)]
+    if isinstance(e, Call):
+        op = MAP_OPS.get(e.op)
+        if op is not None and op.infix:
+            return PREC_UNARY if op.arity == 1 else op.prec
+    return PREC_ATOM
+
+
+def fmt_expr(e: Expr) -> str:
+    """An expression as text, with the fewest parentheses that parse back to the same tree."""
+    if isinstance(e, Const):
+        return fmt_const(e.value)
+    if isinstance(e, IndexValue):
+        return ix.to_str(e.expr)
+    if isinstance(e, Access):
+        return f"{e.tensor}[{', '.join(fmt_pos(p) for p in e.indices)}]"
+    if isinstance(e, Call):
+        op = MAP_OPS.get(e.op)
+        if e.op == "cast":
+            return f"{e.attr.name}({fmt_expr(e.args[0])})"
+        if op is not None and op.infix and op.arity == 2:
+            left, right = e.args
+            ls = fmt_expr(left)
+            rs = fmt_expr(right)
+            if _prec(left) < op.prec:
+                ls = f"({ls})"
+            if _prec(right) <= op.prec:
+                rs = f"({rs})"
+            return f"{ls} {op.infix} {rs}"
+        if op is not None and op.infix and op.arity == 1:
+            s = fmt_expr(e.args[0])
+            return f"{op.infix}({s})" if _prec(e.args[0]) < PREC_UNARY or s.startswith("-") else f"{op.infix}{s}"
+        return f"{e.op}({', '.join(fmt_expr(a) for a in e.args)})"
+    raise TypeError(f"cannot print {e!r}")
+
+
+def fmt_pos(p) -> str:
+    return fmt_expr(p) if isinstance(p, Expr) else ix.to_str(p)
+
+
+def fmt_type(t: TensorType) -> str:
+    return f"{t.dtype.name}[{', '.join(ix.to_str(s) for s in t.shape)}]"
+
+
+def fmt_reduce(r: Reduce) -> str:
+    return f"{r.op}[{', '.join(f'{s}:{ix.to_str(n)}' for s, n in r.ranks)}] "
+
+
+def fmt_iterate(it: Iterate) -> str:
+    return f"iterate[{it.rank}:{ix.to_str(it.extent)}, init={fmt_const(it.init.value)}] "
+
+
+def fmt_statement(s: Statement) -> str:
+    head = f"{s.name}[{', '.join(ix.to_str(p) for p in s.index)}]: {fmt_type(s.type)} = "
+    prefix = (fmt_reduce(s.reduce) if s.reduce else "") + (fmt_iterate(s.iterate) if s.iterate else "")
+    return head + prefix + fmt_expr(s.expr) + _fmt_loc(s.loc)
+
+
+def _fmt_loc(loc: str | None) -> str:
+    return f"  # {loc}" if loc else ""
+
+
+def fmt_arg(v) -> str:
+    """Opaque-call arguments: literals, tensor names, lists, and torch enum values by qualified name."""
+    if isinstance(v, TensorRef):
+        return v.name
+    if v is None:
+        return "none"
+    if isinstance(v, (bool, int, float)):
+        return fmt_const(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(fmt_arg(x) for x in v) + "]"
+    if isinstance(v, torch.device):
+        return f'device("{v}")'
+    if isinstance(v, (torch.dtype, torch.layout, torch.memory_format)):
+        return str(v) if str(v).startswith("torch.") else f"torch.{v}"
+    if isinstance(v, sympy.Expr):
+        return "{" + ix.to_str(v) + "}"
+    raise TypeError(f"opaque argument {v!r} of type {type(v).__name__} has no text form")
+
+
+def fmt_opaque(o: Opaque) -> str:
+    outs = ", ".join(f"{n}: {fmt_type(t)}" for n, t in o.outputs_typed)
+    args = [fmt_arg(a) for a in o.args] + [f"{k}={fmt_arg(v)}" for k, v in o.kwargs]
+    return f"{outs} = opaque {o.target}({', '.join(args)})" + _fmt_loc(o.loc)
+
+
+def fmt_input(i: Input) -> str:
+    return f"{i.kind} {i.name}: {fmt_type(i.type)}"
+
+
+def print_module(m: Module) -> str:
+    lines = [f"module {m.name}"]
+    hints = dict(m.size_hints)
+    for s in m.sizes:
+        lines.append(f"  size {s}" + (f" hint {hints[s]}" if s in hints else ""))
+    lines += [f"  {fmt_input(i)}" for i in m.inputs]
+    for op in m.body:
+        lines.append("  " + (fmt_statement(op) if isinstance(op, Statement) else fmt_opaque(op)))
+    lines.append(f"  out {', '.join(m.outputs)}")
+    return "\n".join(lines) + "\n"

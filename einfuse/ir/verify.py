@@ -1,0 +1,220 @@
+"""The verifier: shapes, dtypes, names and index ranges of a module, each error naming its statement."""
+from __future__ import annotations
+
+import sympy
+
+from . import index as ix
+from .expr import Access, Call, Const, Expr, IndexValue, walk
+from .module import Module, Opaque, Statement, iter_refs
+from .ops import MAP_OPS, REDUCE_OPS, TypeRuleError, infer
+from .printer import fmt_opaque, fmt_statement
+
+
+class VerifyError(ValueError):
+    """A module that breaks an IR rule; the message names the statement, its line and its text."""
+
+
+def _fail(m: Module, n: int, op, msg: str):
+    line = 2 + len(m.sizes) + len(m.inputs) + n
+    name = op.name if isinstance(op, Statement) else ", ".join(op.outputs)
+    text = fmt_statement(op) if isinstance(op, Statement) else fmt_opaque(op)
+    raise VerifyError(f"{name!r} (line {line}): {msg}\n    {text}")
+
+
+def _narrow(cond: Expr, ranges: dict, truth: bool) -> dict:
+    """Ranges refined by knowing `cond` is `truth`, for conditions `rank <op> bound`."""
+    if isinstance(cond, Call) and cond.op == "and" and truth:
+        return _narrow(cond.args[1], _narrow(cond.args[0], ranges, True), True)
+    if not (isinstance(cond, Call) and cond.op in ("lt", "le", "gt", "ge")):
+        return ranges
+    sides = []
+    for a in cond.args:
+        if isinstance(a, IndexValue):
+            sides.append(a.expr)
+        elif isinstance(a, Const) and type(a.value) is int:
+            sides.append(sympy.Integer(a.value))
+        else:
+            return ranges
+    diff = sympy.expand(sides[0] - sides[1])
+    syms = [s for s in diff.free_symbols if s in ranges]
+    if len(syms) != 1 or not diff.is_polynomial(syms[0]) or sympy.degree(diff, syms[0]) != 1:
+        return ranges
+    s = syms[0]
+    coef = diff.coeff(s)
+    if coef not in (1, -1):
+        return ranges
+    rest = diff - coef * s  # cond: coef*s + rest <op> 0
+    op = cond.op if truth else {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}[cond.op]
+    if coef == -1:
+        op = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}[op]
+    bound = -rest if coef == 1 else rest  # s <op> bound
+    lo, hi = ranges[s]
+    if op == "lt":
+        hi = sympy.Min(hi, bound - 1)
+    elif op == "le":
+        hi = sympy.Min(hi, bound)
+    elif op == "gt":
+        lo = sympy.Max(lo, bound + 1)
+    else:
+        lo = sympy.Max(lo, bound)
+    return {**ranges, s: (lo, hi)}
+
+
+class _Checker:
+    def __init__(self, m: Module):
+        self.m = m
+        self.types = {}
+        for i in m.inputs:
+            self.types[i.name] = i.type
+
+    def dtype_of(self, name):
+        return self.types[name].dtype
+
+    def run(self):
+        m = self.m
+        names = set()
+        for i in m.inputs:
+            if i.name in names:
+                raise VerifyError(f"input {i.name!r} is declared twice")
+            if i.kind not in ("in", "param", "buffer", "const"):
+                raise VerifyError(f"input {i.name!r} has unknown kind {i.kind!r}")
+            names.add(i.name)
+            self._shape(i.type.shape, f"input {i.name!r}")
+        for n, op in enumerate(m.body):
+            for out in op.outputs:
+                if out in self.types:
+                    _fail(m, n, op, f"{out!r} is already defined")
+            try:
+                if isinstance(op, Statement):
+                    self.statement(op)
+                else:
+                    self.opaque(op)
+            except _Problem as p:
+                _fail(m, n, op, str(p))
+        if not m.outputs:
+            raise VerifyError("the module has no outputs")
+        for o in m.outputs:
+            if o not in self.types:
+                raise VerifyError(f"output {o!r} is never defined")
+
+    def _shape(self, shape, what):
+        for s in shape:
+            bad = {x for x in s.free_symbols if x not in self.m.sizes}
+            if bad:
+                raise VerifyError(f"{what}: shape uses {', '.join(map(str, bad))}, which is not a declared size")
+
+    def opaque(self, o: Opaque):
+        for r in iter_refs((o.args, tuple(v for _, v in o.kwargs))):
+            if r.name not in self.types:
+                raise _Problem(f"reads {r.name!r} before it is defined")
+        for name, t in o.outputs_typed:
+            self._shape(t.shape, f"output {name!r}")
+            self.types[name] = t
+
+    def statement(self, s: Statement):
+        if s.type.dtype.packed:
+            raise _Problem("a statement cannot produce a packed dtype; pack with an opaque call")
+        self._shape(s.type.shape, "its type")
+        if len(s.index) != s.type.rank:
+            raise _Problem(f"{len(s.index)} output positions for a rank-{s.type.rank} type")
+        syms = [p for p in s.index if isinstance(p, sympy.Symbol)]
+        if len(set(syms)) != len(syms):
+            raise _Problem("an output rank appears twice")
+        ranks = s.ranks()
+        if s.iterate is not None:
+            self.iterate(s)
+        else:
+            for p in s.index:
+                if not isinstance(p, sympy.Symbol):
+                    raise _Problem(f"output position {ix.to_str(p)} must be a rank")
+        for r in syms:
+            if r in self.m.sizes:
+                raise _Problem(f"{r} is a size; it cannot name a rank")
+        if s.reduce is not None:
+            if s.reduce.op not in REDUCE_OPS:
+                raise _Problem(f"unknown reduce operator {s.reduce.op!r}")
+            for r, _ in s.reduce.ranks:
+                if r in syms:
+                    raise _Problem(f"rank {r} is both an output and a reduced rank")
+        known = set(ranks) | set(self.m.sizes)
+        self.types[s.name] = s.type  # an iterative statement reads itself
+        try:
+            got = infer(s.expr, self.dtype_of)[0]
+        except KeyError as e:
+            raise _Problem(f"reads {e.args[0]!r} before it is defined") from None
+        except TypeRuleError as e:
+            raise _Problem(str(e)) from None
+        if got != s.type.dtype:
+            raise _Problem(f"the expression is {got} but the statement declares {s.type.dtype}")
+        rng = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in ranks.items()}
+        self.expr(s.expr, known, rng, s)
+
+    def iterate(self, s: Statement):
+        it = s.iterate
+        pos = [d for d, p in enumerate(s.index) if not isinstance(p, sympy.Symbol)]
+        if len(pos) != 1 or s.index[pos[0]] != it.rank + 1:
+            raise _Problem(f"an iterative statement writes exactly one position `{it.rank} + 1`")
+        if sympy.simplify(s.type.shape[pos[0]] - (it.extent + 1)) != 0:
+            raise _Problem(f"the iterated dimension must have extent {ix.to_str(it.extent + 1)}")
+        if s.reduce is not None:
+            raise _Problem("an iterative statement cannot also reduce; split the reduction out")
+        want = tuple(it.rank if d == pos[0] else p for d, p in enumerate(s.index))
+        for a in (n for n in walk(s.expr) if isinstance(n, Access) and n.tensor == s.name):
+            if tuple(a.indices) != want:
+                raise _Problem(f"reads itself at [{', '.join(map(ix.to_str, a.indices))}], only at the previous step")
+
+    def expr(self, e: Expr, known: set, rng: dict, s: Statement):
+        if isinstance(e, IndexValue):
+            self._symbols(e.expr, known)
+            return
+        if isinstance(e, Access):
+            t = self.types.get(e.tensor)
+            if t is None:
+                raise _Problem(f"reads {e.tensor!r} before it is defined")
+            if len(e.indices) != t.rank:
+                raise _Problem(f"{e.tensor} has rank {t.rank} but is accessed with {len(e.indices)} indices")
+            for d, p in enumerate(e.indices):
+                if isinstance(p, Expr):
+                    if not self._is_int(p):
+                        raise _Problem(f"gather index {d} of {e.tensor} is not an integer expression")
+                    self.expr(p, known, rng, s)
+                    continue
+                self._symbols(p, known)
+                lo, hi = ix.bounds(p, rng)
+                if ix._truth(lo < 0) or ix._truth(hi > t.shape[d] - 1):
+                    raise _Problem(
+                        f"index {d} of {e.tensor}, {ix.to_str(p)}, ranges over [{lo}, {hi}] "
+                        f"outside [0, {ix.to_str(t.shape[d] - 1)}]")
+            return
+        if isinstance(e, Call):
+            op = MAP_OPS.get(e.op)
+            if op is None:
+                raise _Problem(f"unknown map operator {e.op!r}")
+            if len(e.args) != op.arity:
+                raise _Problem(f"{e.op} takes {op.arity} arguments, got {len(e.args)}")
+            if e.op == "where":
+                cond, a, b = e.args
+                self.expr(cond, known, rng, s)
+                self.expr(a, known, _narrow(cond, rng, True), s)
+                self.expr(b, known, _narrow(cond, rng, False), s)
+                return
+            for a in e.args:
+                self.expr(a, known, rng, s)
+
+    def _is_int(self, e: Expr) -> bool:
+        return infer(e, self.dtype_of)[0].category == "int"
+
+    def _symbols(self, p, known):
+        bad = sympy.sympify(p).free_symbols - known
+        if bad:
+            raise _Problem(f"uses {', '.join(sorted(map(str, bad)))}, not a rank or size of this statement")
+
+
+class _Problem(Exception):
+    pass
+
+
+def verify(m: Module) -> Module:
+    """Check `m` and return it; raises VerifyError naming the first offending statement."""
+    _Checker(m).run()
+    return m
