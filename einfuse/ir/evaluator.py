@@ -142,7 +142,9 @@ class _StatementEval:
         # Fast path: every position a distinct rank or a constant -> a view.
         if all(isinstance(p, sympy.Symbol) or (isinstance(p, sympy.Integer)) for p in e.indices):
             syms = [p for p in e.indices if isinstance(p, sympy.Symbol)]
-            if len(set(syms)) == len(syms) and all(p in self.extents for p in syms):
+            if len(set(syms)) == len(syms) and all(
+                    p in self.extents and self.extents[p] <= src.shape[d]
+                    for d, p in enumerate(e.indices) if isinstance(p, sympy.Symbol)):
                 sel = tuple(slice(0, self.extents[p]) if isinstance(p, sympy.Symbol) else int(p) for p in e.indices)
                 return LT(src[sel], tuple(syms))
         idx = []

@@ -178,6 +178,23 @@ def _split_multiple(a: sympy.Expr, c: sympy.Expr) -> tuple[sympy.Expr, sympy.Exp
     return q, r
 
 
+def _split_small(a: sympy.Expr, c: sympy.Expr, ranges: Ranges):
+    """Find g dividing c with a = g*q + r and 0 <= r < g: then a // c == q // (c/g), a % c == g*(q % (c/g)) + r."""
+    terms = sympy.Add.make_args(a)
+    for t in terms:
+        g = t.as_coeff_Mul()[0]
+        if not (g.is_Integer and g > 1 and (c / g).is_integer):
+            continue
+        big = [u for u in terms if (u / g).is_integer]
+        rest = sympy.Add(*[u for u in terms if not (u / g).is_integer])
+        if rest == 0:
+            continue
+        lo, hi = bounds(rest, ranges)
+        if _truth(lo >= 0) and _truth(hi < g):
+            return g, sympy.Add(*big) / g, rest
+    return None
+
+
 def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
     if isinstance(e, FloorDiv):
         a, c = e.args
@@ -189,6 +206,10 @@ def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
         lo, hi = bounds(a, ranges)
         if _truth(lo >= 0) and _truth(hi < c):
             return sympy.Integer(0)
+        split = _split_small(a, c, ranges)
+        if split is not None:
+            g, q, _ = split
+            return _simplify_node(FloorDiv(q, c / g), ranges)
         return e
     if isinstance(e, Mod):
         a, c = e.args
@@ -198,6 +219,10 @@ def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
         lo, hi = bounds(a, ranges)
         if _truth(lo >= 0) and _truth(hi < c):
             return a
+        split = _split_small(a, c, ranges)
+        if split is not None:
+            g, q, rest = split
+            return g * _simplify_node(Mod(q, c / g), ranges) + rest
         if isinstance(a, FloorDiv):
             # (x // b) % c == x // b when x < b*c
             xlo, xhi = bounds(a.args[0], ranges)

@@ -144,7 +144,7 @@ class _Checker:
             raise _Problem(f"reads {e.args[0]!r} before it is defined") from None
         except TypeRuleError as e:
             raise _Problem(str(e)) from None
-        if got != s.type.dtype:
+        if got != s.type.dtype and s.reduce is None:  # a reduction converts its accumulator at the end
             raise _Problem(f"the expression is {got} but the statement declares {s.type.dtype}")
         rng = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in ranks.items()}
         self.expr(s.expr, known, rng, s)
