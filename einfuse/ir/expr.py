@@ -1,7 +1,6 @@
 """The right-hand side of a statement: a tree of tensor accesses, constants, index values and map calls."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Union
 
@@ -161,6 +160,14 @@ def substitute(e: Expr, mapping: dict) -> Expr:
     return map_indices(e, lambda p: sympy.sympify(p).xreplace(mapping))
 
 
+def rename_tensors(e: Expr, mapping: dict) -> Expr:
+    """Point accesses at other tensors: `mapping` is old name -> new name."""
+    if not mapping:
+        return e
+    return rewrite(e, lambda n: Access(mapping[n.tensor], n.indices)
+                   if isinstance(n, Access) and n.tensor in mapping else None)
+
+
 def accesses(e: Expr) -> Iterator[Access]:
     return (n for n in walk(e) if isinstance(n, Access))
 
@@ -181,6 +188,3 @@ def index_symbols(e: Expr) -> set:
             out |= n.expr.free_symbols
     return out
 
-
-def is_finite_number(v) -> bool:
-    return not isinstance(v, float) or math.isfinite(v)

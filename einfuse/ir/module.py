@@ -8,7 +8,7 @@ from typing import Iterator, Union
 
 import sympy
 from .dtypes import DType
-from .expr import Const, Expr, canonical, rewrite
+from .expr import Const, Expr, canonical, rename_tensors, rewrite, tensors_read
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,13 @@ class Statement:
         return out
 
     def reads(self) -> set[str]:
-        from .expr import tensors_read
-
         return tensors_read(self.expr)
 
     def replace(self, **kw) -> "Statement":
         return dataclasses.replace(self, **kw)
+
+    def rename_reads(self, mapping: dict) -> "Statement":
+        return self.replace(expr=rename_tensors(self.expr, mapping))
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,16 @@ class Opaque:
 
     def replace(self, **kw) -> "Opaque":
         return dataclasses.replace(self, **kw)
+
+    def rename_reads(self, mapping: dict) -> "Opaque":
+        def ren(v):
+            if isinstance(v, TensorRef):
+                return TensorRef(mapping.get(v.name, v.name))
+            if isinstance(v, tuple):
+                return tuple(ren(x) for x in v)
+            return v
+
+        return self.replace(args=ren(self.args), kwargs=tuple((k, ren(v)) for k, v in self.kwargs))
 
 
 def iter_refs(value) -> Iterator[TensorRef]:
@@ -201,6 +212,13 @@ class Module:
 
     def replace(self, **kw) -> "Module":
         return dataclasses.replace(self, **kw)
+
+    def rename_reads(self, mapping: dict) -> "Module":
+        """Every read of an old name (and every output) redirected to its new name."""
+        if not mapping:
+            return self
+        return self.replace(body=tuple(op.rename_reads(mapping) for op in self.body),
+                            outputs=tuple(mapping.get(o, o) for o in self.outputs))
 
     # ---- text
     def __str__(self) -> str:
