@@ -262,11 +262,11 @@ class Lowerer:
         return self.statement(node.name, shape, out, build)
 
     # ---------------------------------------------------------------- driver
-    def run(self) -> tuple[Module, dict]:
+    def run(self) -> "Lowered":
         from .aten_rules import RULES
 
         self._types = {}
-        outputs: list[str] = []
+        leaves: list = []
         for node in self.gm.graph.nodes:
             self.loc = source_loc(node)
             if node.op == "placeholder":
@@ -274,15 +274,16 @@ class Lowerer:
             elif node.op == "get_attr":
                 self.get_attr(node)
             elif node.op == "output":
-                outputs = self.outputs(node)
+                leaves = self.outputs(node)
             elif node.op == "call_function":
                 self.call(node, RULES)
             else:
                 raise Unsupported(f"FX node kind {node.op!r} ({node.name})")
         size_syms = sorted(self.sizes, key=str)
         hints = tuple((s, self.sizes[s]) for s in size_syms if self.sizes[s] is not None)
-        m = Module(self.name, self.inputs, self.body, tuple(outputs), tuple(size_syms), hints)
-        return m, self.report
+        names = tuple(dict.fromkeys(v for k, v in leaves if k == "tensor"))
+        m = Module(self.name, self.inputs, self.body, names, tuple(size_syms), hints)
+        return Lowered(m, self.report, leaves)
 
     def placeholder(self, node: fx.Node):
         val = node.meta.get("val")
@@ -309,16 +310,17 @@ class Lowerer:
         self.kinds[node.name] = "const"
         self.placeholder(node)
 
-    def outputs(self, node: fx.Node) -> list[str]:
+    def outputs(self, node: fx.Node) -> list:
+        """The graph's flat outputs: ("tensor", IR name) or ("value", a constant the graph returns)."""
         out = []
-        for a in torch.utils._pytree.tree_leaves(node.args[0]):
+        for a in node.args[0]:
             if isinstance(a, fx.Node):
                 v = self.values[a]
                 if not isinstance(v, Tmpl):
                     raise Unsupported(f"output {a.name} is not a tensor")
-                out.append(self.materialize(v, a.name))
-            elif a is not None:
-                raise Unsupported(f"output {a!r} is not a tensor")
+                out.append(("tensor", self.materialize(v, a.name)))
+            else:
+                out.append(("value", a))
         return out
 
     def call(self, node: fx.Node, rules: dict):
@@ -419,6 +421,15 @@ def _target_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def lower_graph(gm: fx.GraphModule, kinds: dict, name: str) -> tuple[Module, LoweringReport]:
+@dataclass
+class Lowered:
+    """The IR of a graph, what lowering reports, and how the graph's flat outputs map to IR tensors."""
+
+    module: Module
+    report: LoweringReport
+    out_leaves: list
+
+
+def lower_graph(gm: fx.GraphModule, kinds: dict, name: str) -> Lowered:
     """Lower an ATen FX graph; `kinds` maps placeholder names to in|param|buffer|const."""
     return Lowerer(gm, dict(kinds), name).run()

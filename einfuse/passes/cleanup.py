@@ -303,4 +303,5 @@ class DCE(Pass):
 
 
 def cleanup_passes() -> list[Pass]:
-    return [SimplifyIndices(), FoldConstants(), InlineCopies(), CSE(), DCE()]
+    """Simplify, fold, inline copies, fold what inlining exposed, then CSE and DCE."""
+    return [SimplifyIndices(), FoldConstants(), InlineCopies(), FoldConstants(), CSE(), DCE()]

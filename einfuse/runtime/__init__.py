@@ -1,0 +1,5 @@
+"""Runtime: compiled modules, their variants and execution backends."""
+from .backends import BACKENDS, register_backend
+from .compiled import CompiledModule, Explanation, Variant
+
+__all__ = ["BACKENDS", "CompiledModule", "Explanation", "Variant", "register_backend"]
