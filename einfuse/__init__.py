@@ -7,7 +7,10 @@
 """
 from . import ir, passes
 from .api import compile
+from .frontend.dynamo import register as _register_dynamo_backend
 from .runtime import CompiledModule
+
+_register_dynamo_backend()
 
 __version__ = "0.1.0"
 

@@ -487,6 +487,17 @@ def _index_position(lw: Lowerer, t: Tmpl, out_idx, bshape, n):
     return Call("where", (Call("lt", (e, Const(0))), Call("add", (e, IndexValue(sympy.sympify(n)))), e))
 
 
+def _broadcast_shapes(shapes) -> tuple:
+    nd = max(len(s) for s in shapes)
+    out = []
+    for d in range(nd):
+        dims = {s[d - nd + len(s)] for s in shapes if d - nd + len(s) >= 0} - {sympy.Integer(1)}
+        if len(dims) > 1:
+            raise Unsupported(f"index shapes {shapes} do not broadcast")
+        out.append(dims.pop() if dims else sympy.Integer(1))
+    return tuple(out)
+
+
 @rule("aten.index.Tensor", "aten._unsafe_index.Tensor")
 def _index(lw, node):
     t = lw.tmpl(node.args[0])
@@ -497,8 +508,7 @@ def _index(lw, node):
     tmpls = {k: lw.tmpl(idx_args[k]) for k in present}
     if any(tm.dtype == dt.bool_ for tm in tmpls.values()):
         raise Unsupported("boolean mask indexing has a data-dependent shape")
-    bshape = tuple(sympy.Integer(n) for n in torch.broadcast_shapes(*[tuple(idx_args[k].meta["val"].shape)
-                                                                       for k in present]))
+    bshape = _broadcast_shapes([tmpls[k].shape for k in present])
     adjacent = present == list(range(present[0], present[-1] + 1))
     lead = present[0] if adjacent else 0
     nb = len(bshape)
@@ -774,17 +784,32 @@ def _layer_norm(lw, node):
     return [y, _remap(lw, mean, stat_shape, ph_keep), _remap(lw, rstd, stat_shape, ph_keep)]
 
 
+@rule("aten._scaled_dot_product_flash_attention_for_cpu.default")
+def _sdpa_cpu(lw, node):
+    """The CPU flash-attention op AOTAutograd leaves behind: SDPA with another argument order."""
+    if float(_arg(node, 3, "dropout_p", 0.0) or 0.0) != 0.0:
+        raise Unsupported("attention dropout")
+    if any(u.target is operator.getitem and u.args[1] != 0 for u in node.users):
+        raise Unsupported("the log-sum-exp output of flash attention")
+    mask = node.kwargs.get("attn_mask")
+    out = _attention(lw, node, mask, bool(_arg(node, 4, "is_causal", False)))
+    return [out, None]
+
+
 @rule("aten.scaled_dot_product_attention.default")
 def _sdpa(lw, node):
-    q, k, v = (lw.tmpl(a) for a in node.args[:3])
-    mask_arg = _arg(node, 3, "attn_mask")
     if float(_arg(node, 4, "dropout_p", 0.0) or 0.0) != 0.0:
         raise Unsupported("attention dropout")
-    causal = bool(_arg(node, 5, "is_causal", False))
+    return _attention(lw, node, _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False)))
+
+
+def _attention(lw, node, mask_arg, causal: bool):
+    """softmax(q k^T * scale + mask) v as the 3-pass cascade: max, sum of exp, normalized sum with v."""
+    q, k, v = (lw.tmpl(a) for a in node.args[:3])
     scale = node.kwargs.get("scale") or 1.0 / math.sqrt(int(q.shape[-1]))
     gqa = bool(node.kwargs.get("enable_gqa", False))
     mask = lw.tmpl(mask_arg) if mask_arg is not None else None
-    out = lw.dtype(node)
+    out = q.dtype
     acc = _acc_dtype(out)
     nb = q.ndim - 2  # leading (batch, head) dims
     L, S = q.shape[-2], k.shape[-2]
@@ -819,7 +844,7 @@ def _sdpa(lw, node):
 
     qkt = Tmpl(lw.at(qk, [placeholder(d) for d in range(len(qk_shape))]), qk_shape, acc)
     _, ex, sm = _softmax_parts(lw, name, qkt, nb + 1, acc, score=score)
-    o_shape = lw.shape(node)
+    o_shape = lw.shape(node.meta["val"][0] if isinstance(node.meta["val"], (tuple, list)) else node)
     return lw.statement(name, o_shape, out, lambda rs, rr: Call("div", (Call("mul", (
         lw.at(ex, rs[:nb + 1] + [rr[0]]), lw.cast(lw.at(v, kv_lead(v, rs) + [rr[0], rs[nb + 1]]), acc))),
         lw.at(sm, rs[:nb + 1]))), reduce_extents=[S])

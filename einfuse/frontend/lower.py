@@ -409,10 +409,11 @@ class _NeedsMaterialize(Exception):
 
 
 def _hint(v):
-    try:
-        return int(v)
-    except Exception:
-        return None
+    """An example value for a size, read without specializing it (int() on a SymInt adds a guard)."""
+    if isinstance(v, torch.SymInt):
+        hint = v.node.hint
+        return int(hint) if hint is not None else None
+    return int(v)
 
 
 def _target_name(target) -> str:

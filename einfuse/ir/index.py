@@ -130,7 +130,7 @@ def bounds(e: sympy.Expr, ranges: Ranges) -> tuple[sympy.Expr, sympy.Expr]:
     if isinstance(e, sympy.Symbol):
         if e in ranges:
             return ranges[e]
-        return (sympy.Integer(1), sympy.oo) if is_size_symbol(e) else (sympy.Integer(0), sympy.oo)
+        return (e, e) if is_size_symbol(e) else (sympy.Integer(0), sympy.oo)  # a size is one unknown value
     if isinstance(e, sympy.Add):
         lo, hi = sympy.Integer(0), sympy.Integer(0)
         for a in e.args:
@@ -182,8 +182,9 @@ def _split_small(a: sympy.Expr, c: sympy.Expr, ranges: Ranges):
     """Find g dividing c with a = g*q + r and 0 <= r < g: then a // c == q // (c/g), a % c == g*(q % (c/g)) + r."""
     terms = sympy.Add.make_args(a)
     for t in terms:
-        g = t.as_coeff_Mul()[0]
-        if not (g.is_Integer and g > 1 and (c / g).is_integer):
+        # g: the constant part of a term, integers and symbolic sizes (j*S*64 -> S*64)
+        g = sympy.Mul(*[f for f in sympy.Mul.make_args(t) if f.is_Integer or (f.is_Symbol and is_size_symbol(f))])
+        if g == 1 or not (_truth(g >= 1) and (c / g).is_integer):
             continue
         big = [u for u in terms if (u / g).is_integer]
         rest = sympy.Add(*[u for u in terms if not (u / g).is_integer])
