@@ -5,10 +5,27 @@
     cm.explain()                          # what was lowered, what fell back to torch and why
     torch.compile(model, backend="einfuse")
 """
-from . import ir, passes
-from .api import compile
-from .frontend.dynamo import register as _register_dynamo_backend
-from .runtime import CompiledModule
+import os as _os
+import sys as _sys
+
+
+def _prepare_triton() -> None:
+    """Triton chooses GPU compilation or its CPU interpreter when it is imported; without a CUDA
+    device, select the interpreter before anything imports triton."""
+    if "triton" in _sys.modules or "TRITON_INTERPRET" in _os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        _os.environ["TRITON_INTERPRET"] = "1"
+
+
+_prepare_triton()
+
+from . import ir, passes  # noqa: E402
+from .api import compile  # noqa: E402
+from .frontend.dynamo import register as _register_dynamo_backend  # noqa: E402
+from .runtime import CompiledModule  # noqa: E402
 
 _register_dynamo_backend()
 

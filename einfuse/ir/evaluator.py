@@ -84,6 +84,9 @@ class _StatementEval:
             if e not in self.extents:
                 raise EvaluationError(f"{self.where}: index symbol {e} has no extent here")
             return LT(torch.arange(self.extents[e]), (e,))
+        if isinstance(e, sympy.Pow) and e.args[1].is_Integer and e.args[1] >= 0:
+            base = self.index(e.args[0])  # `i*i` is i**2 to sympy
+            return LT(base.t ** int(e.args[1]), base.ranks)
         args = [self.index(a) for a in e.args]
         ranks = _union(args)
         ts = [a.to(ranks) for a in args]
@@ -261,7 +264,8 @@ def _iterate(s: Statement, ev: _StatementEval, env: dict, shape, out_dtype) -> t
     return buf
 
 
-def _opaque(o: Opaque, env: dict, sizes: dict):
+def run_opaque(o: Opaque, env: dict, sizes: dict):
+    """Run an opaque call through torch, binding its outputs in `env` after checking their types."""
     where = f"opaque call {o.target}" + (f" ({o.loc})" if o.loc else "")
 
     def conv(v):
@@ -323,31 +327,17 @@ def evaluate(m: Module, inputs: dict, keep: bool = False) -> dict:
         t = inputs[i.name]
         env[i.name] = unpack(t, i.type.dtype) if i.type.dtype.packed else t
     types = m.types()
-    last_use = _last_uses(m) if not keep else {}
+    last_use = m.last_uses() if not keep else {}
     for n, op in enumerate(m.body):
         if isinstance(op, Statement):
             env[op.name] = _statement(op, env, types, sizes)
         else:
-            _opaque(op, env, sizes)
+            run_opaque(op, env, sizes)
         for name in last_use.get(n, ()):
             env.pop(name, None)
     if keep:
         return env
     return {name: env[name] for name in m.outputs}
-
-
-def _last_uses(m: Module) -> dict:
-    """Body position -> names no later op reads (freed there to bound memory)."""
-    last = {}
-    for n, op in enumerate(m.body):
-        for r in op.reads():
-            last[r] = n
-    keep = set(m.outputs)
-    out: dict = {}
-    for name, n in last.items():
-        if name not in keep:
-            out.setdefault(n, []).append(name)
-    return out
 
 
 def random_inputs(m: Module, like: dict | None = None, seed: int = 0, sizes: dict | None = None) -> dict:

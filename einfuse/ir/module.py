@@ -127,7 +127,16 @@ class TensorRef:
     name: str
 
 
-@dataclass(frozen=True)
+def _arg_key(v):
+    """Opaque arguments compare as their text does: True, 1 and 1.0 differ, NaN equals NaN."""
+    if isinstance(v, (tuple, list)):
+        return ("list", tuple(_arg_key(x) for x in v))
+    if isinstance(v, (bool, int, float)):
+        return (type(v).__name__, repr(v))
+    return (type(v).__name__, v)
+
+
+@dataclass(frozen=True, eq=False)
 class Opaque:
     """A call run by torch (topk, sort, scatter, collectives...): it splits fusion but never fails."""
 
@@ -136,6 +145,16 @@ class Opaque:
     args: tuple
     kwargs: tuple = ()  # ((key, value), ...)
     loc: str | None = None
+
+    def key(self):
+        return (self.outputs_typed, self.target, _arg_key(self.args),
+                tuple((k, _arg_key(v)) for k, v in self.kwargs), self.loc)
+
+    def __eq__(self, other):
+        return isinstance(other, Opaque) and self.key() == other.key()
+
+    def __hash__(self):
+        return hash(self.key())
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -212,6 +231,21 @@ class Module:
 
     def replace(self, **kw) -> "Module":
         return dataclasses.replace(self, **kw)
+
+    def last_uses(self) -> dict:
+        """Body position -> tensors no later op reads (an executor frees them there); outputs live on."""
+        last = {}
+        for n, op in enumerate(self.body):
+            for r in op.reads():
+                last[r] = n
+            for o in op.outputs:
+                last.setdefault(o, n)
+        keep = set(self.outputs) | {i.name for i in self.inputs}
+        out: dict = {}
+        for name, n in last.items():
+            if name not in keep:
+                out.setdefault(n, []).append(name)
+        return out
 
     def rename_reads(self, mapping: dict) -> "Module":
         """Every read of an old name (and every output) redirected to its new name."""

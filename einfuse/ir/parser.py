@@ -11,7 +11,7 @@ from . import dtypes as dt
 from . import index as ix
 from .expr import Access, Call, Const, Expr, IndexValue, canonical
 from .module import Input, Iterate, Module, Opaque, Reduce, Statement, TensorRef, TensorType
-from .ops import MAP_OPS, PREC_ADD, PREC_CMP, PREC_MUL, PREC_UNARY, REDUCE_OPS
+from .ops import MAP_OPS, PREC_ADD, PREC_CMP, PREC_MUL, PREC_UNARY, REDUCE_OPS, TypeRuleError, infer
 
 INPUT_KINDS = ("in", "param", "buffer", "const")
 
@@ -117,8 +117,9 @@ def _describe(t: Tok) -> str:
 class _ExprParser:
     """Pratt parser for value expressions; `resolve(name)` gives the sympy symbol of a rank or size."""
 
-    def __init__(self, line: _Line, resolve):
+    def __init__(self, line: _Line, resolve, dtype_of=None):
         self.l, self.resolve = line, resolve
+        self.dtype_of = dtype_of or (lambda name: None)  # tensor name -> DType, None when not yet known
 
     def parse(self, min_prec: int = 0) -> Expr:
         left = self.prefix()
@@ -165,11 +166,32 @@ class _ExprParser:
             while True:
                 tok = self.l.peek()
                 e = self.parse()
-                pos.append(_as_position(e, self.l, tok))
+                pos.append(self.position(e, tok))
                 if self.l.accept("]"):
                     break
                 self.l.expect(",")
         return Access(name, tuple(pos))
+
+    def position(self, e: Expr, tok: Tok):
+        """An access position: index arithmetic, or a gather whose values must be integers."""
+        if isinstance(e, IndexValue):
+            return e.expr
+        if isinstance(e, Const) and type(e.value) is int:
+            return sympy.Integer(e.value)
+
+        def dtype(name):
+            d = self.dtype_of(name)
+            if d is None:
+                raise KeyError(name)
+            return d
+
+        try:
+            d = infer(e, dtype)[0]
+        except (KeyError, TypeRuleError):  # a tensor defined later: the verifier reports it
+            return e
+        if d.category != "int":
+            self.l.error(f"an index must be an integer, got a {d} expression", tok)
+        return e
 
     def call(self, name: str, tok: Tok) -> Expr:
         self.l.expect("(")
@@ -196,14 +218,6 @@ def _number(s: str):
     return float(s) if any(c in s for c in ".eE") else int(s)
 
 
-def _as_position(e: Expr, line: _Line, tok: Tok):
-    if isinstance(e, IndexValue):
-        return e.expr
-    if isinstance(e, Const):
-        if type(e.value) is not int:
-            line.error(f"an index must be an integer, got {e.value!r}", tok)
-        return sympy.Integer(e.value)
-    return e
 
 
 def _index(line: _Line, resolve) -> sympy.Expr:
@@ -225,6 +239,13 @@ class _ModuleParser:
         self.body: list = []
         self.outputs: tuple = ()
         self.name: str | None = None
+
+    def dtypes(self) -> dict:
+        """Element types of the tensors defined so far."""
+        out = {i.name: i.type.dtype for i in self.inputs}
+        for op in self.body:
+            out.update({n: t.dtype for n, t in (op.outputs_typed if isinstance(op, Opaque) else [(op.name, op.type)])})
+        return out
 
     def size_only(self, name):
         return self.sizes.get(name)
@@ -256,7 +277,7 @@ class _ModuleParser:
             self.sizes[name] = ix.size(name)
             if line.accept("hint"):
                 t = line.next()
-                if t.kind != "NUMBER":
+                if t.kind != "NUMBER" or not t.value.isdigit():
                     line.error("a size hint is an integer", t)
                 self.hints.append((self.sizes[name], int(t.value)))
             line.end()
@@ -320,7 +341,9 @@ class _ModuleParser:
                 iterate = self.iterate(line, ranks)
             else:
                 reduce = self.reduce(line, ranks)
-        expr = _ExprParser(line, lambda n: self.sizes.get(n) or ranks.get(n)).parse()
+        known = self.dtypes()
+        known[name] = typ.dtype  # an iterative statement reads itself
+        expr = _ExprParser(line, lambda n: self.sizes.get(n) or ranks.get(n), known.get).parse()
         loc = line.end()
         return Statement(name, typ, tuple(index), expr, reduce, iterate, loc)
 
@@ -427,15 +450,29 @@ class _ModuleParser:
                 if s.kind != "STRING":
                     line.error("device(...) takes a string", s)
                 line.expect(")")
-                return torch.device(_unquote(s.value))
+                try:
+                    return torch.device(_unquote(s.value))
+                except RuntimeError as exc:
+                    line.error(f"bad device: {exc}", s)
             if t.value.startswith("torch."):
                 return _torch_enum(t.value, line, t)
             return TensorRef(t.value)
         line.error(f"expected an argument but found {_describe(t)}", t)
 
 
+_UNESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def _unescape(m: re.Match) -> str:
+    code = m.group(1)
+    if code[0] in "uU" and len(code) > 1:
+        return chr(int(code[1:], 16))
+    return _UNESCAPES.get(code, code)
+
+
 def _unquote(s: str) -> str:
-    return re.sub(r"\\(.)", r"\1", s[1:-1])
+    """The inverse of the printer's `fmt_string`."""
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", _unescape, s[1:-1])
 
 
 def _torch_enum(path: str, line: _Line, tok: Tok):
@@ -445,6 +482,14 @@ def _torch_enum(path: str, line: _Line, tok: Tok):
     if not isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
         line.error(f"{path} is not a torch dtype, layout or memory format", tok)
     return obj
+
+
+def parse_index(text: str) -> sympy.Expr:
+    """Index arithmetic over size symbols, e.g. a kernel grid `(S*64 + 63) // 64`."""
+    line = _Line(text, 1)
+    e = _index(line, ix.size)
+    line.end()
+    return e
 
 
 def parse(text: str) -> Module:

@@ -1,0 +1,80 @@
+"""What codegen hands the runtime: a kernel's source, its arguments and how to launch it."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import sympy
+
+from ..ir import index as ix
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A kernel argument: a tensor pointer (`dtype` its IR dtype) or an integer size."""
+
+    name: str  # the parameter name in the kernel
+    kind: str  # "ptr" | "size"
+    ref: str  # the IR tensor (ptr) or size symbol (size) it is bound to
+    dtype: str = ""  # IR dtype name of a pointer
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """How a statement's ranks map onto a kernel (TeAAL's mapping, kept apart from the Einsum).
+
+    kind: map (flat over output ranks), reduce (rows x looped reduction), dot (tiled M x N with a K
+    loop on tensor cores) or iterate (rows with a sequential loop over the iterative rank)."""
+
+    kind: str
+    rows: tuple = ()  # ranks flattened onto the row axis (map: all output ranks; dot: M ranks)
+    cols: tuple = ()  # dot: N ranks
+    red: tuple = ()  # looped ranks (reduce: reduced ranks; dot: K ranks; iterate: the iterative rank)
+    batch: tuple = ()  # dot: ranks on program_id(1)
+    tiles: tuple = ()  # ((constexpr name, size), ...)
+    input_precision: str = ""  # dot: "ieee" | "tf32" for f32 operands
+    num_warps: int = 4
+
+    def text(self) -> str:
+        tiles = " ".join(f"{k}={v}" for k, v in self.tiles)
+        parts = [self.kind]
+        for label, ranks in (("rows", self.rows), ("cols", self.cols), ("loop", self.red), ("batch", self.batch)):
+            if ranks:
+                parts.append(f"{label}({', '.join(map(str, ranks))})")
+        parts.append(f"tile {tiles}")
+        if self.input_precision:
+            parts.append(f"precision {self.input_precision}")
+        return " ".join(parts)
+
+
+@dataclass
+class KernelSpec:
+    """One generated Triton kernel: source text, arguments, constexprs, grid, and provenance."""
+
+    name: str  # the @triton.jit function's name
+    statements: tuple  # IR statement names it computes
+    outputs: tuple  # IR tensors it writes
+    source: str  # a complete Python module defining `name`
+    args: list  # [Arg]
+    constexprs: dict  # tile sizes and other compile-time constants
+    grid: list  # sympy expressions over size symbols (one per grid axis)
+    mapping: Mapping
+    flops: int | str = 0  # from the IR (an expression string when sizes are symbolic)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Content hash: equal sources with equal constants compile to the same binary."""
+        blob = self.source + repr(sorted(self.constexprs.items()))
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def grid_for(self, sizes: dict) -> tuple:
+        subs = {k: sympy.Integer(v) for k, v in sizes.items()}
+        return tuple(max(1, int(sympy.sympify(g).xreplace(subs))) for g in self.grid)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["grid"] = [ix.to_str(g) for g in self.grid]
+        d["mapping"] = {k: [str(x) for x in v] if k in ("rows", "cols", "red", "batch") else v
+                        for k, v in asdict(self.mapping).items()}
+        return d

@@ -1,0 +1,540 @@
+"""IR statement + mapping -> a readable @triton.jit kernel.
+
+The code keeps the IR's names: ranks are Triton variables of the same name, tensors are `<name>_ptr`,
+and every kernel starts with the IR line and the user's source line it computes. 16-bit floats are
+loaded, computed in f32 and rounded on store (the interpreter cannot compute on them, and a GPU
+computes their transcendental functions in f32 anyway); a `bf16(x)` cast in the IR rounds explicitly.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy
+from sympy.printing.str import StrPrinter
+
+from ..ir import dtypes as dt
+from ..ir import index as ix
+from ..ir.expr import Access, Call, Const, Expr, IndexValue, index_symbols
+from ..ir.module import Module, Statement
+from ..ir.ops import MAP_OPS, REDUCE_OPS, infer
+from ..ir.printer import fmt_statement
+from .kernel import Arg, KernelSpec, Mapping
+
+TL = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
+      "f8e4m3": "tl.float8e4nv", "f8e5m2": "tl.float8e5", "i64": "tl.int64", "i32": "tl.int32",
+      "i16": "tl.int16", "i8": "tl.int8", "u8": "tl.uint8", "bool": "tl.int1", "i4": "tl.int8", "u4": "tl.uint8"}
+RESERVED = {"pid", "pid_b", "pid_m", "pid_n", "offs", "rows", "cols", "rem", "acc", "carry", "valid", "tl", "triton",
+            "libm", "rmask", "cmask", "mmask", "nmask", "num_n", "k0", "r0", "res", "x"}
+
+# Triton forms of map operators; `{0}`, `{1}` are operand names. Operators not here use MapOp.triton.
+TRITON_OPS = {
+    "add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
+    "lt": "{0} < {1}", "le": "{0} <= {1}", "gt": "{0} > {1}", "ge": "{0} >= {1}", "eq": "{0} == {1}",
+    "ne": "{0} != {1}", "neg": "-{0}",
+    "exp": "tl.exp({0})", "exp2": "tl.exp2({0})", "log": "tl.log({0})", "log2": "tl.log2({0})",
+    "sqrt": "tl.sqrt({0})", "rsqrt": "tl.math.rsqrt({0})", "sin": "tl.sin({0})", "cos": "tl.cos({0})",
+    "erf": "tl.math.erf({0})", "sigmoid": "tl.sigmoid({0})", "silu": "{0} * tl.sigmoid({0})",
+    "gelu": "0.5 * {0} * (1.0 + tl.math.erf({0} * 0.7071067811865476))",
+    "gelu_tanh": "0.5 * {0} * (1.0 + libm.tanh(0.7978845608028654 * ({0} + 0.044715 * {0} * {0} * {0})))",
+    "tanh": "libm.tanh({0})", "log1p": "libm.log1p({0})", "expm1": "libm.expm1({0})", "tan": "libm.tan({0})",
+    "atan2": "libm.atan2({0}, {1})", "reciprocal": "1.0 / {0}", "abs": "tl.abs({0})",
+    "relu": "tl.maximum({0}, 0)", "floor": "tl.floor({0})", "ceil": "tl.ceil({0})",
+    "round": "libm.nearbyint({0})", "trunc": "libm.trunc({0})",
+    "sign": "tl.where({0} > 0, 1, tl.where({0} < 0, -1, 0)).to({0}.dtype)",
+    "max": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+    "min": "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
+    "and": "{0} & {1}", "or": "{0} | {1}", "xor": "{0} ^ {1}", "not": "{0} == 0",
+    "bitand": "{0} & {1}", "bitor": "{0} | {1}", "bitxor": "{0} ^ {1}", "bitnot": "~{0}",
+    "shl": "{0} << {1}", "shr": "{0} >> {1}",
+    "isnan": "{0} != {0}", "isinf": "tl.abs({0}) == float('inf')",
+    "where": "tl.where({0}, {1}, {2})",
+    # floor semantics of torch on signed values (Triton's // and % truncate like C)
+    "floordiv": "tl.where((({0} % {1}) != 0) & (({0} < 0) != ({1} < 0)), {0} // {1} - 1, {0} // {1})",
+    "mod": "tl.where((({0} % {1}) != 0) & (({0} < 0) != ({1} < 0)), {0} % {1} + {1}, {0} % {1})",
+}
+_BOOL_ARGS = {"and", "or", "xor"}
+
+
+def compute_dtype(d: dt.DType) -> dt.DType:
+    """The type a kernel computes a value in: 16- and 8-bit floats widen to f32."""
+    return dt.f32 if d.is_float and d.bits < 32 else (dt.i8 if d.name == "i4" else dt.u8 if d.name == "u4" else d)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class _TritonIndex(StrPrinter):
+    """Index arithmetic as Triton code over rank variables and size arguments."""
+
+    def __init__(self, names: dict):
+        super().__init__({"order": "none"})
+        self.names = names
+
+    def _print_Symbol(self, s):
+        return self.names.get(s, str(s))
+
+    def _print_FloorDiv(self, e):
+        return f"(({self._print(e.args[0])}) // ({self._print(e.args[1])}))"
+
+    def _print_Mod(self, e):
+        return f"(({self._print(e.args[0])}) % ({self._print(e.args[1])}))"
+
+    def _print_Min(self, e):
+        a, *rest = e.args
+        return f"tl.minimum({self._print(a)}, {self._print(sympy.Min(*rest)) if len(rest) > 1 else self._print(rest[0])})"
+
+    def _print_Max(self, e):
+        a, *rest = e.args
+        return f"tl.maximum({self._print(a)}, {self._print(sympy.Max(*rest)) if len(rest) > 1 else self._print(rest[0])})"
+
+
+def _literal(v) -> str:
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "float('nan')"
+        if math.isinf(v):
+            return "float('inf')" if v > 0 else "float('-inf')"
+    return repr(v)
+
+
+def strides(shape) -> list:
+    out, acc = [], sympy.Integer(1)
+    for n in reversed(shape):
+        out.append(acc)
+        acc = acc * n
+    return out[::-1]
+
+
+class Body:
+    """Emits the code computing one expression inside a tile scope (ranks bound to Triton variables)."""
+
+    def __init__(self, gen: "KernelGen", ranks: dict, masks: dict, rng: dict, indent: str):
+        self.gen, self.ranks, self.masks, self.rng, self.indent = gen, ranks, masks, rng, indent
+        self.lines: list[str] = []
+        self.memo: dict = {}
+        self.self_value: tuple | None = None  # (name, value code) of an iterative statement's carry
+
+    def emit(self, code: str, hint: str = "v") -> str:
+        name = self.gen.fresh(hint)
+        self.lines.append(f"{self.indent}{name} = {code}")
+        return name
+
+    def index(self, e) -> str:
+        return _TritonIndex({**self.ranks, **self.gen.size_names}).doprint(sympy.sympify(e))
+
+    def mask_for(self, syms) -> str | None:
+        parts = sorted({self.masks[s] for s in syms if s in self.masks})
+        return " & ".join(parts) if parts else None
+
+    def value(self, e: Expr) -> tuple[str, dt.DType]:
+        """(code, IR dtype); the code holds the value in compute_dtype."""
+        key = e
+        if key in self.memo:
+            return self.memo[key]
+        out = self._value(e)
+        self.memo[key] = out
+        return out
+
+    def _value(self, e: Expr):
+        if isinstance(e, Const):
+            return _literal(e.value), dt.DEFAULT_FOR_CATEGORY[e.category]
+        if isinstance(e, IndexValue):
+            return f"({self.index(e.expr)})", dt.i64
+        if isinstance(e, Access):
+            if self.self_value is not None and e.tensor == self.self_value[0]:
+                return self.self_value[1], self.gen.types[e.tensor].dtype
+            return self.load(e)
+        if isinstance(e, Call):
+            return self.call(e)
+        raise TypeError(f"cannot generate code for {e!r}")
+
+    def call(self, e: Call):
+        out = infer(e, self.gen.dtype_of)[0]
+        args = [self.value(a) for a in e.args]
+        if e.op == "cast":
+            (x, src), = args
+            return self.emit(self.cast(x, src, e.attr)), e.attr
+        op = MAP_OPS[e.op]
+        codes = [c for c, _ in args]
+        if op.rule == "float":  # integer operands of float-valued operators become f32 first
+            codes = [c if d.is_float else f"tl.cast({c}, tl.float32)" for c, d in args]
+        if e.op in _BOOL_ARGS or e.op == "where":
+            pos = range(len(args)) if e.op in _BOOL_ARGS else [0]
+            codes = [f"({codes[i]} != 0)" if i in pos and args[i][1] != dt.bool_ else codes[i] for i in range(len(codes))]
+        if e.op == "pow" and isinstance(e.args[1], Const) and e.args[1].value in (2, 2.0, 3, 3.0, 0.5):
+            b = codes[0]
+            code = {2: f"{b} * {b}", 3: f"{b} * {b} * {b}", 0.5: f"tl.sqrt({b})"}[e.args[1].value]
+        elif e.op == "pow":
+            code = f"libm.pow({codes[0]}, ({codes[1]}) + tl.zeros_like({codes[0]}))"
+        else:
+            template = TRITON_OPS.get(e.op) or op.triton
+            if template is None:
+                raise NotImplementedError(f"map operator {e.op!r} has no Triton form")
+            code = template.format(*[f"({c})" if not c.isidentifier() else c for c in codes])
+        return self.emit(code), out
+
+    @staticmethod
+    def cast(x: str, src: dt.DType, to: dt.DType) -> str:
+        if to == dt.bool_:
+            return f"({x}) != 0"
+        if to.is_float and to.bits < 32:  # round to the narrow type, keep computing in f32
+            return f"tl.cast(tl.cast({x}, {TL[to.name]}), tl.float32)"
+        return f"tl.cast({x}, {TL[compute_dtype(to).name]})"
+
+    def position_code(self, p) -> str:
+        if isinstance(p, Expr):
+            code, _ = self.value(p)
+            return code
+        return self.index(p)
+
+    def load(self, a: Access) -> tuple[str, dt.DType]:
+        t = self.gen.types[a.tensor]
+        ptr = self.gen.pointer(a.tensor)
+        d = t.dtype
+        pos = list(a.indices)
+        shape = list(t.shape)
+        nibble = None
+        if d.packed:
+            last = pos[-1]
+            nibble = self.position_code(ix.Mod(last, 2) if not isinstance(last, Expr) else last)
+            pos[-1] = ix.FloorDiv(last, 2) if not isinstance(last, Expr) else last
+            shape[-1] = (shape[-1] + 1) // 2
+        syms, conds = set(), []
+        for p, n in zip(pos, shape):
+            if isinstance(p, Expr):
+                code, _ = self.value(p)
+                conds.append(f"({code} >= 0) & ({code} < {self.index(n)})")  # a gather never reads out of bounds
+                syms |= index_symbols(p)
+                continue
+            syms |= sympy.sympify(p).free_symbols
+            lo, hi = ix.bounds(p, self.rng)
+            if not (ix._truth(lo >= 0) and ix._truth(hi <= n - 1)):
+                c = self.index(p)
+                conds.append(f"({c} >= 0) & ({c} < {self.index(n)})")
+        if all(not isinstance(p, Expr) for p in pos):
+            offset = self.index(sympy.expand(sum((p * s for p, s in zip(pos, strides(shape))), sympy.Integer(0))))
+        else:
+            offset = " + ".join(f"({self.position_code(p)}) * ({self.index(s)})" for p, s in zip(pos, strides(shape))) or "0"
+        mask = self.mask_for(syms)
+        mask = " & ".join(x for x in [mask] + conds if x) or None
+        code = f"tl.load({ptr} + ({offset})" + (f", mask={mask}, other=0)" if mask else ")")
+        cd = compute_dtype(d)
+        if nibble is not None:
+            code = f"(({code}) >> (4 * ({nibble}))) & 15"
+            if d.signed:
+                name = self.emit(f"({code}).to(tl.int8)", hint=a.tensor)
+                return self.emit(f"tl.where({name} >= 8, {name} - 16, {name})", hint=a.tensor), dt.i8
+            return self.emit(f"({code}).to(tl.uint8)", hint=a.tensor), dt.u8
+        if cd != d:
+            code = f"{code}.to({TL[cd.name]})"
+        return self.emit(code, hint=a.tensor), d
+
+
+class KernelGen:
+    """Generates the kernel for one statement of a module."""
+
+    def __init__(self, module: Module, stmt: Statement, kname: str, line: int, precision: str = "ieee"):
+        self.m, self.s, self.kname, self.line = module, stmt, kname, line
+        self.types = module.types()
+        self.dtype_of = lambda n: self.types[n].dtype
+        self.size_names = {s: str(s) for s in module.sizes}
+        self.hints = {s: int(v) for s, v in module.size_hints}
+        self.ptrs: dict[str, str] = {}
+        self.used_sizes: set = set()
+        self.counter = 0
+        self.precision = precision
+
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        base = "".join(ch if ch.isalnum() else "_" for ch in hint)[:24] or "v"
+        return f"{base}_{self.counter}"
+
+    def pointer(self, tensor: str) -> str:
+        if tensor not in self.ptrs:
+            self.ptrs[tensor] = f"{tensor}_ptr"
+        return self.ptrs[tensor]
+
+    def rank_names(self, ranks, suffix: str = "") -> dict:
+        return {r: (f"{r}_" if str(r) in RESERVED else str(r)) + suffix for r in ranks}
+
+    def ext(self, e) -> str:
+        e = sympy.sympify(e)
+        self.used_sizes |= e.free_symbols
+        return _TritonIndex(self.size_names).doprint(e)
+
+    def hint(self, e) -> int:
+        e = sympy.sympify(e).xreplace({k: sympy.Integer(v) for k, v in self.hints.items()})
+        return int(e) if e.is_Integer else 1024
+
+    def delinearize(self, flat: str, ranks: list, names: dict, indent: str) -> list[str]:
+        """Lines binding each rank variable from a flat index (last rank fastest)."""
+        extents = self.s.ranks()
+        lines = []
+        live = [r for r in ranks if extents[r] != 1]
+        for r in ranks:
+            if extents[r] == 1:
+                lines.append(f"{indent}{names[r]} = 0")
+        if not live:
+            return lines
+        rem = flat
+        for n, r in enumerate(reversed(live)):
+            if n == len(live) - 1:
+                lines.append(f"{indent}{names[r]} = {rem}")
+            else:
+                lines.append(f"{indent}{names[r]} = {rem} % {self.ext(extents[r])}")
+                nxt = f"rem_{names[r]}"
+                lines.append(f"{indent}{nxt} = {rem} // {self.ext(extents[r])}")
+                rem = nxt
+        return lines
+
+    def numel(self, ranks) -> sympy.Expr:
+        extents = self.s.ranks()
+        return sympy.Mul(*[extents[r] for r in ranks]) if ranks else sympy.Integer(1)
+
+    def ranges(self) -> dict:
+        return {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in self.s.ranks().items()}
+
+    def store_offset(self, names: dict, at_iter: str | None = None) -> str:
+        pos = []
+        for p in self.s.index:
+            if isinstance(p, sympy.Symbol):
+                pos.append(p)
+            else:
+                pos.append(sympy.Symbol("__iter__"))
+        off = sympy.expand(sum((p * st for p, st in zip(pos, strides(self.s.type.shape))), sympy.Integer(0)))
+        code = _TritonIndex({**names, **self.size_names}).doprint(off)
+        return code.replace("__iter__", f"({at_iter})") if at_iter is not None else code
+
+    # ------------------------------------------------------------------ kinds
+    def generate(self, mapping: Mapping) -> KernelSpec:
+        body, grid = {"map": self.gen_map, "reduce": self.gen_reduce, "dot": self.gen_dot,
+                      "iterate": self.gen_iterate}[mapping.kind](mapping)
+        self.pointer(self.s.name)
+        args = [Arg(p, "ptr", t, self.types[t].dtype.name) for t, p in self.ptrs.items()]
+        for s in self.m.sizes:
+            if s in self.used_sizes or any(s in sympy.sympify(g).free_symbols for g in grid):
+                args.append(Arg(str(s), "size", str(s)))
+        params = ", ".join([a.name for a in args] + [f"{k}: tl.constexpr" for k, _ in mapping.tiles])
+        header = [
+            f'"""einfuse kernel {self.kname}: statement {self.s.name!r} of module {self.m.name!r}.',
+            "",
+            f"Mapping: {mapping.text()}",
+            '"""',
+            "import triton",
+            "import triton.language as tl",
+            "",
+            "from einfuse.codegen import libm",
+            "",
+            "",
+            "@triton.jit",
+            f"def {self.kname}({params}):",
+            f"    # IR line {self.line}: {fmt_statement(self.s.replace(loc=None))}",
+            f"    # source: {self.s.loc or 'unknown'}",
+        ]
+        if ", _mul," in "\n".join(body):
+            header[-4:-4] = ["@triton.jit", "def _mul(a, b):", "    return a * b", "", ""]
+        src = "\n".join(header + body) + "\n"
+        return KernelSpec(self.kname, (self.s.name,), (self.s.name,), src, args, dict(mapping.tiles), grid, mapping)
+
+    def gen_map(self, mp: Mapping):
+        ranks = list(mp.rows)
+        names = self.rank_names(ranks)
+        total = self.numel(ranks)
+        lines = ["    pid = tl.program_id(0)",
+                 "    offs = pid * BLOCK + tl.arange(0, BLOCK)",
+                 f"    valid = offs < {self.ext(total)}"]
+        lines += self.delinearize("offs", ranks, names, "    ")
+        b = Body(self, names, {r: "valid" for r in ranks}, self.ranges(), "    ")
+        code, d = b.value(self.s.expr)
+        lines += b.lines
+        lines.append(f"    tl.store({self.pointer(self.s.name)} + offs, {self.store_cast(code, d)}, mask=valid)")
+        return lines, [ix.FloorDiv(total + mp.tiles[0][1] - 1, mp.tiles[0][1])]
+
+    def store_cast(self, code: str, d: dt.DType) -> str:
+        out = self.s.type.dtype
+        return f"tl.cast({code}, {TL[out.name]})" if (out != d or compute_dtype(out) != out or out.is_int) else code
+
+    def gen_reduce(self, mp: Mapping):
+        rows, red = list(mp.rows), list(mp.red)
+        names = {**self.rank_names(rows), **self.rank_names(red)}
+        op = REDUCE_OPS[self.s.reduce.op]
+        expr_dtype = infer(self.s.expr, self.dtype_of)[0]
+        acc_t, ident, combine, final = _reduce_parts(op.name, expr_dtype)
+        lines = ["    pid = tl.program_id(0)",
+                 "    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]",
+                 f"    rmask = rows < {self.ext(self.numel(rows))}"]
+        lines += self.delinearize("rows", rows, names, "    ")
+        lines += [f"    acc = tl.full([BLOCK_M, BLOCK_R], {ident}, {acc_t})",
+                  f"    for r0 in range(0, {self.ext(self.numel(red))}, BLOCK_R):",
+                  "        cols = r0 + tl.arange(0, BLOCK_R)[None, :]",
+                  f"        cmask = cols < {self.ext(self.numel(red))}"]
+        lines += self.delinearize("cols", red, names, "        ")
+        masks = {**{r: "rmask" for r in rows}, **{r: "cmask" for r in red}}
+        b = Body(self, names, masks, self.ranges(), "        ")
+        code, d = b.value(self.s.expr)
+        lines += b.lines
+        conv = f"tl.cast({code} != 0, {acc_t})" if op.name in ("any", "all") else f"tl.cast({code}, {acc_t})"
+        lines.append(f"        x = tl.where(rmask & cmask, {conv}, {ident})")
+        lines.append(f"        acc = {combine.format('acc', 'x')}")
+        lines.append(f"    res = {final.format('acc')}")
+        res_d = dt.bool_ if op.name in ("any", "all") else expr_dtype
+        if op.name in ("any", "all"):
+            lines.append("    res = res != 0")
+        lines.append(f"    tl.store({self.pointer(self.s.name)} + rows, {self.store_cast('res', res_d)}, mask=rmask)")
+        return lines, [ix.FloorDiv(self.numel(rows) + dict(mp.tiles)["BLOCK_M"] - 1, dict(mp.tiles)["BLOCK_M"])]
+
+    def gen_dot(self, mp: Mapping):
+        parts = dot_parts(self.s, self.dtype_of)
+        M, N, K, B = list(mp.rows), list(mp.cols), list(mp.red), list(mp.batch)
+        names = {**self.rank_names(M), **self.rank_names(N), **self.rank_names(B)}
+        ka, kb = self.rank_names(K, "_a"), self.rank_names(K, "_b")
+        tiles = dict(mp.tiles)
+        numM, numN, numK = (self.ext(self.numel(x)) for x in (M, N, K))
+        lines = ["    pid = tl.program_id(0)",
+                 "    pid_b = tl.program_id(1)",
+                 f"    num_n = tl.cdiv({numN}, BLOCK_N)",
+                 "    pid_m = pid // num_n",
+                 "    pid_n = pid % num_n"]
+        lines += self.delinearize("pid_b", B, names, "    ")
+        lines += ["    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]", f"    mmask = rm < {numM}"]
+        lines += self.delinearize("rm", M, names, "    ")
+        lines += ["    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]", f"    nmask = rn < {numN}"]
+        lines += self.delinearize("rn", N, names, "    ")
+        acc_t = "tl.int32" if parts.int8 else "tl.float32"
+        lines.append(f"    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype={acc_t})")
+        lines.append(f"    for k0 in range(0, {numK}, BLOCK_K):")
+        lines += ["        rka = k0 + tl.arange(0, BLOCK_K)[None, :]", f"        kmask_a = rka < {numK}"]
+        lines += self.delinearize("rka", K, ka, "        ")
+        lines += ["        rkb = k0 + tl.arange(0, BLOCK_K)[:, None]", f"        kmask_b = rkb < {numK}"]
+        lines += self.delinearize("rkb", K, kb, "        ")
+        rng = self.ranges()
+        masks_a = {**{r: "mmask" for r in M}, **{r: "kmask_a" for r in K}}
+        masks_b = {**{r: "nmask" for r in N}, **{r: "kmask_b" for r in K}}
+        ba = Body(self, {**names, **ka}, masks_a, rng, "        ")
+        ca, _ = ba.value(parts.a)
+        lines += ba.lines
+        bb = Body(self, {**names, **kb}, masks_b, rng, "        ")
+        cb, _ = bb.value(parts.b)
+        lines += bb.lines
+        op_t = TL[parts.operand.name]
+        lines.append(f"        a = tl.where(mmask & kmask_a, {ca}, 0).to({op_t})")
+        lines.append(f"        b = tl.where(kmask_b & nmask, {cb}, 0).to({op_t})")
+        if parts.int8:
+            lines.append("        acc = libm.dot(a, b, acc, out_dtype=tl.int32)")
+        elif parts.operand == dt.f32:
+            lines.append(f'        acc = libm.dot(a, b, acc, input_precision="{mp.input_precision or "ieee"}")')
+        else:
+            lines.append("        acc = libm.dot(a, b, acc)")
+        be = Body(self, names, {**{r: "mmask" for r in M}, **{r: "nmask" for r in N}}, rng, "    ")
+        res, res_d = "acc", dt.i32 if parts.int8 else dt.f32
+        for op, y in parts.post:
+            cy, _ = be.value(y)
+            res = be.emit(f"{res} {'*' if op == 'mul' else '/'} {cy if cy.isidentifier() else f'({cy})'}", "res")
+        lines += be.lines
+        lines.append(f"    tl.store({self.pointer(self.s.name)} + {self.store_offset(names)}, "
+                     f"{self.store_cast(res, res_d)}, mask=mmask & nmask)")
+        bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
+        grid = [ix.FloorDiv(self.numel(M) + bm - 1, bm) * ix.FloorDiv(self.numel(N) + bn - 1, bn), self.numel(B)]
+        return lines, grid
+
+    def gen_iterate(self, mp: Mapping):
+        rows = list(mp.rows)
+        it = self.s.iterate
+        names = {**self.rank_names(rows), **self.rank_names([it.rank])}
+        lines = ["    pid = tl.program_id(0)",
+                 "    rows = pid * BLOCK + tl.arange(0, BLOCK)",
+                 f"    valid = rows < {self.ext(self.numel(rows))}"]
+        lines += self.delinearize("rows", rows, names, "    ")
+        d = self.s.type.dtype
+        out = self.pointer(self.s.name)
+        lines.append(f"    carry = tl.full([BLOCK], {_literal(it.init.value)}, {TL[compute_dtype(d).name]})")
+        lines.append(f"    tl.store({out} + {self.store_offset(names, '0')}, {self.store_cast('carry', compute_dtype(d))}, mask=valid)")
+        lines.append(f"    for {names[it.rank]} in range(0, {self.ext(it.extent)}):")
+        b = Body(self, names, {r: "valid" for r in rows}, self.ranges(), "        ")
+        b.self_value = (self.s.name, "carry")
+        code, vd = b.value(self.s.expr)
+        lines += b.lines
+        lines.append(f"        carry = tl.cast({code}, {TL[compute_dtype(d).name]})")
+        lines.append(f"        tl.store({out} + {self.store_offset(names, names[it.rank] + ' + 1')}, "
+                     f"{self.store_cast('carry', compute_dtype(d))}, mask=valid)")
+        bl = dict(mp.tiles)["BLOCK"]
+        return lines, [ix.FloorDiv(self.numel(rows) + bl - 1, bl)]
+
+
+def _reduce_parts(op: str, d: dt.DType):
+    """(accumulator type, identity, combine template, final reduction template) of a reduce operator."""
+    if op in ("any", "all"):
+        ident = "0" if op == "any" else "1"
+        comb = "tl.maximum({0}, {1})" if op == "any" else "tl.minimum({0}, {1})"
+        fin = "tl.max({0}, axis=1, keep_dims=True)" if op == "any" else "tl.min({0}, axis=1, keep_dims=True)"
+        return "tl.int32", ident, comb, fin
+    acc = compute_dtype(d)
+    if acc.is_int and op == "sum":
+        acc = dt.i64
+    acc_t = TL[acc.name]
+    if op == "sum":
+        return acc_t, "0", "{0} + {1}", "tl.sum({0}, axis=1, keep_dims=True)"
+    if op == "prod":
+        return acc_t, "1", "{0} * {1}", "tl.reduce({0}, 1, _mul, keep_dims=True)"
+    big = "float('inf')" if acc.is_float else str(2 ** (acc.bits - 1) - 1)
+    small = "float('-inf')" if acc.is_float else str(-(2 ** (acc.bits - 1)))
+    if op == "max":
+        return acc_t, small, "tl.maximum({0}, {1})", "tl.max({0}, axis=1, keep_dims=True)"
+    if op == "min":
+        return acc_t, big, "tl.minimum({0}, {1})", "tl.min({0}, axis=1, keep_dims=True)"
+    raise NotImplementedError(f"reduce operator {op!r} has no Triton form")
+
+
+class DotParts:
+    """A contraction `sum_K A * B` with epilogue factors: operands, their type, and the post-ops."""
+
+    def __init__(self, a, b, operand, int8, post):
+        self.a, self.b, self.operand, self.int8, self.post = a, b, operand, int8, post
+
+
+def _mul_factors(e: Expr) -> list:
+    if isinstance(e, Call) and e.op == "mul":
+        return _mul_factors(e.args[0]) + _mul_factors(e.args[1])
+    return [e]
+
+
+def _narrow_operand(e: Expr, dtype_of):
+    """`f32(x)` of a 16-bit float, or `i32(x)` of an i8, feeds the tensor core in x's own type."""
+    if isinstance(e, Call) and e.op == "cast":
+        inner = infer(e.args[0], dtype_of)[0]
+        if e.attr == dt.f32 and inner in (dt.bf16, dt.f16):
+            return e.args[0], inner
+        if e.attr == dt.i32 and inner in (dt.i8,):
+            return e.args[0], inner
+    return e, infer(e, dtype_of)[0]
+
+
+def dot_parts(s: Statement, dtype_of) -> DotParts | None:
+    """Recognize `sum[K] A(M, K) * B(K, N) [* / epilogue(M, N)]`; None when the statement is not one."""
+    if s.reduce is None or s.reduce.op != "sum" or s.iterate is not None:
+        return None
+    red = {r for r, _ in s.reduce.ranks}
+    e, post = s.expr, []
+    while isinstance(e, Call) and e.op in ("mul", "div"):
+        a, b = e.args
+        if not (index_symbols(b) & red):
+            post.append((e.op, b))
+            e = a
+        elif e.op == "mul" and not (index_symbols(a) & red):
+            post.append(("mul", a))
+            e = b
+        else:
+            break
+    factors = _mul_factors(e)
+    inner = [f for f in factors if index_symbols(f) & red]
+    outer = [f for f in factors if not (index_symbols(f) & red)]
+    if len(inner) != 2:
+        return None
+    (a, ta), (b, tb) = (_narrow_operand(f, dtype_of) for f in inner)
+    if ta != tb or not (ta.is_float or ta == dt.i8):
+        return None
+    post = [("mul", f) for f in outer] + post[::-1]
+    return DotParts(a, b, ta, ta == dt.i8, post)

@@ -1,0 +1,180 @@
+"""The Triton backend: a launch plan over generated kernels and opaque calls, run natively on CUDA or
+under Triton's interpreter on CPU tensors (the same program), with buffers planned by liveness."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from ..codegen import KernelSpec, generate
+from ..codegen.cache import Cache, key_of
+from ..codegen.kernel import Arg, Mapping
+from ..codegen.mapping import float32_precision
+from ..ir import index as ix
+from ..ir.evaluator import bind_sizes, check_inputs, run_opaque
+from ..ir.module import Module, Opaque, Statement
+from ..ir.parser import parse_index
+from .backends import register_backend
+from .memory import Pool
+from .traffic import Traffic, counting
+
+log = logging.getLogger("einfuse")
+
+
+def interpreting() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+# ---------------------------------------------------------------- kernels: generate or load from cache
+
+def _spec_from_json(d: dict, source: str) -> KernelSpec:
+    mp = d["mapping"]
+    rank = lambda names: tuple(sympy.Symbol(n, integer=True, nonnegative=True) for n in names)  # noqa: E731
+    mapping = Mapping(mp["kind"], rank(mp["rows"]), rank(mp["cols"]), rank(mp["red"]), rank(mp["batch"]),
+                      tuple(tuple(t) for t in mp["tiles"]), mp["input_precision"], mp["num_warps"])
+    return KernelSpec(d["name"], tuple(d["statements"]), tuple(d["outputs"]), source,
+                      [Arg(**a) for a in d["args"]], dict(d["constexprs"]), [parse_index(g) for g in d["grid"]],
+                      mapping, d.get("flops", 0), d.get("meta", {}))
+
+
+def kernels_for(m: Module, cache: Cache) -> tuple[list[KernelSpec], str, bool]:
+    """The module's kernels, from the disk cache when the same module was compiled before.
+    Returns (kernels, the directory holding their sources, whether the cache had them)."""
+    key = key_of(str(m), float32_precision())
+    entry = cache.get(key)
+    if entry is not None:
+        index = json.loads(entry["index.json"])
+        return [_spec_from_json(d, entry[f"{d['name']}.py"].decode()) for d in index], cache.path(key), True
+    specs = generate(m)
+    files = {"index.json": json.dumps([s.to_json() | {"source": None} for s in specs], indent=1)}
+    files.update({f"{s.name}.py": s.source for s in specs})
+    return specs, cache.put(key, files), False
+
+
+_loaded: dict = {}
+
+
+def load_kernel(spec: KernelSpec, directory: str):
+    """Import the kernel's module from its cache file (Triton reads the source back from the file)."""
+    path = f"{directory}/{spec.name}.py"
+    mod_name = f"einfuse_kernels.{spec.key}"
+    fn = _loaded.get(mod_name)
+    if fn is None:
+        s = importlib.util.spec_from_file_location(mod_name, path)
+        mod = importlib.util.module_from_spec(s)
+        sys.modules[mod_name] = mod
+        s.loader.exec_module(mod)
+        fn = _loaded[mod_name] = getattr(mod, spec.name)
+    return fn
+
+
+# ---------------------------------------------------------------- the launch plan
+
+@dataclass
+class KernelStats:
+    """Per kernel: what it moved (measured) and computed (from the IR)."""
+
+    name: str
+    statements: tuple
+    bytes_loaded: int = 0
+    bytes_stored: int = 0
+    unique_bytes: int = 0
+    flops: int = 0
+    launches: int = 0
+
+
+@dataclass
+class Step:
+    op: Statement | Opaque
+    spec: KernelSpec | None = None
+    fn: object = None
+
+
+@dataclass
+class TritonRunner:
+    """Runs a module: kernels for statements, torch for opaque calls, intermediates from a pool."""
+
+    module: Module
+    specs: list
+    directory: str
+    cache_hit: bool = False
+    measure: bool = False
+    steps: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    allocations: list = field(default_factory=list)
+
+    def __post_init__(self):
+        by_stmt = {s.statements[0]: s for s in self.specs}
+        for op in self.module.body:
+            if isinstance(op, Statement):
+                spec = by_stmt[op.name]
+                self.steps.append(Step(op, spec, load_kernel(spec, self.directory)))
+            else:
+                self.steps.append(Step(op))
+        self._types = self.module.types()
+        self._last = self.module.last_uses()
+
+    def __call__(self, inputs: dict) -> dict:
+        m = self.module
+        sizes = bind_sizes(m, inputs)
+        check_inputs(m, inputs, sizes)
+        int_sizes = {k: int(v) for k, v in sizes.items()}
+        first = next(iter(inputs.values()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        if device.type == "cpu" and not interpreting():
+            raise RuntimeError("einfuse's Triton backend got CPU tensors but Triton is not in interpreter mode: "
+                               "import einfuse before triton (or set TRITON_INTERPRET=1), or use backend='reference'")
+        env = {i.name: inputs[i.name].contiguous() for i in m.inputs}
+        pool = Pool(device)
+        holders: dict = {}
+        outputs = set(m.outputs)
+        for n, step in enumerate(self.steps):
+            if step.spec is None:
+                run_opaque(step.op, env, sizes)
+            else:
+                self._launch(step, env, pool, holders, outputs, int_sizes, device)
+            for name in self._last.get(n, ()):
+                env.pop(name, None)
+                if name in holders:
+                    pool.give_back(holders.pop(name))
+        self.allocations = pool.log
+        return {o: env[o] for o in m.outputs}
+
+    def _launch(self, step: Step, env, pool, holders, outputs, sizes, device):
+        s, spec = step.op, step.spec
+        shape = s.type.concrete_shape(sizes)
+        if s.name in outputs:
+            env[s.name] = torch.empty(shape, dtype=s.type.dtype.storage, device=device)
+        else:
+            env[s.name], holders[s.name] = pool.take(s.name, shape, s.type.dtype.storage)
+        args = [env[a.ref] if a.kind == "ptr" else sizes[ix.size(a.ref)] for a in spec.args]
+        grid = spec.grid_for(sizes)
+        launch = step.fn[grid]
+        if self.measure:
+            st = self.stats.setdefault(spec.name, KernelStats(spec.name, spec.statements))
+            t = Traffic(regions=[(x.data_ptr(), x.numel() * x.element_size(), x.element_size())
+                                 for x in args if isinstance(x, torch.Tensor)])
+            with counting(t):
+                launch(*args, **spec.constexprs)
+            st.bytes_loaded += t.bytes_loaded
+            st.bytes_stored += t.bytes_stored
+            st.unique_bytes += t.unique_bytes
+            st.launches += 1
+        elif interpreting():
+            launch(*args, **spec.constexprs)
+        else:
+            launch(*args, **spec.constexprs, num_warps=spec.mapping.num_warps)
+
+
+@register_backend("triton")
+def triton_backend(module: Module):
+    """Kernels generated (or loaded from the disk cache) and launched in body order."""
+    specs, directory, hit = kernels_for(module, Cache("kernels"))
+    return TritonRunner(module, specs, directory, hit)
