@@ -1,6 +1,6 @@
 """The disk cache: generated kernel sources and compiled results, keyed by content and versions.
 
-Every entry is a directory of files plus `meta.json` holding each file's sha256. Writes go to a
+Every entry is a directory of files plus `.entry.json` holding each file's sha256. Writes go to a
 temporary name and are renamed into place, so a reader never sees half a file and two processes
 writing the same entry both succeed; an entry whose files do not match their checksums is rebuilt.
 """
@@ -12,6 +12,9 @@ import os
 import shutil
 import tempfile
 from functools import lru_cache
+
+
+ENTRY = ".entry.json"  # per entry: each file's checksum; written last, so it marks a complete entry
 
 
 def cache_root() -> str:
@@ -75,7 +78,7 @@ class Cache:
         """The entry's files (name -> bytes), or None when missing or corrupt (a corrupt one is removed)."""
         d = self.path(key)
         try:
-            with open(os.path.join(d, "meta.json")) as f:
+            with open(os.path.join(d, ENTRY)) as f:
                 meta = json.load(f)
             files = {}
             for name, digest in meta["files"].items():
@@ -95,11 +98,11 @@ class Cache:
         return files
 
     def put(self, key: str, files: dict) -> str:
-        """Store files (name -> bytes or str); meta.json is written last, so it marks a complete entry."""
+        """Store files (name -> bytes or str); the checksum file is written last."""
         d = self.path(key)
         blobs = {n: (v.encode() if isinstance(v, str) else v) for n, v in files.items()}
         for name, data in blobs.items():
             atomic_write(os.path.join(d, name), data)
         meta = {"files": {n: _sha(b) for n, b in blobs.items()}, "versions": versions()}
-        atomic_write(os.path.join(d, "meta.json"), json.dumps(meta, indent=1).encode())
+        atomic_write(os.path.join(d, ENTRY), json.dumps(meta, indent=1).encode())
         return d

@@ -57,6 +57,7 @@ class CompiledModule(torch.nn.Module):
         self._compile_variant = compile_variant
         self._variants: dict = {}
         self._kwarg_order = list(kwargs)
+        self._example = (tuple(args), dict(kwargs))
         self._last: Variant | None = None
         self._specialize(tuple(args), dict(kwargs))
 
@@ -79,15 +80,20 @@ class CompiledModule(torch.nn.Module):
         self._last = v
         return v
 
-    def forward(self, *args, **kwargs):
-        v = self._specialize(args, kwargs)
-        if v.fallback is not None:
-            return self._model[0](*args, **kwargs)
+    def _inputs(self, v: Variant, args, kwargs) -> dict:
+        """The IR inputs of a call: weights from the variant, user tensors by their IR names."""
         flat, _, _ = self._flat(args, kwargs)
         inputs = dict(v.bindings)
         for leaf, name in zip(flat, v.user_inputs):
             if name is not None:
                 inputs[name] = leaf
+        return inputs
+
+    def forward(self, *args, **kwargs):
+        v = self._specialize(args, kwargs)
+        if v.fallback is not None:
+            return self._model[0](*args, **kwargs)
+        inputs = self._inputs(v, args, kwargs)
         with torch.no_grad():
             out = v.run(inputs)
         leaves = [out[x] if kind == "tensor" else x for kind, x in v.out_leaves]
@@ -127,6 +133,43 @@ class CompiledModule(torch.nn.Module):
         if print_it:
             print(text)
         return Explanation(v.lowering.share, {k: tuple(x) for k, x in v.lowering.fallbacks.items()}, text, v.timings)
+
+    def _triton_runner(self, v: Variant):
+        from .triton_backend import triton_backend
+
+        return v.run if hasattr(v.run, "steps") else triton_backend(v.ir)
+
+    def report(self, *args, eager: bool = True, **kwargs):
+        """Run once (on the example inputs unless given) with every kernel's memory traffic measured
+        under Triton's interpreter; FLOPs from the IR; an H100 roofline model. Written to the dump folder."""
+        from ..ir.evaluator import bind_sizes
+        from .report import build_report, eager_bytes
+
+        if not args and not kwargs:
+            args, kwargs = self._example
+        v = self._specialize(args, kwargs)
+        if v.ir is None:
+            raise RuntimeError(f"no report: the model runs in eager PyTorch ({v.fallback})")
+        runner = self._triton_runner(v)
+        inputs = self._inputs(v, args, kwargs)
+        runner.measure, runner.stats = True, {}
+        try:
+            with torch.no_grad():
+                runner(inputs)
+        finally:
+            runner.measure = False
+        sizes = {k: int(x) for k, x in bind_sizes(v.ir, inputs).items()}
+        rep = build_report(runner, sizes, eager_bytes(self._model[0], args, kwargs) if eager else None)
+        if v.dump_dir:
+            rep.write(v.dump_dir)
+        return rep
+
+    def check_gpu(self, archs=(80, 90), jobs=None):
+        """Compile every kernel ahead of time for each CUDA arch (no GPU needed): ok, registers,
+        spills, shared memory and tensor-core use per kernel."""
+        from ..codegen.aot import check_gpu
+
+        return check_gpu(self._triton_runner(self._last).specs, archs=archs, jobs=jobs)
 
     def __repr__(self) -> str:
         return f"CompiledModule({type(self._model[0]).__name__}, {len(self._variants)} variant(s))"
