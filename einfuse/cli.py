@@ -26,18 +26,49 @@ def _load_model_file(path: str):
     return model, tuple(args) if isinstance(args, (tuple, list)) else (args,), dict(kwargs)
 
 
-def cmd_compile(ns) -> int:
+def _compile_file(ns):
     import torch
 
     import einfuse
 
     model, args, kwargs = _load_model_file(ns.file)
     with torch.no_grad():
-        cm = einfuse.compile(model, args, kwargs, dump_dir=ns.dump_dir, backend=ns.backend, check=ns.check)
+        return einfuse.compile(model, args, kwargs, dump_dir=ns.dump_dir, backend=getattr(ns, "backend", None),
+                               check=getattr(ns, "check", False))
+
+
+def cmd_compile(ns) -> int:
+    cm = _compile_file(ns)
     cm.explain()
     if ns.print_ir:
         print(cm.ir)
     return 0
+
+
+def cmd_report(ns) -> int:
+    cm = _compile_file(ns)
+    print(cm.report().text(top=ns.top))
+    print(f"report.json and roofline.png in {ns.dump_dir}/")
+    return 0
+
+
+def print_gpu_checks(records) -> bool:
+    """A table of ahead-of-time GPU compile results; True when every kernel compiled without spills."""
+    print(f"{'kernel':<44}{'arch':>6}{'ok':>5}{'regs':>6}{'spills':>8}{'smem':>8}{'tensor core':>13}")
+    good = True
+    for r in records:
+        good &= bool(r.ok) and not r.spills
+        print(f"{r.name[:43]:<44}{'sm_' + str(r.arch) + ('a' if r.arch == 90 else ''):>6}{'yes' if r.ok else 'NO':>5}"
+              f"{r.registers if r.registers is not None else '-':>6}{r.spills if r.spills is not None else '-':>8}"
+              f"{r.shared_bytes if r.shared_bytes is not None else '-':>8}{'yes' if r.tensor_core else 'no':>13}")
+        if not r.ok and r.error:
+            print(f"    {r.error.splitlines()[0]}")
+    return good
+
+
+def cmd_check_gpu(ns) -> int:
+    cm = _compile_file(ns)
+    return 0 if print_gpu_checks(cm.check_gpu(archs=tuple(ns.arch))) else 1
 
 
 def cmd_parse(ns) -> int:
@@ -83,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-ir", action="store_true", help="print the final IR")
     c.set_defaults(fn=cmd_compile)
 
+    r = sub.add_parser("report", help="measured bytes per kernel, FLOPs and an H100 roofline model")
+    r.add_argument("file", help="a .py file defining `model` and `example_inputs`, or `get_model()`")
+    r.add_argument("--dump-dir", default="einfuse_dump")
+    r.add_argument("--top", type=int, default=20, help="kernels to list")
+    r.set_defaults(fn=cmd_report)
+
+    g = sub.add_parser("check-gpu", help="compile every kernel ahead of time for sm_80/sm_90a (no GPU needed)")
+    g.add_argument("file", help="a .py file defining `model` and `example_inputs`, or `get_model()`")
+    g.add_argument("--arch", type=int, action="append", default=None, help="CUDA arch (80, 90); repeatable")
+    g.add_argument("--dump-dir", default=None)
+    g.set_defaults(fn=cmd_check_gpu)
+
     v = sub.add_parser("parse", help="parse and verify an IR file (or - for stdin), printing it back")
     v.add_argument("file")
     v.add_argument("-q", "--quiet", action="store_true", help="only report errors")
@@ -92,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
+    if getattr(ns, "arch", 0) is None:
+        ns.arch = [80, 90]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/transformers deprecation noise
     return ns.fn(ns)

@@ -54,6 +54,17 @@ def run_demo(dump_dir: str = "einfuse_dump", seq: int = 32, model: str = "llama"
     err = max_rel_error(got, want)
     status = "OK" if err <= 1e-5 else "MISMATCH"
     print(f"\n== check against eager PyTorch on fresh inputs: max relative error {err:.2e} (fp32 tolerance 1e-5) {status}")
-    print("\n== report")
+    kdir = os.path.join(dump_dir, "kernels")
+    if os.path.isdir(kdir):
+        kernels = sorted(os.listdir(kdir))
+        print(f"\n== {len(kernels)} Triton kernels in {kdir}/, e.g. {kernels[0] if kernels else '-'}:")
+        dots = [k for k in kernels if "_mm" in k] or kernels
+        if dots:
+            with open(os.path.join(kdir, dots[0])) as f:
+                print(f.read())
+    print("== what was lowered")
     cm.explain()
+    if cm.variant.backend == "triton":
+        print("\n== memory traffic (measured under Triton's interpreter) and roofline model")
+        print(cm.report(*fresh_args, **fresh_kwargs).text(top=12))
     return 0 if status == "OK" else 1
