@@ -59,6 +59,7 @@ class _Compiler:
     backend: str
     check: bool
     dynamic_shapes: object
+    backend_options: dict
 
     def __call__(self, args: tuple, kwargs: dict, n: int) -> Variant:
         out_dir = self.dump_dir if not self.dump_dir or n == 0 else os.path.join(self.dump_dir, f"variant_{n}")
@@ -81,7 +82,7 @@ class _Compiler:
             final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms)
             report, out_leaves = lowered.report, lowered.out_leaves
             self._store(cap, final, report, out_leaves, timings)
-        run = backends.build(self.backend, final)
+        run = backends.build(self.backend, final, **self.backend_options)
         if out_dir and hasattr(run, "specs"):
             write_kernels(run.specs, os.path.join(out_dir, "kernels"))
         user = [name if name in {i.name for i in final.inputs} else None for name in cap.user_inputs]
@@ -129,13 +130,15 @@ class _Compiler:
 
 
 def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_dir=None, backend=None,
-            check=None, dynamic_shapes=None) -> CompiledModule:
+            check=None, dynamic_shapes=None, cuda_graphs: bool = False) -> CompiledModule:
     """Compile `model` for inputs like `args`/`kwargs`; the result is called like `model`.
 
     passes: the pipeline (default `einfuse.passes.default_pipeline()`); dump_dir (or $EINFUSE_DUMP_DIR):
     write the IR after every pass and the Triton kernels; backend: "triton" (default: generated kernels,
     natively on CUDA, under Triton's interpreter on CPU) or "reference" (the IR evaluated with torch ops);
-    check (or $EINFUSE_CHECK=1): compare every pass's numerics with the one before on random inputs.
+    check (or $EINFUSE_CHECK=1): compare every pass's numerics with the one before on random inputs;
+    dynamic_shapes: as for torch.export (those sizes stay symbolic); cuda_graphs: on CUDA, replay the
+    kernels of a call as one CUDA graph.
     """
     kwargs = dict(kwargs or {})
     args = args if isinstance(args, tuple) else (args,)
@@ -144,5 +147,7 @@ def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_d
     backend = backend or os.environ.get("EINFUSE_BACKEND") or DEFAULT_BACKEND
     if backend not in backends.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(backends.BACKENDS))}")
-    compiler = _Compiler(model, None if passes is None else list(passes), dump_dir, backend, check, dynamic_shapes)
+    options = {"cuda_graphs": True} if cuda_graphs and backend == "triton" else {}
+    compiler = _Compiler(model, None if passes is None else list(passes), dump_dir, backend, check, dynamic_shapes,
+                         options)
     return CompiledModule(model, compiler, args, kwargs)

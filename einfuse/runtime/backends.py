@@ -25,7 +25,8 @@ def reference(module: Module):
     return lambda inputs: evaluate(module, inputs)
 
 
-def build(name: str, module: Module):
+def build(name: str, module: Module, **options):
+    """The backend's runner for `module`; options (e.g. cuda_graphs) go to backends that take them."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](module)
+    return BACKENDS[name](module, **options)

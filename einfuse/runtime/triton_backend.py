@@ -95,6 +95,7 @@ class Step:
     op: Statement | Opaque
     spec: KernelSpec | None = None
     fn: object = None
+    tuned: bool = False  # CUDA: the tiling was chosen by timing candidates
 
 
 @dataclass
@@ -106,9 +107,11 @@ class TritonRunner:
     directory: str
     cache_hit: bool = False
     measure: bool = False
+    cuda_graphs: bool = False  # replay the whole launch sequence as one CUDA graph (no opaque calls)
     steps: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     allocations: list = field(default_factory=list)
+    _graph: object = None
 
     def __post_init__(self):
         by_stmt = {s.statements[0]: s for s in self.specs}
@@ -122,6 +125,31 @@ class TritonRunner:
         self._last = self.module.last_uses()
 
     def __call__(self, inputs: dict) -> dict:
+        first = next(iter(inputs.values()), None)
+        if self.cuda_graphs and first is not None and first.is_cuda and not self.measure:
+            return self._replay(inputs)
+        return self._run(inputs)
+
+    def _replay(self, inputs: dict) -> dict:
+        """CUDA-graph mode: the first call runs (and autotunes) eagerly, the second captures the launch
+        sequence on static buffers, later calls copy changed inputs in and replay. (Written for CUDA;
+        this project's machines have no GPU, so it is exercised only there.)"""
+        if any(s.spec is None for s in self.steps):
+            return self._run(inputs)  # opaque calls may synchronize or allocate: no capture
+        if self._graph is None:
+            self._static = {k: v.contiguous().clone() for k, v in inputs.items()}
+            self._run(self._static)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._static_out = self._run(self._static)
+            self._graph = graph
+        for k, v in inputs.items():
+            if v.data_ptr() != self._static[k].data_ptr():
+                self._static[k].copy_(v)
+        self._graph.replay()
+        return {k: v.clone() for k, v in self._static_out.items()}
+
+    def _run(self, inputs: dict) -> dict:
         m = self.module
         sizes = bind_sizes(m, inputs)
         check_inputs(m, inputs, sizes)
@@ -170,11 +198,43 @@ class TritonRunner:
         elif interpreting():
             launch(*args, **spec.constexprs)
         else:
-            launch(*args, **spec.constexprs, num_warps=spec.mapping.num_warps)
+            if step.spec.mapping.kind == "dot" and not step.tuned:
+                self._autotune(step, args, sizes)
+            step.fn[step.spec.grid_for(sizes)](*args, **step.spec.constexprs, num_warps=step.spec.mapping.num_warps)
+
+    def _autotune(self, step: Step, args, sizes) -> None:
+        """On CUDA, time the candidate tilings of a contraction on the real buffers, keep the fastest
+        (remembered on disk per device), and use it from then on."""
+        import triton.testing
+
+        from ..codegen.mapping import candidates
+        from ..codegen.triton_gen import KernelGen
+
+        cache = Cache("autotune")
+        key = key_of(step.spec.key, torch.cuda.get_device_name())
+        hit = cache.get(key)
+        options = [step.spec] + [KernelGen(self.module, step.op, step.spec.name, 0).generate(mp)
+                                 for mp in candidates(self.module, step.op)[1:]]
+        if hit is not None:
+            best = options[min(int(hit["choice"]), len(options) - 1)]
+        else:
+            times = []
+            for spec in options:
+                d = Cache("kernels").put(key_of(spec.source), {f"{spec.name}.py": spec.source})
+                fn = load_kernel(spec, d)
+                run = lambda: fn[spec.grid_for(sizes)](*args, **spec.constexprs, num_warps=spec.mapping.num_warps)  # noqa: E731
+                times.append(triton.testing.do_bench(run, warmup=5, rep=20))
+            choice = min(range(len(options)), key=times.__getitem__)
+            cache.put(key, {"choice": str(choice)})
+            best = options[choice]
+        if best is not step.spec:
+            d = Cache("kernels").put(key_of(best.source), {f"{best.name}.py": best.source})
+            step.spec, step.fn = best, load_kernel(best, d)
+        step.tuned = True
 
 
 @register_backend("triton")
-def triton_backend(module: Module):
+def triton_backend(module: Module, cuda_graphs: bool = False):
     """Kernels generated (or loaded from the disk cache) and launched in body order."""
     specs, directory, hit = kernels_for(module, Cache("kernels"))
-    return TritonRunner(module, specs, directory, hit)
+    return TritonRunner(module, specs, directory, hit, cuda_graphs=cuda_graphs)
