@@ -467,6 +467,13 @@ def _zeros(lw, node):
     return _const_tmpl(False if out == dt.bool_ else (0.0 if out.is_float else 0), lw.shape(node), out)
 
 
+@rule("aten.empty.memory_format", "aten.empty_like.default", "aten.new_empty.default",
+      "aten.empty_permuted.default", "aten.empty_strided.default")
+def _empty(lw, node):
+    """Uninitialized memory may hold anything, so zeros are a valid content and stay an index map."""
+    return _zeros(lw, node)
+
+
 @rule("aten.ones.default", "aten.ones_like.default", "aten.new_ones.default")
 def _ones(lw, node):
     out = _factory_dtype(node)
@@ -714,35 +721,51 @@ def _addmm(lw, node):
 
 # ---------------------------------------------------------------- softmax, norms, attention
 
-def _softmax_parts(lw, name, x: Tmpl, d: int, acc: dt.DType, score=None):
-    """The 3-pass softmax cascade over dim d: max, exp(x - max), sum. Returns (exp, sum) templates."""
+def _softmax_parts(lw, name, x: Tmpl, d: int, acc: dt.DType, score=None, safe: bool = False):
+    """The 3-pass softmax cascade over dim d: max, exp(x - max), sum. Returns (max, exp, sum) templates.
+    With `safe`, a row that is all -inf gets exp 0 and sum 0 instead of NaN (see `_attention`)."""
     red_shape = tuple(n for k, n in enumerate(x.shape) if k != d)
     score = score or (lambda idx: lw.cast(lw.at(x, idx), acc))
 
     def with_r(rs, r):
         return rs[:d] + [r] + rs[d:]
 
+    def row_max(rs):
+        m = lw.at(mx, rs[:d] + rs[d + 1:])
+        return Call("where", (Call("eq", (m, Const(-math.inf))), Const(0.0), m)) if safe else m
+
     mx = lw.statement(f"{name}_max", red_shape, acc, lambda rs, rr: score(with_r(rs, rr[0])),
                       reduce_extents=[x.shape[d]], reduce_op="max")
     ex = lw.statement(f"{name}_exp", x.shape, acc,
-                      lambda rs, _: Call("exp", (Call("sub", (score(rs), lw.at(mx, rs[:d] + rs[d + 1:]))),)))
+                      lambda rs, _: Call("exp", (Call("sub", (score(rs), row_max(rs))),)))
     sm = lw.statement(f"{name}_sum", red_shape, acc, lambda rs, rr: lw.at(ex, with_r(rs, rr[0])),
                       reduce_extents=[x.shape[d]])
     return mx, ex, sm
 
 
-@rule("aten._softmax.default", "aten.softmax.int", "aten._log_softmax.default", "aten.log_softmax.int")
+@rule("aten._softmax.default", "aten.softmax.int", "aten._log_softmax.default", "aten.log_softmax.int",
+      "aten._safe_softmax.default")
 def _softmax(lw, node):
+    """(Log-)softmax as the max/exp/sum cascade; `_safe_softmax` (math SDPA) gives 0 on all -inf rows."""
     x = lw.tmpl(node.args[0])
     d = _dim(node.args[1], x.ndim)
     out = lw.dtype(node)
     acc = _acc_dtype(out if out.bits >= x.dtype.bits else x.dtype)
-    mx, ex, sm = _softmax_parts(lw, node.name, x, d, acc)
+    safe = "_safe_softmax" in str(node.target)
+    mx, ex, sm = _softmax_parts(lw, node.name, x, d, acc, safe=safe)
     drop = lambda rs: rs[:d] + rs[d + 1:]  # noqa: E731
     if "log" in str(node.target):
         return lw.statement(node.name, x.shape, out, lambda rs, _: Call("sub", (
             Call("sub", (lw.cast(lw.at(x, rs), acc), lw.at(mx, drop(rs)))), Call("log", (lw.at(sm, drop(rs)),)))))
-    return lw.statement(node.name, x.shape, out, lambda rs, _: Call("div", (lw.at(ex, rs), lw.at(sm, drop(rs)))))
+    return lw.statement(node.name, x.shape, out,
+                        lambda rs, _: Call("div", (lw.at(ex, rs), _softmax_sum(lw, sm, drop(rs), safe))))
+
+
+def _softmax_sum(lw, sm: Tmpl, idx, safe: bool) -> Expr:
+    """The softmax denominator; when `safe`, max(sum, 1): an all -inf row has sum 0 (so yields 0), and any
+    other row a sum >= 1 (its max term is exp(0)), so the clamp changes nothing else."""
+    s = lw.at(sm, idx)
+    return Call("max", (s, Const(1.0))) if safe else s
 
 
 @rule("aten.native_layer_norm.default")
@@ -843,11 +866,12 @@ def _attention(lw, node, mask_arg, causal: bool):
         return s
 
     qkt = Tmpl(lw.at(qk, [placeholder(d) for d in range(len(qk_shape))]), qk_shape, acc)
-    _, ex, sm = _softmax_parts(lw, name, qkt, nb + 1, acc, score=score)
+    _, ex, sm = _softmax_parts(lw, name, qkt, nb + 1, acc, score=score, safe=True)
     o_shape = lw.shape(node.meta["val"][0] if isinstance(node.meta["val"], (tuple, list)) else node)
+    # torch's SDPA gives 0 for a query every key is masked from (left padding under a causal mask): safe softmax.
     return lw.statement(name, o_shape, out, lambda rs, rr: Call("div", (Call("mul", (
         lw.at(ex, rs[:nb + 1] + [rr[0]]), lw.cast(lw.at(v, kv_lead(v, rs) + [rr[0], rs[nb + 1]]), acc))),
-        lw.at(sm, rs[:nb + 1]))), reduce_extents=[S])
+        _softmax_sum(lw, sm, rs[:nb + 1], True))), reduce_extents=[S])
 
 
 @rule("getitem")

@@ -60,6 +60,9 @@ class LoweringReport:
 
     @property
     def share(self) -> float:
+        """Lowered nodes over all nodes; 0 when the whole graph fell back to eager PyTorch."""
+        if self.whole_graph_fallback:
+            return 0.0
         return self.lowered / self.total if self.total else 1.0
 
     def fallback(self, target: str, reason: str):
@@ -215,16 +218,18 @@ class Lowerer:
         return self._types[name].dtype
 
     # ---------------------------------------------------------------- emission
-    def statement(self, base: str, shape: tuple, dtype: dt.DType, build, reduce_extents=(), reduce_op="sum") -> Tmpl:
-        """Emit `base[ranks] = reduce_op[r...] build(ranks, rranks)` and return its template."""
+    def statement(self, base: str, shape: tuple, dtype: dt.DType, build, reduce_extents=(), reduce_op="sum",
+                  lazy: bool = True) -> Tmpl:
+        """Emit `base[ranks] = reduce_op[r...] build(ranks, rranks)` and return its template (with `lazy`,
+        an access-free map stays an index map instead)."""
         ranks = [ix.rank(OUT_RANKS[d] if d < len(OUT_RANKS) else f"i{d}") for d in range(len(shape))]
         rranks = [ix.rank(RED_RANKS[d] if d < len(RED_RANKS) else f"r{d}") for d in range(len(reduce_extents))]
         expr = build(ranks, rranks)
-        if not rranks and _access_free(expr):  # index arithmetic on aranges and constants stays an index map
-            lazy = substitute(expr, {r: placeholder(d) for d, r in enumerate(ranks)})
-            if infer(lazy, self._dtype_of)[0] != dtype:
-                lazy = Call("cast", (lazy,), dtype)
-            return Tmpl(lazy, tuple(shape), dtype)
+        if lazy and not rranks and _access_free(expr):  # index arithmetic on aranges and constants stays an index map
+            index_map = substitute(expr, {r: placeholder(d) for d, r in enumerate(ranks)})
+            if infer(index_map, self._dtype_of)[0] != dtype:
+                index_map = Call("cast", (index_map,), dtype)
+            return Tmpl(index_map, tuple(shape), dtype)
         if not rranks and infer(expr, self._dtype_of)[0] != dtype:
             expr = Call("cast", (expr,), dtype)  # a reduction instead converts its accumulator at the end
         extents = {r: n for r, n in zip(ranks, shape)}
@@ -247,7 +252,7 @@ class Lowerer:
         e = t.expr
         if isinstance(e, Access) and list(e.indices) == [placeholder(d) for d in range(t.ndim)]:
             return e.tensor
-        return self.statement(base, t.shape, t.dtype, lambda rs, _: self.at(t, rs)).expr.tensor
+        return self.statement(base, t.shape, t.dtype, lambda rs, _: self.at(t, rs), lazy=False).expr.tensor
 
     def map(self, node: fx.Node, op: str, args: list, compute: dt.DType | None = None, attr=None) -> Tmpl:
         """An elementwise statement: operands broadcast to the node's shape and cast to `compute`."""
