@@ -150,9 +150,6 @@ module libm
 """
 
 
-@pytest.mark.xfail(strict=True, reason="libm binds the generic libdevice stubs, which Triton only swaps for the "
-                   "target's functions in a jit function's own globals: `libm.tanh(x)` compiles to None. Fix: "
-                   "@triton.jit wrappers `def tanh(x): return libdevice.tanh(x)` in libm (then drop this marker)")
 def test_libm_functions_compile(tmp_path):
     checks = aot.check_gpu(generate(parse(LIBM)), archs=(80, 90), cache_dir=tmp_path)
     assert all(c.ok for c in checks), "\n".join(c.error for c in checks if not c.ok)

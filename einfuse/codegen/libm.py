@@ -13,16 +13,43 @@ import triton.language as tl
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
 if not INTERPRET:
+    # Wrappers, not the names themselves: Triton swaps the generic libdevice module for the target's
+    # (CUDA or HIP) only in a jit function's own globals; `libm.tanh` bound to the generic stub
+    # would compile to a call returning None.
     from triton.language.extra import libdevice
 
-    tanh = libdevice.tanh
-    log1p = libdevice.log1p
-    expm1 = libdevice.expm1
-    tan = libdevice.tan
-    atan2 = libdevice.atan2
-    pow = libdevice.pow
-    nearbyint = libdevice.nearbyint
-    trunc = libdevice.trunc
+    @triton.jit
+    def tanh(x):
+        return libdevice.tanh(x)
+
+    @triton.jit
+    def log1p(x):
+        return libdevice.log1p(x)
+
+    @triton.jit
+    def expm1(x):
+        return libdevice.expm1(x)
+
+    @triton.jit
+    def tan(x):
+        return libdevice.tan(x)
+
+    @triton.jit
+    def atan2(y, x):
+        return libdevice.atan2(y, x)
+
+    @triton.jit
+    def pow(x, y):
+        return libdevice.pow(x, y)
+
+    @triton.jit
+    def nearbyint(x):
+        return libdevice.nearbyint(x)
+
+    @triton.jit
+    def trunc(x):
+        return libdevice.trunc(x)
+
     dot = tl.dot
 else:
     from triton.runtime.interpreter import TensorHandle
