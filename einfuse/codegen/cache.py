@@ -23,20 +23,22 @@ def cache_root() -> str:
 
 @lru_cache(maxsize=1)
 def versions() -> str:
-    """torch, triton and einfuse versions, and a hash of the code generator's own source: part of
-    every key, so an upgrade (or a local edit of codegen) never reuses stale kernels."""
+    """torch, triton and einfuse versions, and a hash of einfuse's own source: part of every key, so
+    an upgrade (or a local edit of lowering, passes or codegen) never reuses stale IR or kernels."""
     import torch
     import triton
 
     from .. import __version__
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
-    for name in sorted(os.listdir(here)):
-        if name.endswith(".py"):
-            with open(os.path.join(here, name), "rb") as f:
-                h.update(f.read())
-    return f"torch={torch.__version__};triton={triton.__version__};einfuse={__version__};codegen={h.hexdigest()[:12]}"
+    for folder, dirs, files in sorted(os.walk(package)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return f"torch={torch.__version__};triton={triton.__version__};einfuse={__version__};source={h.hexdigest()[:12]}"
 
 
 def key_of(*parts: str) -> str:
