@@ -9,7 +9,8 @@ import torch
 
 from ..ir.module import Module, Statement
 from .kernel import Mapping
-from .triton_gen import dot_parts, next_pow2
+from ..ir.contraction import contraction
+from .triton_gen import next_pow2
 
 MAX_TILE = 4096  # elements of a 2-D register tile (x 4 bytes / 128 threads = 32 registers per thread)
 
@@ -40,15 +41,10 @@ def choose(m: Module, s: Statement, block_mn: int = 64, block_k: int = 32) -> Ma
     if s.reduce is None:
         return Mapping("map", rows=tuple(out), tiles=(("BLOCK", _clamp_pow2(numel(out), 16, 1024)),))
     types = m.types()
-    parts = dot_parts(s, lambda n: types[n].dtype)
+    parts = contraction(s, lambda n: types[n].dtype)
     red = tuple(r for r, _ in s.reduce.ranks)
     if parts is not None:
-        from ..ir.expr import index_symbols
-
-        sa, sb = index_symbols(parts.a), index_symbols(parts.b)
-        M = tuple(r for r in out if r in sa and r not in sb)
-        N = tuple(r for r in out if r in sb and r not in sa)
-        B = tuple(r for r in out if r not in M and r not in N)
+        M, N, B = parts.m, parts.n, parts.batch
         if M and N:
             bm = _clamp_pow2(numel(M), 16, block_mn)
             bn = _clamp_pow2(numel(N), 16, block_mn)

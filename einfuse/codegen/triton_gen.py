@@ -14,6 +14,7 @@ from sympy.printing.str import StrPrinter
 
 from ..ir import dtypes as dt
 from ..ir import index as ix
+from ..ir.contraction import contraction
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, index_symbols
 from ..ir.module import Module, Statement
 from ..ir.ops import MAP_OPS, REDUCE_OPS, infer
@@ -387,7 +388,7 @@ class KernelGen:
         return lines, [ix.FloorDiv(self.numel(rows) + dict(mp.tiles)["BLOCK_M"] - 1, dict(mp.tiles)["BLOCK_M"])]
 
     def gen_dot(self, mp: Mapping):
-        parts = dot_parts(self.s, self.dtype_of)
+        parts = contraction(self.s, self.dtype_of)
         M, N, K, B = list(mp.rows), list(mp.cols), list(mp.red), list(mp.batch)
         names = {**self.rank_names(M), **self.rank_names(N), **self.rank_names(B)}
         ka, kb = self.rank_names(K, "_a"), self.rank_names(K, "_b")
@@ -486,55 +487,3 @@ def _reduce_parts(op: str, d: dt.DType):
     if op == "min":
         return acc_t, big, "tl.minimum({0}, {1})", "tl.min({0}, axis=1, keep_dims=True)"
     raise NotImplementedError(f"reduce operator {op!r} has no Triton form")
-
-
-class DotParts:
-    """A contraction `sum_K A * B` with epilogue factors: operands, their type, and the post-ops."""
-
-    def __init__(self, a, b, operand, int8, post):
-        self.a, self.b, self.operand, self.int8, self.post = a, b, operand, int8, post
-
-
-def _mul_factors(e: Expr) -> list:
-    if isinstance(e, Call) and e.op == "mul":
-        return _mul_factors(e.args[0]) + _mul_factors(e.args[1])
-    return [e]
-
-
-def _narrow_operand(e: Expr, dtype_of):
-    """`f32(x)` of a 16-bit float, or `i32(x)` of an i8, feeds the tensor core in x's own type."""
-    if isinstance(e, Call) and e.op == "cast":
-        inner = infer(e.args[0], dtype_of)[0]
-        if e.attr == dt.f32 and inner in (dt.bf16, dt.f16):
-            return e.args[0], inner
-        if e.attr == dt.i32 and inner in (dt.i8,):
-            return e.args[0], inner
-    return e, infer(e, dtype_of)[0]
-
-
-def dot_parts(s: Statement, dtype_of) -> DotParts | None:
-    """Recognize `sum[K] A(M, K) * B(K, N) [* / epilogue(M, N)]`; None when the statement is not one."""
-    if s.reduce is None or s.reduce.op != "sum" or s.iterate is not None:
-        return None
-    red = {r for r, _ in s.reduce.ranks}
-    e, post = s.expr, []
-    while isinstance(e, Call) and e.op in ("mul", "div"):
-        a, b = e.args
-        if not (index_symbols(b) & red):
-            post.append((e.op, b))
-            e = a
-        elif e.op == "mul" and not (index_symbols(a) & red):
-            post.append(("mul", a))
-            e = b
-        else:
-            break
-    factors = _mul_factors(e)
-    inner = [f for f in factors if index_symbols(f) & red]
-    outer = [f for f in factors if not (index_symbols(f) & red)]
-    if len(inner) != 2:
-        return None
-    (a, ta), (b, tb) = (_narrow_operand(f, dtype_of) for f in inner)
-    if ta != tb or not (ta.is_float or ta == dt.i8):
-        return None
-    post = [("mul", f) for f in outer] + post[::-1]
-    return DotParts(a, b, ta, ta == dt.i8, post)

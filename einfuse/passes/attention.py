@@ -1,0 +1,301 @@
+"""FuseMax attention: find the 3-pass softmax-attention cascade however a model wrote it, and rewrite it
+into FuseMax's 1-pass cascade over an iterative rank (running max, denominator and numerator).
+
+3-pass (what lowering produces from SDPA, or from matmul -> scale -> mask -> softmax -> matmul):
+    qk[.., p, m] = sum[e] Q * K              mx[.., p] = max[m] S(qk)
+    ex[.., p, m] = exp(S(qk) - mx)            sm[.., p] = sum[m] ex
+    av[.., p, f] = sum[m] ex * V / sm
+S is whatever map the model applies to the scores (scale, causal/padding/sliding-window masks, sinks,
+ALiBi biases, soft-capping); V's index carries GQA's head sharing. With m = m1*M0 + m0:
+    lm[.., p, m1] = max[m0] S                            rm[.., p, m1+1] = max(rm[m1], lm[m1])    init -inf
+    sln[.., p, m1, m0] = exp(S - rm[m1+1])               prm[.., p, m1] = exp(rm[m1] - rm[m1+1])
+    sld[.., p, m1] = sum[m0] sln                         rd[.., p, m1+1] = prm*rd[m1] + sld         init 0
+    slnv[.., p, m1, f] = sum[m0] sln * V                 rnv[.., p, f, m1+1] = prm*rnv[m1] + slnv   init 0
+    av[.., p, f] = rnv[M1] / rd[M1]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+
+from ..ir import dtypes as dt
+from ..ir import index as ix
+from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, substitute
+from ..ir.module import Iterate, Module, Reduce, Statement, TensorType
+from ..ir.ops import infer
+from .base import Pass
+from .cascade import is_map, monomial, passes_over, read_through
+
+NEG_INF = Const(-math.inf)
+
+
+@dataclass
+class Cascade:
+    """A matched 3-pass attention, described in the ranks of its output statement `av`."""
+
+    qk: Statement
+    mx: Statement
+    sm: Statement
+    av: Statement
+    ex: Statement | None  # the exp statement, when lowering left it as one
+    key: sympy.Symbol  # av's reduced rank (the key axis)
+    lead: list  # av's ranks shared by scores and values (batch, heads)
+    p: sympy.Symbol  # av's query rank
+    f: sympy.Symbol  # av's value-feature rank
+    score: Expr  # S, reading qk, in av's ranks
+    value: Expr  # V, in av's ranks
+    safe: bool  # an all-masked query gives 0 (torch's SDPA) rather than NaN
+
+    @property
+    def statements(self) -> list[str]:
+        return [s.name for s in (self.qk, self.mx, self.ex, self.sm, self.av) if s is not None]
+
+    def key_ranks(self) -> dict:
+        """Each statement's ranks along the key axis, for `passes_over`."""
+        out = {self.qk.name: {self.qk.index[-1]}, self.mx.name: {r for r, _ in self.mx.reduce.ranks},
+               self.sm.name: {r for r, _ in self.sm.reduce.ranks}, self.av.name: {self.key}}
+        if self.ex is not None:
+            out[self.ex.name] = {p for p in self.ex.index[-1:]}
+        return out
+
+
+def _is_contraction(s) -> bool:
+    return isinstance(s, Statement) and s.reduce is not None and s.reduce.op == "sum" and s.iterate is None
+
+
+def _reads(e: Expr, name: str) -> list[Access]:
+    return [a for a in accesses(e) if a.tensor == name]
+
+
+def _in_ranks_of(s: Statement, access: Access, inner: dict) -> Expr:
+    """`s`'s expression as seen from `access` (its output ranks replaced by the access positions)."""
+    return substitute(s.expr, {**dict(zip(s.index, access.indices)), **inner})
+
+
+def _unsafe(e: Expr) -> tuple[Expr, bool]:
+    """where(x == -inf, 0, x) -> (x, True); anything else -> (e, False)."""
+    if (isinstance(e, Call) and e.op == "where" and isinstance(e.args[0], Call) and e.args[0].op == "eq"
+            and e.args[0].args[1] == NEG_INF and e.args[2] == e.args[0].args[0] and e.args[1] == Const(0.0)):
+        return e.args[2], True
+    return e, False
+
+
+def match(m: Module, av: Statement) -> Cascade | None:
+    """The cascade ending in `av`, or None."""
+    if not _is_contraction(av) or len(av.reduce.ranks) != 1:
+        return None
+    prod = m.producers()
+    key = av.reduce.ranks[0][0]
+    num, den = monomial(read_through(av.expr, prod))
+    if len(den) != 1:
+        return None
+    g, safe_den = den[0], False
+    if isinstance(g, Call) and g.op == "max" and g.args[1] == Const(1.0):
+        g, safe_den = g.args[0], True
+    if not isinstance(g, Access) or not _is_contraction(prod.get(g.tensor)):
+        return None
+    sm = prod[g.tensor]
+    exps = [f for f in num if isinstance(f, Call) and f.op == "exp"]
+    if len(exps) != 1:
+        return None
+    e = exps[0]
+    vfactors = [f for f in num if f is not e]
+    arg = e.args[0]
+    if not (isinstance(arg, Call) and arg.op == "sub"):
+        return None
+    score, shift = arg.args
+    mx_access, safe_shift = _unsafe(shift)
+    if not isinstance(mx_access, Access):
+        return None
+    mx = prod.get(mx_access.tensor)
+    if not (isinstance(mx, Statement) and mx.reduce and mx.reduce.op == "max" and len(mx.reduce.ranks) == 1):
+        return None
+    qks = {a.tensor for a in accesses(score)} & {n for n, s in prod.items() if _is_contraction(s)}
+    if len(qks) != 1:
+        return None
+    qk = prod[qks.pop()]
+    # the max and the sum must range over the same scores S
+    if read_through(_in_ranks_of(mx, mx_access, {mx.reduce.ranks[0][0]: key}), prod) != score:
+        return None
+    sm_body = read_through(_in_ranks_of(sm, g, {sm.reduce.ranks[0][0]: key}), prod)
+    if sm_body != e:
+        return None
+    if any(_reads(f, qk.name) or _reads(f, mx.name) or _reads(f, sm.name) for f in vfactors) or not vfactors:
+        return None
+    value = vfactors[0]
+    for f in vfactors[1:]:
+        value = Call("mul", (value, f))
+    out = [r for r in av.index]
+    in_s, in_v = index_symbols(score), index_symbols(value)
+    ps = [r for r in out if r in in_s and r not in in_v]
+    fs = [r for r in out if r in in_v and r not in in_s]
+    lead = [r for r in out if r not in ps and r not in fs]
+    if len(ps) != 1 or len(fs) != 1 or key not in in_v or key not in in_s:
+        return None
+    shared = {a.tensor for a in accesses(av.expr)} & {a.tensor for a in accesses(sm.expr)}
+    ex = next((prod[t] for t in shared if is_map(prod[t])), None)
+    return Cascade(qk, mx, sm, av, ex, key, lead, ps[0], fs[0], score, value, safe_den or safe_shift)
+
+
+def find(m: Module) -> list[Cascade]:
+    """Every 3-pass attention cascade in the module."""
+    return [c for c in (match(m, s) for s in m.statements) if c is not None]
+
+
+# ---------------------------------------------------------------- the 1-pass rewrite
+
+def _fresh(m: Module, base: str) -> str:
+    taken = set(m.types())
+    name, n = base, 1
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def _rank(avoid: set, base: str) -> sympy.Symbol:
+    name, n = base, 1
+    while ix.rank(name) in avoid:
+        name, n = f"{base}_{n}", n + 1
+    return ix.rank(name)
+
+
+@dataclass
+class OnePass:
+    """Names of the statements of a rewritten cascade, in order (the attention kernel group)."""
+
+    qk: str
+    lm: str
+    rm: str
+    sln: str
+    prm: str
+    sld: str
+    rd: str
+    slnv: str
+    rnv: str
+    av: str
+    m1: sympy.Symbol
+    m0: sympy.Symbol
+    tile: int
+
+    @property
+    def members(self) -> list[str]:
+        return [self.qk, self.lm, self.rm, self.sln, self.prm, self.sld, self.rd, self.slnv, self.rnv, self.av]
+
+
+def rewrite_one_pass(m: Module, c: Cascade, tile: int = 64) -> tuple[Module, OnePass]:
+    """Replace the cascade's max/exp/sum/normalize statements by FuseMax's 1-pass cascade."""
+    ext = c.av.ranks()
+    n = sympy.sympify(ext[c.key])
+    tile = min(tile, max(16, 1 << max(0, (int(n) - 1).bit_length()))) if n.is_Integer else tile
+    m1n = ix.FloorDiv(n + tile - 1, tile) if not n.is_Integer else sympy.Integer(-(-int(n) // tile))
+    used = set(ext) | {c.key}
+    m1, m0 = _rank(used, "m1"), _rank(used, "m0")
+    kk = tile * m1 + m0
+    ragged = not (n.is_Integer and int(n) % tile == 0)
+    types = m.types()
+    acc = infer(c.score, lambda t: types[t].dtype)[0]
+    S = substitute(c.score, {c.key: kk})
+    V = substitute(c.value, {c.key: kk})
+
+    def valid(e: Expr, other: Expr) -> Expr:
+        return Call("where", (Call("lt", (IndexValue(kk), IndexValue(n))), e, other)) if ragged else e
+
+    lead = list(c.lead) + [c.p]
+    lead_ext = [ext[r] for r in lead]
+    f, fx = c.f, ext[c.f]
+    names = {k: _fresh(m, f"{c.av.name}_{k}") for k in ("lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")}
+
+    def at(name, *extra):
+        return Access(names[name], tuple(lead) + tuple(extra))
+
+    def typ(*extra):
+        return TensorType(acc, tuple(lead_ext) + tuple(extra))
+
+    def isinf(e):
+        return Call("eq", (e, NEG_INF))
+
+    zero = Const(0.0)
+    loc = c.av.loc
+    rm_prev, rm_next = at("rm", m1), at("rm", m1 + 1)
+    new = [
+        Statement(names["lm"], typ(m1n), tuple(lead) + (m1,), valid(S, NEG_INF),
+                  Reduce("max", ((m0, sympy.Integer(tile)),)), loc=loc),
+        Statement(names["rm"], typ(m1n + 1), tuple(lead) + (m1 + 1,), Call("max", (rm_prev, at("lm", m1))),
+                  iterate=Iterate(m1, m1n, NEG_INF), loc=loc),
+        Statement(names["sln"], typ(m1n, tile), tuple(lead) + (m1, m0), Call("where", (
+            isinf(rm_next), zero, valid(Call("exp", (Call("sub", (S, rm_next)),)), zero))), loc=loc),
+        Statement(names["prm"], typ(m1n), tuple(lead) + (m1,), Call("where", (
+            isinf(rm_prev), zero, Call("exp", (Call("sub", (rm_prev, rm_next)),)))), loc=loc),
+        Statement(names["sld"], typ(m1n), tuple(lead) + (m1,), at("sln", m1, m0),
+                  Reduce("sum", ((m0, sympy.Integer(tile)),)), loc=loc),
+        Statement(names["rd"], typ(m1n + 1), tuple(lead) + (m1 + 1,), Call("add", (
+            Call("mul", (at("prm", m1), at("rd", m1))), at("sld", m1))), iterate=Iterate(m1, m1n, Const(0.0)), loc=loc),
+        Statement(names["slnv"], typ(m1n, fx), tuple(lead) + (m1, f), Call("mul", (
+            at("sln", m1, m0), valid(V, zero))), Reduce("sum", ((m0, sympy.Integer(tile)),)), loc=loc),
+        Statement(names["rnv"], typ(fx, m1n + 1), tuple(lead) + (f, m1 + 1), Call("add", (
+            Call("mul", (at("prm", m1), at("rnv", f, m1))), at("slnv", m1, f))),
+            iterate=Iterate(m1, m1n, Const(0.0)), loc=loc),
+    ]
+    rd_final = at("rd", m1n)
+    den = Call("max", (rd_final, Const(1.0))) if c.safe else rd_final
+    out = Call("div", (at("rnv", f, m1n), den))
+    if c.av.type.dtype != acc:
+        out = Call("cast", (out,), c.av.type.dtype)
+    av = Statement(c.av.name, c.av.type, c.av.index, out, loc=c.av.loc)
+    body = []
+    for op in m.body:
+        if op is c.av:
+            body += new + [av]
+        else:
+            body.append(op)
+    one = OnePass(c.qk.name, names["lm"], names["rm"], names["sln"], names["prm"], names["sld"], names["rd"],
+                  names["slnv"], names["rnv"], c.av.name, m1, m0, tile)
+    return m.replace(body=tuple(body)), one
+
+
+def one_pass_key_ranks(m: Module, one: OnePass) -> dict:
+    """Key-axis ranks of a rewritten cascade's statements, for `passes_over` (it comes out 1)."""
+    prod = m.producers()
+    k = {one.m1, one.m0}
+    out = {one.qk: {prod[one.qk].index[-1]}}
+    out.update({n: k for n in one.members[1:-1]})
+    out[one.av] = set()
+    return out
+
+
+def report(m: Module) -> list[tuple[str, int]]:
+    """(output statement, FuseMax pass count over the key axis) for every attention cascade."""
+    rows = [(c.av.name, passes_over(m, c.key_ranks())) for c in find(m)]
+    for g in getattr(m, "kernels", ()):
+        if g.kind == "attention":
+            one = one_pass_from_group(m, g)
+            rows.append((one.av, passes_over(m, one_pass_key_ranks(m, one))))
+    return rows
+
+
+def one_pass_from_group(m: Module, g) -> OnePass:
+    """The roles of an attention kernel group (its members are listed in OnePass order)."""
+    prod = m.producers()
+    rm = prod[g.members[2]]
+    lm = prod[g.members[1]]
+    return OnePass(*g.members, rm.iterate.rank, lm.reduce.ranks[0][0], int(lm.reduce.ranks[0][1]))
+
+
+class FuseAttention(Pass):
+    """Rewrites every 3-pass attention cascade to FuseMax's 1-pass form (`tile` keys per step)."""
+
+    name = "fuse_attention"
+
+    def __init__(self, tile: int = 64):
+        self.tile = tile
+
+    def run(self, m: Module) -> Module:
+        for c in find(m):
+            users = {u.outputs[0] for s in (c.qk, c.mx, c.sm) + ((c.ex,) if c.ex else ())
+                     for u in m.users().get(s.name, [])}
+            if users - set(c.statements) or c.qk.name in m.outputs or c.mx.name in m.outputs:
+                continue  # a cascade value is used elsewhere: it must be materialized, leave the cascade
+            m, _ = rewrite_one_pass(m, c, self.tile)
+        return m
