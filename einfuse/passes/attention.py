@@ -23,7 +23,7 @@ import sympy
 from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, substitute
-from ..ir.module import Iterate, Module, Reduce, Statement, TensorType
+from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
 from .base import Pass
 from .cascade import is_map, monomial, passes_over, read_through
@@ -297,5 +297,7 @@ class FuseAttention(Pass):
                      for u in m.users().get(s.name, [])}
             if users - set(c.statements) or c.qk.name in m.outputs or c.mx.name in m.outputs:
                 continue  # a cascade value is used elsewhere: it must be materialized, leave the cascade
-            m, _ = rewrite_one_pass(m, c, self.tile)
+            m, one = rewrite_one_pass(m, c, self.tile)
+            group = Kernel(f"attn_{one.av}", "attention", tuple(one.members), (("tile", one.tile),))
+            m = m.replace(kernels=m.kernels + (group,))
         return m

@@ -54,7 +54,8 @@ def passes_over(m: Module, key: dict) -> int:
         for a in (n for n in accesses(s.expr) if n.tensor in level):
             t = prod[a.tensor]
             along = key[a.tensor]
-            complete = bool(t.reduce and {r for r, _ in t.reduce.ranks} & along)
+            # complete: the producer reduced the axis away (not just its inner part, as a tile's max does)
+            complete = bool(t.reduce and {r for r, _ in t.reduce.ranks} & along and not set(t.output_ranks()) & along)
             if t.iterate is not None and t.iterate.rank in along:
                 complete = complete or _reads_final(t, a)
             here = max(here, level[a.tensor] + (1 if complete and touches else 0))
