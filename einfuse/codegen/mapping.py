@@ -29,8 +29,10 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, next_pow2(n)))
 
 
-def choose(m: Module, s: Statement, block_mn: int = 64, block_k: int = 32) -> Mapping:
-    """The default mapping of one statement."""
+def choose(m: Module, s: Statement, block_mn: int = 64, block_k: int | None = None) -> Mapping:
+    """The default mapping of one statement. A contraction's K tile is 64 on tensor cores (half the
+    loop trips of 32, which the interpreter runs one by one) and 32 for IEEE f32, whose FMA loop keeps
+    both operand tiles in registers and spills at 64."""
     hints = {k: int(v) for k, v in m.size_hints}
     ext = s.ranks()
     out = [p for p in s.index if isinstance(p, sympy.Symbol)]
@@ -48,8 +50,8 @@ def choose(m: Module, s: Statement, block_mn: int = 64, block_k: int = 32) -> Ma
         if M and N:
             bm = _clamp_pow2(numel(M), 16, block_mn)
             bn = _clamp_pow2(numel(N), 16, block_mn)
-            bk = _clamp_pow2(numel(red), 16, block_k)
             prec = float32_precision() if parts.operand.name == "f32" else ""
+            bk = _clamp_pow2(numel(red), 16, block_k or (32 if prec == "ieee" or parts.operand.name == "f64" else 64))
             return Mapping("dot", rows=M, cols=N, red=red, batch=B,
                            tiles=(("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)), input_precision=prec)
     br = _clamp_pow2(numel(red), 16, 1024)
@@ -61,5 +63,6 @@ def candidates(m: Module, s: Statement) -> list[Mapping]:
     """A small autotuning space for CUDA: the default and a few tile variants."""
     base = choose(m, s)
     if base.kind == "dot":
-        return [choose(m, s, mn, k) for mn, k in ((64, 32), (128, 32), (64, 64), (32, 32))]
+        variants = [choose(m, s, mn, k) for mn, k in ((64, 32), (128, 32), (64, 64), (32, 32))]
+        return [base] + list(dict.fromkeys(v for v in variants if v != base))
     return [base]

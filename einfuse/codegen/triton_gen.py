@@ -8,6 +8,8 @@ computes their transcendental functions in f32 anyway); a `bf16(x)` cast in the 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 
 import sympy
 from sympy.printing.str import StrPrinter
@@ -25,7 +27,8 @@ TL = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl
       "f8e4m3": "tl.float8e4nv", "f8e5m2": "tl.float8e5", "i64": "tl.int64", "i32": "tl.int32",
       "i16": "tl.int16", "i8": "tl.int8", "u8": "tl.uint8", "bool": "tl.int1", "i4": "tl.int8", "u4": "tl.uint8"}
 RESERVED = {"pid", "pid_b", "pid_m", "pid_n", "offs", "rows", "cols", "rem", "acc", "carry", "valid", "tl", "triton",
-            "libm", "rmask", "cmask", "mmask", "nmask", "num_n", "k0", "r0", "res", "x"}
+            "libm", "rmask", "cmask", "mmask", "nmask", "num_n", "k0", "r0", "res", "x", "a", "b", "rm", "rn", "rc",
+            "ka", "kb", "rka", "rkb", "kmask_a", "kmask_b"}
 
 # Triton forms of map operators; `{0}`, `{1}` are operand names. Operators not here use MapOp.triton.
 TRITON_OPS = {
@@ -112,11 +115,18 @@ def strides(shape) -> list:
 class Body:
     """Emits the code computing one expression inside a tile scope (ranks bound to Triton variables)."""
 
-    def __init__(self, gen: "KernelGen", ranks: dict, masks: dict, rng: dict, indent: str):
+    def __init__(self, gen: "KernelGen", ranks: dict, masks: dict, rng: dict, indent: str,
+                 hoist: "Body | None" = None, variant=(), flats=()):
         self.gen, self.ranks, self.masks, self.rng, self.indent = gen, ranks, masks, rng, indent
+        self.flats = list(flats)  # (linear form over ranks, its variable, fastest rank): see reuse_flat
         self.lines: list[str] = []
         self.memo: dict = {}
         self.self_value: tuple | None = None  # (name, value code) of an iterative statement's carry
+        # Loop-invariant code motion: inside a loop over the ranks `variant`, whatever does not depend
+        # on them is computed once by `hoist`, the scope before the loop (fewer operations per
+        # iteration; the interpreter runs every one of them in Python).
+        self.hoist, self.variant = hoist, frozenset(variant)
+        self.zero_where: dict = {}  # value code -> masks under which it is 0 (a masked load, other=0)
 
     def emit(self, code: str, hint: str = "v") -> str:
         name = self.gen.fresh(hint)
@@ -124,17 +134,18 @@ class Body:
         return name
 
     def index(self, e) -> str:
-        return _TritonIndex({**self.ranks, **self.gen.size_names}).doprint(sympy.sympify(e))
-
-    def mask_for(self, syms) -> str | None:
-        parts = sorted({self.masks[s] for s in syms if s in self.masks})
-        return " & ".join(parts) if parts else None
+        e = sympy.sympify(e)
+        self.gen.used_sizes |= e.free_symbols  # a size named in the code is a kernel argument
+        return _TritonIndex({**self.ranks, **self.gen.size_names}).doprint(e)
 
     def value(self, e: Expr) -> tuple[str, dt.DType]:
         """(code, IR dtype); the code holds the value in compute_dtype."""
         key = e
         if key in self.memo:
             return self.memo[key]
+        if self.hoist is not None and not (index_symbols(e) & self.variant) and self.self_value is None:
+            out = self.memo[key] = self.hoist.value(e)
+            return out
         out = self._value(e)
         self.memo[key] = out
         return out
@@ -216,22 +227,55 @@ class Body:
                 c = self.index(p)
                 conds.append(f"({c} >= 0) & ({c} < {self.index(n)})")
         if all(not isinstance(p, Expr) for p in pos):
-            offset = self.index(sympy.expand(sum((p * s for p, s in zip(pos, strides(shape))), sympy.Integer(0))))
+            flat = sympy.expand(sum((p * s for p, s in zip(pos, strides(shape))), sympy.Integer(0)))
+            ptr, flat = self.hoisted_base(a.tensor, ptr, flat)
+            offset = self.index(self.reuse_flat(flat))
         else:
             offset = " + ".join(f"({self.position_code(p)}) * ({self.index(s)})" for p, s in zip(pos, strides(shape))) or "0"
-        mask = self.mask_for(syms)
-        mask = " & ".join(x for x in [mask] + conds if x) or None
+        masks = sorted({self.masks[s] for s in syms if s in self.masks})
+        mask = " & ".join(masks + conds) or None
         code = f"tl.load({ptr} + ({offset})" + (f", mask={mask}, other=0)" if mask else ")")
         cd = compute_dtype(d)
         if nibble is not None:
             code = f"(({code}) >> (4 * ({nibble}))) & 15"
             if d.signed:
                 name = self.emit(f"({code}).to(tl.int8)", hint=a.tensor)
-                return self.emit(f"tl.where({name} >= 8, {name} - 16, {name})", hint=a.tensor), dt.i8
-            return self.emit(f"({code}).to(tl.uint8)", hint=a.tensor), dt.u8
-        if cd != d:
-            code = f"{code}.to({TL[cd.name]})"
-        return self.emit(code, hint=a.tensor), d
+                out = self.emit(f"tl.where({name} >= 8, {name} - 16, {name})", hint=a.tensor), dt.i8
+            else:
+                out = self.emit(f"({code}).to(tl.uint8)", hint=a.tensor), dt.u8
+        else:
+            out = self.emit(f"{code}.to({TL[cd.name]})" if cd != d else code, hint=a.tensor), d
+        self.zero_where[out[0]] = set(masks)  # every step above maps the masked-off 0 to 0
+        return out
+
+    def hoisted_base(self, tensor: str, ptr: str, flat) -> tuple[str, sympy.Expr]:
+        """Split a flat offset into loop-invariant terms, added to the pointer once before the loop,
+        and the rest: (pointer code, remaining offset)."""
+        if self.hoist is None:
+            return ptr, flat
+        terms = sympy.Add.make_args(flat)
+        fixed = [t for t in terms if not (t.free_symbols & self.variant)]
+        if not fixed or len(fixed) == len(terms):
+            return ptr, flat
+        key = ("base", tensor, sympy.Add(*fixed))
+        if key not in self.hoist.memo:
+            offset = self.hoist.index(self.hoist.reuse_flat(key[2]))
+            self.hoist.memo[key] = self.hoist.emit(f"{ptr} + ({offset})", f"{tensor}_base")
+        return self.hoist.memo[key], sympy.Add(*[t for t in terms if t.free_symbols & self.variant])
+
+    def reuse_flat(self, off):
+        """`c * flat + rest` for an offset that contains a multiple of a flat index the ranks were
+        delinearized from (an access in the output's own layout, or broadcast along its fastest ranks):
+        the flat variable itself instead of re-linearizing the ranks."""
+        for form, var, fastest in self.flats:
+            c = off.coeff(fastest)
+            ranks = form.free_symbols & set(self.gen.s.ranks())
+            if c == 0 or c.free_symbols & ranks:
+                continue
+            rest = sympy.expand(off - c * form)
+            if not (rest.free_symbols & ranks):
+                return c * sympy.Symbol(var) + rest
+        return off
 
 
 class KernelGen:
@@ -291,6 +335,23 @@ class KernelGen:
                 rem = nxt
         return lines
 
+    def flats(self, flat: str, ranks: list, names: dict) -> list:
+        """The linear forms `delinearize` splits: `flat` over all its ranks, then each `rem_` variable
+        over the ranks left of it; for Body.reuse_flat. Longest first."""
+        extents = self.s.ranks()
+        live = [r for r in ranks if extents[r] != 1]
+        out, var = [], flat
+        for n in range(len(live), 1, -1):
+            part = live[:n]
+            form = sympy.expand(sum(r * st for r, st in zip(part, strides([extents[r] for r in part]))))
+            out.append((form, var, part[-1]))
+            var = f"rem_{names[part[-1]]}"
+        return out
+
+    def ragged(self, ranks, block: int) -> bool:
+        """Whether the last tile over `ranks` runs past their extent and so needs a mask."""
+        return sympy.Mod(self.numel(ranks), block) != 0
+
     def numel(self, ranks) -> sympy.Expr:
         extents = self.s.ranks()
         return sympy.Mul(*[extents[r] for r in ranks]) if ranks else sympy.Integer(1)
@@ -337,21 +398,23 @@ class KernelGen:
         ]
         if ", _mul," in "\n".join(body):
             header[-4:-4] = ["@triton.jit", "def _mul(a, b):", "    return a * b", "", ""]
-        src = "\n".join(header + body) + "\n"
+        src = "\n".join(header + _drop_unused(body)) + "\n"
         return KernelSpec(self.kname, (self.s.name,), (self.s.name,), src, args, dict(mapping.tiles), grid, mapping)
 
     def gen_map(self, mp: Mapping):
         ranks = list(mp.rows)
         names = self.rank_names(ranks)
         total = self.numel(ranks)
+        ragged = self.ragged(ranks, mp.tiles[0][1])
         lines = ["    pid = tl.program_id(0)",
-                 "    offs = pid * BLOCK + tl.arange(0, BLOCK)",
-                 f"    valid = offs < {self.ext(total)}"]
+                 "    offs = pid * BLOCK + tl.arange(0, BLOCK)"] + [f"    valid = offs < {self.ext(total)}"] * ragged
         lines += self.delinearize("offs", ranks, names, "    ")
-        b = Body(self, names, {r: "valid" for r in ranks}, self.ranges(), "    ")
+        b = Body(self, names, {r: "valid" for r in ranks if ragged}, self.ranges(), "    ",
+                 flats=self.flats("offs", ranks, names))
         code, d = b.value(self.s.expr)
         lines += b.lines
-        lines.append(f"    tl.store({self.pointer(self.s.name)} + offs, {self.store_cast(code, d)}, mask=valid)")
+        lines.append(f"    tl.store({self.pointer(self.s.name)} + offs, {self.store_cast(code, d)}"
+                     f"{', mask=valid' if ragged else ''})")
         return lines, [ix.FloorDiv(total + mp.tiles[0][1] - 1, mp.tiles[0][1])]
 
     def store_cast(self, code: str, d: dt.DType) -> str:
@@ -364,27 +427,37 @@ class KernelGen:
         op = REDUCE_OPS[self.s.reduce.op]
         expr_dtype = infer(self.s.expr, self.dtype_of)[0]
         acc_t, ident, combine, final = _reduce_parts(op.name, expr_dtype)
+        tiles = dict(mp.tiles)
+        r_ragged, c_ragged = self.ragged(rows, tiles["BLOCK_M"]), self.ragged(red, tiles["BLOCK_R"])
         lines = ["    pid = tl.program_id(0)",
-                 "    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]",
-                 f"    rmask = rows < {self.ext(self.numel(rows))}"]
+                 "    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]"]
+        lines += [f"    rmask = rows < {self.ext(self.numel(rows))}"] * r_ragged
         lines += self.delinearize("rows", rows, names, "    ")
         lines += [f"    acc = tl.full([BLOCK_M, BLOCK_R], {ident}, {acc_t})",
-                  f"    for r0 in range(0, {self.ext(self.numel(red))}, BLOCK_R):",
-                  "        cols = r0 + tl.arange(0, BLOCK_R)[None, :]",
-                  f"        cmask = cols < {self.ext(self.numel(red))}"]
-        lines += self.delinearize("cols", red, names, "        ")
-        masks = {**{r: "rmask" for r in rows}, **{r: "cmask" for r in red}}
-        b = Body(self, names, masks, self.ranges(), "        ")
+                  "    rc = tl.arange(0, BLOCK_R)[None, :]"]
+        loop = [f"    for r0 in range(0, {self.ext(self.numel(red))}, BLOCK_R):",
+                "        cols = r0 + rc"] + [f"        cmask = cols < {self.ext(self.numel(red))}"] * c_ragged
+        loop += self.delinearize("cols", red, names, "        ")
+        outer = {r: "rmask" for r in rows if r_ragged}
+        row_flats = self.flats("rows", rows, names)
+        pre = Body(self, names, outer, self.ranges(), "    ", flats=row_flats)
+        b = Body(self, names, {**outer, **{r: "cmask" for r in red if c_ragged}}, self.ranges(), "        ", pre, red,
+                 self.flats("cols", red, names) + row_flats)
         code, d = b.value(self.s.expr)
-        lines += b.lines
-        conv = f"tl.cast({code} != 0, {acc_t})" if op.name in ("any", "all") else f"tl.cast({code}, {acc_t})"
-        lines.append(f"        x = tl.where(rmask & cmask, {conv}, {ident})")
+        lines += pre.lines + loop + b.lines
+        if op.name in ("any", "all"):
+            conv = f"tl.cast({code} != 0, {acc_t})"
+        else:
+            conv = code if TL[compute_dtype(d).name] == acc_t else f"tl.cast({code}, {acc_t})"
+        # columns past the end hold the identity; rows past the end are never stored
+        lines.append(f"        x = tl.where(cmask, {conv}, {ident})" if c_ragged else f"        x = {conv}")
         lines.append(f"        acc = {combine.format('acc', 'x')}")
         lines.append(f"    res = {final.format('acc')}")
         res_d = dt.bool_ if op.name in ("any", "all") else expr_dtype
         if op.name in ("any", "all"):
             lines.append("    res = res != 0")
-        lines.append(f"    tl.store({self.pointer(self.s.name)} + rows, {self.store_cast('res', res_d)}, mask=rmask)")
+        lines.append(f"    tl.store({self.pointer(self.s.name)} + rows, {self.store_cast('res', res_d)}"
+                     f"{', mask=rmask' if r_ragged else ''})")
         return lines, [ix.FloorDiv(self.numel(rows) + dict(mp.tiles)["BLOCK_M"] - 1, dict(mp.tiles)["BLOCK_M"])]
 
     def gen_dot(self, mp: Mapping):
@@ -394,49 +467,62 @@ class KernelGen:
         ka, kb = self.rank_names(K, "_a"), self.rank_names(K, "_b")
         tiles = dict(mp.tiles)
         numM, numN, numK = (self.ext(self.numel(x)) for x in (M, N, K))
+        m_ragged, n_ragged, k_ragged = (self.ragged(x, tiles[t]) for x, t in
+                                        ((M, "BLOCK_M"), (N, "BLOCK_N"), (K, "BLOCK_K")))
         lines = ["    pid = tl.program_id(0)",
                  "    pid_b = tl.program_id(1)",
-                 f"    num_n = tl.cdiv({numN}, BLOCK_N)",
+                 f"    num_n = ({numN} + BLOCK_N - 1) // BLOCK_N",  # not tl.cdiv: a jit call, slow to interpret
                  "    pid_m = pid // num_n",
                  "    pid_n = pid % num_n"]
         lines += self.delinearize("pid_b", B, names, "    ")
-        lines += ["    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]", f"    mmask = rm < {numM}"]
+        lines += ["    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]"] + [f"    mmask = rm < {numM}"] * m_ragged
         lines += self.delinearize("rm", M, names, "    ")
-        lines += ["    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]", f"    nmask = rn < {numN}"]
+        lines += ["    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]"] + [f"    nmask = rn < {numN}"] * n_ragged
         lines += self.delinearize("rn", N, names, "    ")
         acc_t = "tl.int32" if parts.int8 else "tl.float32"
-        lines.append(f"    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype={acc_t})")
-        lines.append(f"    for k0 in range(0, {numK}, BLOCK_K):")
-        lines += ["        rka = k0 + tl.arange(0, BLOCK_K)[None, :]", f"        kmask_a = rka < {numK}"]
-        lines += self.delinearize("rka", K, ka, "        ")
-        lines += ["        rkb = k0 + tl.arange(0, BLOCK_K)[:, None]", f"        kmask_b = rkb < {numK}"]
-        lines += self.delinearize("rkb", K, kb, "        ")
+        lines += [f"    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype={acc_t})",
+                  "    ka = tl.arange(0, BLOCK_K)[None, :]",
+                  "    kb = tl.arange(0, BLOCK_K)[:, None]"]
+        loop = [f"    for k0 in range(0, {numK}, BLOCK_K):"]
+        loop += ["        rka = k0 + ka"] + [f"        kmask_a = rka < {numK}"] * k_ragged
+        loop += self.delinearize("rka", K, ka, "        ")
+        loop += ["        rkb = k0 + kb"] + [f"        kmask_b = rkb < {numK}"] * k_ragged
+        loop += self.delinearize("rkb", K, kb, "        ")
         rng = self.ranges()
-        masks_a = {**{r: "mmask" for r in M}, **{r: "kmask_a" for r in K}}
-        masks_b = {**{r: "nmask" for r in N}, **{r: "kmask_b" for r in K}}
-        ba = Body(self, {**names, **ka}, masks_a, rng, "        ")
+        outer = {**{r: "mmask" for r in M if m_ragged}, **{r: "nmask" for r in N if n_ragged}}
+        fl = self.flats("rm", M, names) + self.flats("rn", N, names) + self.flats("pid_b", B, names)
+        pre = Body(self, names, outer, rng, "    ", flats=fl)
+        ba = Body(self, {**names, **ka}, {**outer, **{r: "kmask_a" for r in K if k_ragged}}, rng, "        ", pre, K,
+                  self.flats("rka", K, ka) + fl)
         ca, _ = ba.value(parts.a)
-        lines += ba.lines
-        bb = Body(self, {**names, **kb}, masks_b, rng, "        ")
+        bb = Body(self, {**names, **kb}, {**outer, **{r: "kmask_b" for r in K if k_ragged}}, rng, "        ", pre, K,
+                  self.flats("rkb", K, kb) + fl)
         cb, _ = bb.value(parts.b)
-        lines += bb.lines
+        lines += pre.lines + loop + ba.lines + bb.lines
+        # Past the end of K both operands must be 0 (a masked load gives 0; a computed operand, e.g.
+        # exp(0), may not). Rows past M and columns past N are never stored, so need no zeroing.
         op_t = TL[parts.operand.name]
-        lines.append(f"        a = tl.where(mmask & kmask_a, {ca}, 0).to({op_t})")
-        lines.append(f"        b = tl.where(kmask_b & nmask, {cb}, 0).to({op_t})")
+        for name, value, body, kmask in (("a", ca, ba, "kmask_a"), ("b", cb, bb, "kmask_b")):
+            zeroed = k_ragged and kmask not in body.zero_where.get(value, ())
+            code = f"tl.where({kmask}, {value}, 0)" if zeroed else value
+            if zeroed or op_t != TL[compute_dtype(parts.operand).name]:
+                code = f"({code}).to({op_t})" if zeroed else f"{code}.to({op_t})"
+            lines.append(f"        {name} = {code}")
         if parts.int8:
             lines.append("        acc = libm.dot(a, b, acc, out_dtype=tl.int32)")
         elif parts.operand == dt.f32:
             lines.append(f'        acc = libm.dot(a, b, acc, input_precision="{mp.input_precision or "ieee"}")')
         else:
             lines.append("        acc = libm.dot(a, b, acc)")
-        be = Body(self, names, {**{r: "mmask" for r in M}, **{r: "nmask" for r in N}}, rng, "    ")
+        be = Body(self, names, outer, rng, "    ", flats=fl)
         res, res_d = "acc", dt.i32 if parts.int8 else dt.f32
         for op, y in parts.post:
             cy, _ = be.value(y)
             res = be.emit(f"{res} {'*' if op == 'mul' else '/'} {cy if cy.isidentifier() else f'({cy})'}", "res")
         lines += be.lines
+        mask = " & ".join(["mmask"] * m_ragged + ["nmask"] * n_ragged)
         lines.append(f"    tl.store({self.pointer(self.s.name)} + {self.store_offset(names)}, "
-                     f"{self.store_cast(res, res_d)}, mask=mmask & nmask)")
+                     f"{self.store_cast(res, res_d)}{f', mask={mask}' if mask else ''})")
         bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
         grid = [ix.FloorDiv(self.numel(M) + bm - 1, bm) * ix.FloorDiv(self.numel(N) + bn - 1, bn), self.numel(B)]
         return lines, grid
@@ -454,7 +540,8 @@ class KernelGen:
         lines.append(f"    carry = tl.full([BLOCK], {_literal(it.init.value)}, {TL[compute_dtype(d).name]})")
         lines.append(f"    tl.store({out} + {self.store_offset(names, '0')}, {self.store_cast('carry', compute_dtype(d))}, mask=valid)")
         lines.append(f"    for {names[it.rank]} in range(0, {self.ext(it.extent)}):")
-        b = Body(self, names, {r: "valid" for r in rows}, self.ranges(), "        ")
+        b = Body(self, names, {r: "valid" for r in rows}, self.ranges(), "        ",
+                 flats=self.flats("rows", rows, names))
         b.self_value = (self.s.name, "carry")
         code, vd = b.value(self.s.expr)
         lines += b.lines
@@ -463,6 +550,20 @@ class KernelGen:
                      f"{self.store_cast('carry', compute_dtype(d))}, mask=valid)")
         bl = dict(mp.tiles)["BLOCK"]
         return lines, [ix.FloorDiv(self.numel(rows) + bl - 1, bl)]
+
+
+_ASSIGN = re.compile(r"\s*([A-Za-z_]\w*) = ")
+
+
+def _drop_unused(lines: list) -> list:
+    """Without assignments to names nothing reads (ranks no access needs once flat indices are reused):
+    the interpreter would run them all."""
+    while True:
+        words = Counter(w for ln in lines for w in re.findall(r"[A-Za-z_]\w*", ln.split("#")[0]))
+        keep = [ln for ln in lines if not ((m := _ASSIGN.match(ln)) and words[m[1]] == 1)]
+        if len(keep) == len(lines):
+            return lines
+        lines = keep
 
 
 def _reduce_parts(op: str, d: dt.DType):
