@@ -13,3 +13,15 @@ def _reset_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def fresh_einfuse_cache(tmp_path_factory):
+    """An empty EINFUSE_CACHE_DIR for the whole test module (kernels, pipeline results, AOT checks):
+    tests never read a user's cache or one another module's. Yields the directory."""
+    path = tmp_path_factory.mktemp("einfuse_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EINFUSE_CACHE_DIR", str(path))
+        for var in ("EINFUSE_BACKEND", "EINFUSE_DUMP_DIR", "EINFUSE_CHECK"):
+            mp.delenv(var, raising=False)
+        yield path

@@ -84,6 +84,13 @@ class _TritonIndex(StrPrinter):
     def _print_Mod(self, e):
         return f"(({self._print(e.args[0])}) % ({self._print(e.args[1])}))"
 
+    def _print_Pow(self, e):
+        """`S**2` of a symbolic size: Triton tensors have no `**`, so a product."""
+        base, exp = e.args
+        if not (exp.is_Integer and exp > 0):
+            raise NotImplementedError(f"index power {e} has no Triton form")
+        return "(" + " * ".join([self.parenthesize(base, 100)] * int(exp)) + ")"
+
     def _print_Min(self, e):
         a, *rest = e.args
         return f"tl.minimum({self._print(a)}, {self._print(sympy.Min(*rest)) if len(rest) > 1 else self._print(rest[0])})"

@@ -9,6 +9,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import sympy
 import torch
 
@@ -120,7 +121,8 @@ class TritonRunner:
     cuda_graphs: bool = False  # replay the whole launch sequence as one CUDA graph (no opaque calls)
     steps: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-    allocations: list = field(default_factory=list)
+    allocations: list = field(default_factory=list)  # the pool's log of the last call
+    peak_bytes: int = 0  # bytes the pool held at the end of the last call (it only grows within a call)
     _graph: object = None
 
     def __post_init__(self):
@@ -175,16 +177,19 @@ class TritonRunner:
         pool = Pool(device)
         holders: dict = {}
         outputs = set(m.outputs)
-        for n, step in enumerate(self.steps):
-            if step.spec is None:
-                run_opaque(step.op, env, sizes)
-            else:
-                self._launch(step, env, pool, holders, outputs, int_sizes, device)
-            for name in self._last.get(n, ()):
-                env.pop(name, None)
-                if name in holders:
-                    pool.give_back(holders.pop(name))
-        self.allocations = pool.log
+        # Lanes outside a mask compute on zeros (rsqrt(0), x / 0) and are never stored; a GPU does that
+        # silently, the interpreter's numpy would warn.
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for n, step in enumerate(self.steps):
+                if step.spec is None:
+                    run_opaque(step.op, env, sizes)
+                else:
+                    self._launch(step, env, pool, holders, outputs, int_sizes, device)
+                for name in self._last.get(n, ()):
+                    env.pop(name, None)
+                    if name in holders:
+                        pool.give_back(holders.pop(name))
+        self.allocations, self.peak_bytes = pool.log, pool.peak_bytes
         return {o: env[o] for o in m.outputs}
 
     def _launch(self, step: Step, env, pool, holders, outputs, sizes, device):
