@@ -169,6 +169,8 @@ class CompiledModule(torch.nn.Module):
         spills, shared memory and tensor-core use per kernel."""
         from ..codegen.aot import check_gpu
 
+        if self._last.ir is None:
+            raise RuntimeError(f"no GPU check: the model runs in eager PyTorch ({self._last.fallback})")
         return check_gpu(self._triton_runner(self._last).specs, archs=archs, jobs=jobs)
 
     def __repr__(self) -> str:

@@ -43,6 +43,17 @@ def _skip_discarded_overflow_checks() -> None:
         builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
+def _own_outputs(op: Opaque, env: dict) -> None:
+    """Kernels index a tensor as contiguous row-major memory that nothing else writes, so an opaque
+    call's output that is a strided view, or shares storage with one of its inputs (whose pool buffer
+    is handed out again once that input dies), is copied."""
+    shared = {env[n].untyped_storage().data_ptr() for n in op.reads() if isinstance(env.get(n), torch.Tensor)}
+    for name in op.outputs:
+        t = env[name]
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() in shared:
+            env[name] = t.clone(memory_format=torch.contiguous_format)
+
+
 # ---------------------------------------------------------------- kernels: generate or load from cache
 
 def _spec_from_json(d: dict, source: str) -> KernelSpec:
@@ -183,6 +194,7 @@ class TritonRunner:
             for n, step in enumerate(self.steps):
                 if step.spec is None:
                     run_opaque(step.op, env, sizes)
+                    _own_outputs(step.op, env)
                 else:
                     self._launch(step, env, pool, holders, outputs, int_sizes, device)
                 for name in self._last.get(n, ()):
