@@ -41,7 +41,7 @@ def zoo() -> tm.Lazy:
 
 
 @pytest.fixture(scope="module")
-def on_triton(zoo) -> tm.Lazy:
+def on_triton(zoo, fresh_einfuse_cache) -> tm.Lazy:
     """Each model compiled once for the module by einfuse.compile with backend="triton"."""
     def make(name):
         case = zoo[name]

@@ -235,6 +235,7 @@ class Body:
                 conds.append(f"({c} >= 0) & ({c} < {self.index(n)})")
         if all(not isinstance(p, Expr) for p in pos):
             flat = sympy.expand(sum((p * s for p, s in zip(pos, strides(shape))), sympy.Integer(0)))
+            flat = flat.xreplace(self.gen.unit_ranks)  # a rank of extent 1 is always 0
             ptr, flat = self.hoisted_base(a.tensor, ptr, flat)
             offset = self.index(self.reuse_flat(flat))
         else:
@@ -296,6 +297,7 @@ class KernelGen:
         self.hints = {s: int(v) for s, v in module.size_hints}
         self.ptrs: dict[str, str] = {}
         self.used_sizes: set = set()
+        self.unit_ranks = {r: sympy.Integer(0) for r, n in stmt.ranks().items() if n == 1}
         self.counter = 0
         self.precision = precision
 
