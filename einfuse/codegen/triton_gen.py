@@ -17,7 +17,7 @@ from sympy.printing.str import StrPrinter
 from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.contraction import contraction
-from ..ir.expr import Access, Call, Const, Expr, IndexValue, index_symbols
+from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols
 from ..ir.module import Module, Statement
 from ..ir.ops import MAP_OPS, REDUCE_OPS, infer
 from ..ir.printer import fmt_statement
@@ -129,6 +129,7 @@ class Body:
         self.lines: list[str] = []
         self.memo: dict = {}
         self.self_value: tuple | None = None  # (name, value code) of an iterative statement's carry
+        self.reg = None  # Access -> code of a value a kernel group keeps in registers, or None
         # Loop-invariant code motion: inside a loop over the ranks `variant`, whatever does not depend
         # on them is computed once by `hoist`, the scope before the loop (fewer operations per
         # iteration; the interpreter runs every one of them in Python).
@@ -150,7 +151,8 @@ class Body:
         key = e
         if key in self.memo:
             return self.memo[key]
-        if self.hoist is not None and not (index_symbols(e) & self.variant) and self.self_value is None:
+        if (self.hoist is not None and not (index_symbols(e) & self.variant) and self.self_value is None
+                and not (self.reg is not None and any(self.reg(a) for a in accesses(e)))):
             out = self.memo[key] = self.hoist.value(e)
             return out
         out = self._value(e)
@@ -165,6 +167,9 @@ class Body:
         if isinstance(e, Access):
             if self.self_value is not None and e.tensor == self.self_value[0]:
                 return self.self_value[1], self.gen.types[e.tensor].dtype
+            held = self.reg(e) if self.reg is not None else None
+            if held is not None:
+                return held, self.gen.types[e.tensor].dtype
             return self.load(e)
         if isinstance(e, Call):
             return self.call(e)
@@ -277,7 +282,7 @@ class Body:
         the flat variable itself instead of re-linearizing the ranks."""
         for form, var, fastest in self.flats:
             c = off.coeff(fastest)
-            ranks = form.free_symbols & set(self.gen.s.ranks())
+            ranks = form.free_symbols & set(self.gen.extents)
             if c == 0 or c.free_symbols & ranks:
                 continue
             rest = sympy.expand(off - c * form)
@@ -291,6 +296,7 @@ class KernelGen:
 
     def __init__(self, module: Module, stmt: Statement, kname: str, line: int, precision: str = "ieee"):
         self.m, self.s, self.kname, self.line = module, stmt, kname, line
+        self.extents = dict(stmt.ranks())  # rank -> extent of every rank the kernel binds
         self.types = module.types()
         self.dtype_of = lambda n: self.types[n].dtype
         self.size_names = {s: str(s) for s in module.sizes}
@@ -298,6 +304,7 @@ class KernelGen:
         self.ptrs: dict[str, str] = {}
         self.used_sizes: set = set()
         self.unit_ranks = {r: sympy.Integer(0) for r, n in stmt.ranks().items() if n == 1}
+        self.stored = {stmt.name}  # statements whose values leave the kernel
         self.counter = 0
         self.precision = precision
 
@@ -325,7 +332,7 @@ class KernelGen:
 
     def delinearize(self, flat: str, ranks: list, names: dict, indent: str) -> list[str]:
         """Lines binding each rank variable from a flat index (last rank fastest)."""
-        extents = self.s.ranks()
+        extents = self.extents
         lines = []
         live = [r for r in ranks if extents[r] != 1]
         for r in ranks:
@@ -347,7 +354,7 @@ class KernelGen:
     def flats(self, flat: str, ranks: list, names: dict) -> list:
         """The linear forms `delinearize` splits: `flat` over all its ranks, then each `rem_` variable
         over the ranks left of it; for Body.reuse_flat. Longest first."""
-        extents = self.s.ranks()
+        extents = self.extents
         live = [r for r in ranks if extents[r] != 1]
         out, var = [], flat
         for n in range(len(live), 1, -1):
@@ -362,20 +369,20 @@ class KernelGen:
         return sympy.Mod(self.numel(ranks), block) != 0
 
     def numel(self, ranks) -> sympy.Expr:
-        extents = self.s.ranks()
-        return sympy.Mul(*[extents[r] for r in ranks]) if ranks else sympy.Integer(1)
+        return sympy.Mul(*[self.extents[r] for r in ranks]) if ranks else sympy.Integer(1)
 
     def ranges(self) -> dict:
-        return {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in self.s.ranks().items()}
+        return {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in self.extents.items()}
 
-    def store_offset(self, names: dict, at_iter: str | None = None) -> str:
+    def store_offset(self, names: dict, at_iter: str | None = None, stmt: Statement | None = None) -> str:
+        stmt = stmt or self.s
         pos = []
-        for p in self.s.index:
+        for p in stmt.index:
             if isinstance(p, sympy.Symbol):
                 pos.append(p)
             else:
                 pos.append(sympy.Symbol("__iter__"))
-        off = sympy.expand(sum((p * st for p, st in zip(pos, strides(self.s.type.shape))), sympy.Integer(0)))
+        off = sympy.expand(sum((p * st for p, st in zip(pos, strides(stmt.type.shape))), sympy.Integer(0)))
         code = _TritonIndex({**names, **self.size_names}).doprint(off)
         return code.replace("__iter__", f"({at_iter})") if at_iter is not None else code
 
@@ -384,13 +391,20 @@ class KernelGen:
         body, grid = {"map": self.gen_map, "reduce": self.gen_reduce, "dot": self.gen_dot,
                       "iterate": self.gen_iterate}[mapping.kind](mapping)
         self.pointer(self.s.name)
+        comment = [f"    # IR line {self.line}: {fmt_statement(self.s.replace(loc=None))}",
+                   f"    # source: {self.s.loc or 'unknown'}"]
+        return self.finish(body, grid, mapping, (self.s.name,), (self.s.name,), comment,
+                           f"statement {self.s.name!r}")
+
+    def finish(self, body, grid, mapping: Mapping, statements, outputs, comment, what: str) -> KernelSpec:
+        """The kernel module around `body`: docstring, imports, signature, provenance comments."""
         args = [Arg(p, "ptr", t, self.types[t].dtype.name) for t, p in self.ptrs.items()]
         for s in self.m.sizes:
             if s in self.used_sizes or any(s in sympy.sympify(g).free_symbols for g in grid):
                 args.append(Arg(str(s), "size", str(s)))
         params = ", ".join([a.name for a in args] + [f"{k}: tl.constexpr" for k, _ in mapping.tiles])
         header = [
-            f'"""einfuse kernel {self.kname}: statement {self.s.name!r} of module {self.m.name!r}.',
+            f'"""einfuse kernel {self.kname}: {what} of module {self.m.name!r}.',
             "",
             f"Mapping: {mapping.text()}",
             '"""',
@@ -402,13 +416,11 @@ class KernelGen:
             "",
             "@triton.jit",
             f"def {self.kname}({params}):",
-            f"    # IR line {self.line}: {fmt_statement(self.s.replace(loc=None))}",
-            f"    # source: {self.s.loc or 'unknown'}",
-        ]
+        ] + list(comment)
         if ", _mul," in "\n".join(body):
-            header[-4:-4] = ["@triton.jit", "def _mul(a, b):", "    return a * b", "", ""]
+            header[-2 - len(comment):-2 - len(comment)] = ["@triton.jit", "def _mul(a, b):", "    return a * b", "", ""]
         src = "\n".join(header + _drop_unused(body)) + "\n"
-        return KernelSpec(self.kname, (self.s.name,), (self.s.name,), src, args, dict(mapping.tiles), grid, mapping)
+        return KernelSpec(self.kname, tuple(statements), tuple(outputs), src, args, dict(mapping.tiles), grid, mapping)
 
     def gen_map(self, mp: Mapping):
         ranks = list(mp.rows)
@@ -426,8 +438,8 @@ class KernelGen:
                      f"{', mask=valid' if ragged else ''})")
         return lines, [ix.FloorDiv(total + mp.tiles[0][1] - 1, mp.tiles[0][1])]
 
-    def store_cast(self, code: str, d: dt.DType) -> str:
-        out = self.s.type.dtype
+    def store_cast(self, code: str, d: dt.DType, stmt: Statement | None = None) -> str:
+        out = (stmt or self.s).type.dtype
         return f"tl.cast({code}, {TL[out.name]})" if (out != d or compute_dtype(out) != out or out.is_int) else code
 
     def gen_reduce(self, mp: Mapping):
@@ -470,7 +482,10 @@ class KernelGen:
         return lines, [ix.FloorDiv(self.numel(rows) + dict(mp.tiles)["BLOCK_M"] - 1, dict(mp.tiles)["BLOCK_M"])]
 
     def gen_dot(self, mp: Mapping):
-        parts = contraction(self.s, self.dtype_of)
+        """Tiles of M x N on tensor cores with a K loop; every contraction of the group keeps its own
+        accumulator (operand tiles they share are loaded once), then the epilogue maps run on the
+        accumulators in registers and only tensors read outside the kernel are stored."""
+        dots = self.group_dots()
         M, N, K, B = list(mp.rows), list(mp.cols), list(mp.red), list(mp.batch)
         names = {**self.rank_names(M), **self.rank_names(N), **self.rank_names(B)}
         ka, kb = self.rank_names(K, "_a"), self.rank_names(K, "_b")
@@ -488,10 +503,10 @@ class KernelGen:
         lines += self.delinearize("rm", M, names, "    ")
         lines += ["    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]"] + [f"    nmask = rn < {numN}"] * n_ragged
         lines += self.delinearize("rn", N, names, "    ")
-        acc_t = "tl.int32" if parts.int8 else "tl.float32"
-        lines += [f"    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype={acc_t})",
-                  "    ka = tl.arange(0, BLOCK_K)[None, :]",
-                  "    kb = tl.arange(0, BLOCK_K)[:, None]"]
+        accs = [f"acc{n}" if len(dots) > 1 else "acc" for n in range(len(dots))]
+        for acc, (_, parts) in zip(accs, dots):
+            lines.append(f"    {acc} = tl.zeros([BLOCK_M, BLOCK_N], dtype={'tl.int32' if parts.int8 else 'tl.float32'})")
+        lines += ["    ka = tl.arange(0, BLOCK_K)[None, :]", "    kb = tl.arange(0, BLOCK_K)[:, None]"]
         loop = [f"    for k0 in range(0, {numK}, BLOCK_K):"]
         loop += ["        rka = k0 + ka"] + [f"        kmask_a = rka < {numK}"] * k_ragged
         loop += self.delinearize("rka", K, ka, "        ")
@@ -503,38 +518,64 @@ class KernelGen:
         pre = Body(self, names, outer, rng, "    ", flats=fl)
         ba = Body(self, {**names, **ka}, {**outer, **{r: "kmask_a" for r in K if k_ragged}}, rng, "        ", pre, K,
                   self.flats("rka", K, ka) + fl)
-        ca, _ = ba.value(parts.a)
         bb = Body(self, {**names, **kb}, {**outer, **{r: "kmask_b" for r in K if k_ragged}}, rng, "        ", pre, K,
                   self.flats("rkb", K, kb) + fl)
-        cb, _ = bb.value(parts.b)
+        operands = [(ba.value(parts.a)[0], bb.value(parts.b)[0]) for _, parts in dots]
         lines += pre.lines + loop + ba.lines + bb.lines
         # Past the end of K both operands must be 0 (a masked load gives 0; a computed operand, e.g.
         # exp(0), may not). Rows past M and columns past N are never stored, so need no zeroing.
-        op_t = TL[parts.operand.name]
-        for name, value, body, kmask in (("a", ca, ba, "kmask_a"), ("b", cb, bb, "kmask_b")):
-            zeroed = k_ragged and kmask not in body.zero_where.get(value, ())
-            code = f"tl.where({kmask}, {value}, 0)" if zeroed else value
-            if zeroed or op_t != TL[compute_dtype(parts.operand).name]:
-                code = f"({code}).to({op_t})" if zeroed else f"{code}.to({op_t})"
-            lines.append(f"        {name} = {code}")
-        if parts.int8:
-            lines.append("        acc = libm.dot(a, b, acc, out_dtype=tl.int32)")
-        elif parts.operand == dt.f32:
-            lines.append(f'        acc = libm.dot(a, b, acc, input_precision="{mp.input_precision or "ieee"}")')
-        else:
-            lines.append("        acc = libm.dot(a, b, acc)")
+        ready: dict = {}
+        for acc, (_, parts), (ca, cb) in zip(accs, dots, operands):
+            op_t = TL[parts.operand.name]
+            tiles_ab = []
+            for side, value, body, kmask in (("a", ca, ba, "kmask_a"), ("b", cb, bb, "kmask_b")):
+                key = (value, op_t)
+                if key not in ready:
+                    zeroed = k_ragged and kmask not in body.zero_where.get(value, ())
+                    code = f"tl.where({kmask}, {value}, 0)" if zeroed else value
+                    if zeroed or op_t != TL[compute_dtype(parts.operand).name]:
+                        code = f"({code}).to({op_t})" if zeroed else f"{code}.to({op_t})"
+                    if code == value:
+                        ready[key] = value
+                    else:
+                        ready[key] = f"{side}{len(ready)}" if len(dots) > 1 else side
+                        lines.append(f"        {ready[key]} = {code}")
+                tiles_ab.append(ready[key])
+            a, b = tiles_ab
+            if parts.int8:
+                lines.append(f"        {acc} = libm.dot({a}, {b}, {acc}, out_dtype=tl.int32)")
+            elif parts.operand == dt.f32:
+                lines.append(f'        {acc} = libm.dot({a}, {b}, {acc}, input_precision="{mp.input_precision or "ieee"}")')
+            else:
+                lines.append(f"        {acc} = libm.dot({a}, {b}, {acc})")
         be = Body(self, names, outer, rng, "    ", flats=fl)
-        res, res_d = "acc", dt.i32 if parts.int8 else dt.f32
-        for op, y in parts.post:
-            cy, _ = be.value(y)
-            res = be.emit(f"{res} {'*' if op == 'mul' else '/'} {cy if cy.isidentifier() else f'({cy})'}", "res")
+        values: dict = {}
+        for acc, (d, parts) in zip(accs, dots):
+            res = acc
+            for op, y in parts.post:
+                cy, _ = be.value(y)
+                res = be.emit(f"{res} {'*' if op == 'mul' else '/'} {cy if cy.isidentifier() else f'({cy})'}", "res")
+            values[d.name] = (res, dt.i32 if parts.int8 else dt.f32)
         lines += be.lines
         mask = " & ".join(["mmask"] * m_ragged + ["nmask"] * n_ragged)
-        lines.append(f"    tl.store({self.pointer(self.s.name)} + {self.store_offset(names)}, "
-                     f"{self.store_cast(res, res_d)}{f', mask={mask}' if mask else ''})")
+        store_mask = f", mask={mask}" if mask else ""
+        for d, _ in dots:
+            if d.name in self.stored:
+                code, vd = values[d.name]
+                lines.append(f"    tl.store({self.pointer(d.name)} + {self.store_offset(names, stmt=d)}, "
+                             f"{self.store_cast(code, vd, d)}{store_mask})")
+        lines += self.epilogue(names, values, mask, "    ")
         bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
         grid = [ix.FloorDiv(self.numel(M) + bm - 1, bm) * ix.FloorDiv(self.numel(N) + bn - 1, bn), self.numel(B)]
         return lines, grid
+
+    def group_dots(self) -> list:
+        """(statement, Contraction) of each contraction, ranks renamed to the first one's by role."""
+        return [(self.s, contraction(self.s, self.dtype_of))]
+
+    def epilogue(self, names: dict, values: dict, mask: str, indent: str) -> list:
+        """Maps of the group over the same flat index as the anchor, computed from registers."""
+        return []
 
     def gen_iterate(self, mp: Mapping):
         rows = list(mp.rows)

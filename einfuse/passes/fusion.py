@@ -81,21 +81,25 @@ def inline(m: Module, names: set) -> Module:
 
 
 def epilogues(m: Module) -> set:
-    """Maps that read a contraction's result, or another such map's, in place (the same flat index):
-    they belong in that contraction's epilogue (bias, activation, residual, scale, cast)."""
+    """Maps that belong in a contraction's epilogue: they read the contraction's result in place (bias,
+    activation, residual, scale, cast), or continue such a chain without forking (the value they read
+    has no other reader, so fusing saves its store). Whatever else they read exists before the
+    contraction runs."""
     types, order = m.types(), {op.outputs[0]: n for n, op in enumerate(m.body)}
     dtype = lambda n: types[n].dtype  # noqa: E731
+    readers = {name: len(ops) for name, ops in m.users().items()}
     root: dict = {s.name: s.name for s in m.statements if contraction(s, dtype) is not None}
     for s in m.statements:
         if not is_map(s):
             continue
-        inplace = [root[a.tensor] for a in accesses(s.expr) if a.tensor in root and flat_identity(types, a, s)]
-        if not inplace:
+        chain = [root[a.tensor] for a in accesses(s.expr) if a.tensor in root and flat_identity(types, a, s)
+                 and (root[a.tensor] == a.tensor or readers.get(a.tensor, 0) == 1)]
+        if not chain:
             continue
-        start = min(order[r] for r in inplace)
+        start = min(order[r] for r in chain)
         others = {a.tensor for a in accesses(s.expr) if a.tensor in order and a.tensor not in root}
-        if all(order[t] < start for t in others):  # whatever else it reads exists before the contraction runs
-            root[s.name] = min(inplace, key=order.__getitem__)
+        if all(order[t] < start for t in others):
+            root[s.name] = min(chain, key=order.__getitem__)
     return {n for n, r in root.items() if n != r}
 
 

@@ -167,6 +167,8 @@ def build_report(runner, sizes: dict, eager: int | None) -> Report:
     types = m.types()
     kernels = []
     for step in runner.steps:
+        if step.skip:
+            continue
         if step.spec is not None:
             st = runner.stats.get(step.spec.name)
             if st is None:

@@ -118,6 +118,7 @@ class Step:
     spec: KernelSpec | None = None
     fn: object = None
     tuned: bool = False  # CUDA: the tiling was chosen by timing candidates
+    skip: bool = False  # a group member computed by the group's kernel
 
 
 @dataclass
@@ -137,10 +138,15 @@ class TritonRunner:
     _graph: object = None
 
     def __post_init__(self):
-        by_stmt = {s.statements[0]: s for s in self.specs}
+        by_stmt = {n: s for s in self.specs for n in s.statements}
+        launched: set = set()
         for op in self.module.body:
             if isinstance(op, Statement):
                 spec = by_stmt[op.name]
+                if spec.name in launched:  # a later member of a kernel group: it ran with the first
+                    self.steps.append(Step(op, None, None, skip=True))
+                    continue
+                launched.add(spec.name)
                 self.steps.append(Step(op, spec, load_kernel(spec, self.directory)))
             else:
                 self.steps.append(Step(op))
@@ -157,7 +163,7 @@ class TritonRunner:
         """CUDA-graph mode: the first call runs (and autotunes) eagerly, the second captures the launch
         sequence on static buffers, later calls copy changed inputs in and replay. (Written for CUDA;
         this project's machines have no GPU, so it is exercised only there.)"""
-        if any(s.spec is None for s in self.steps):
+        if any(s.spec is None and not s.skip for s in self.steps):
             return self._run(inputs)  # opaque calls may synchronize or allocate: no capture
         if self._graph is None:
             self._static = {k: v.contiguous().clone() for k, v in inputs.items()}
@@ -192,7 +198,9 @@ class TritonRunner:
         # silently, the interpreter's numpy would warn.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for n, step in enumerate(self.steps):
-                if step.spec is None:
+                if step.skip:
+                    pass
+                elif step.spec is None:
                     run_opaque(step.op, env, sizes)
                     _own_outputs(step.op, env)
                 else:
@@ -205,12 +213,14 @@ class TritonRunner:
         return {o: env[o] for o in m.outputs}
 
     def _launch(self, step: Step, env, pool, holders, outputs, sizes, device):
-        s, spec = step.op, step.spec
-        shape = s.type.concrete_shape(sizes)
-        if s.name in outputs:
-            env[s.name] = torch.empty(shape, dtype=s.type.dtype.storage, device=device)
-        else:
-            env[s.name], holders[s.name] = pool.take(s.name, shape, s.type.dtype.storage)
+        spec = step.spec
+        for name in spec.outputs:  # tensors a group keeps in registers get no memory at all
+            t = self._types[name]
+            shape = t.concrete_shape(sizes)
+            if name in outputs:
+                env[name] = torch.empty(shape, dtype=t.dtype.storage, device=device)
+            else:
+                env[name], holders[name] = pool.take(name, shape, t.dtype.storage)
         args = [env[a.ref] if a.kind == "ptr" else sizes[ix.size(a.ref)] for a in spec.args]
         grid = spec.grid_for(sizes)
         launch = step.fn[grid]
