@@ -190,6 +190,20 @@ Op = Union[Statement, Opaque]
 
 
 @dataclass(frozen=True)
+class Kernel:
+    """A fusion group: statements that run as one kernel (`kind` names its loop structure), kept apart
+    from the Einsums as TeAAL keeps the mapping apart; `attrs` are mapping parameters (tile sizes)."""
+
+    name: str
+    kind: str  # "dot" | "rows" | "attention"
+    members: tuple  # statement names, in body order
+    attrs: tuple = ()  # ((key, int | str), ...)
+
+    def attr(self, key: str, default=None):
+        return dict(self.attrs).get(key, default)
+
+
+@dataclass(frozen=True)
 class Module:
     """A program: symbolic sizes, inputs, an ordered body of statements/opaque calls, and outputs."""
 
@@ -199,9 +213,10 @@ class Module:
     outputs: tuple
     sizes: tuple = ()  # symbolic size symbols
     size_hints: tuple = field(default=(), compare=True)  # ((symbol, example value), ...) for random inputs
+    kernels: tuple = ()  # Kernel groups chosen by fusion; statements in none get a kernel of their own
 
     def __post_init__(self):
-        for f in ("inputs", "body", "outputs", "sizes", "size_hints"):
+        for f in ("inputs", "body", "outputs", "sizes", "size_hints", "kernels"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
 
     # ---- queries
@@ -231,6 +246,10 @@ class Module:
 
     def replace(self, **kw) -> "Module":
         return dataclasses.replace(self, **kw)
+
+    def group_of(self) -> dict:
+        """Statement name -> the Kernel group it belongs to."""
+        return {n: k for k in self.kernels for n in k.members}
 
     def last_uses(self) -> dict:
         """Body position -> tensors no later op reads (an executor frees them there); outputs live on."""

@@ -10,7 +10,7 @@ import torch
 from . import dtypes as dt
 from . import index as ix
 from .expr import Access, Call, Const, Expr, IndexValue, canonical
-from .module import Input, Iterate, Module, Opaque, Reduce, Statement, TensorRef, TensorType
+from .module import Input, Iterate, Kernel, Module, Opaque, Reduce, Statement, TensorRef, TensorType
 from .ops import MAP_OPS, PREC_ADD, PREC_CMP, PREC_MUL, PREC_UNARY, REDUCE_OPS, TypeRuleError, infer
 
 INPUT_KINDS = ("in", "param", "buffer", "const")
@@ -218,8 +218,6 @@ def _number(s: str):
     return float(s) if any(c in s for c in ".eE") else int(s)
 
 
-
-
 def _index(line: _Line, resolve) -> sympy.Expr:
     tok = line.peek()
     e = _ExprParser(line, resolve).parse()
@@ -238,6 +236,7 @@ class _ModuleParser:
         self.inputs: list[Input] = []
         self.body: list = []
         self.outputs: tuple = ()
+        self.kernels: list = []
         self.name: str | None = None
 
     def dtypes(self) -> dict:
@@ -266,7 +265,8 @@ class _ModuleParser:
             self.line(line)
         if self.name is None:
             raise ParseError("empty text: a module starts with `module <name>`", 1, 1, "")
-        return Module(self.name, self.inputs, self.body, self.outputs, tuple(self.sizes.values()), self.hints)
+        return Module(self.name, self.inputs, self.body, self.outputs, tuple(self.sizes.values()), self.hints,
+                      tuple(self.kernels))
 
     def line(self, line: _Line):
         first, second = line.peek(), line.peek(1)
@@ -287,6 +287,8 @@ class _ModuleParser:
             line.expect(":")
             self.inputs.append(Input(name, self.type(line), word))
             line.end()
+        elif word == "kernel" and second.kind == "NAME" and line.peek(2).kind == "NAME":
+            self.kernels.append(self.kernel(line))
         elif word == "out" and second.kind == "NAME":
             line.next()
             names = [line.name("an output name")]
@@ -300,6 +302,24 @@ class _ModuleParser:
             self.body.append(self.opaque(line))
         else:
             line.error("expected a declaration (size/in/param/buffer/const/out), a statement or an opaque call")
+
+    def kernel(self, line: _Line) -> Kernel:
+        """`kernel NAME KIND {member, ...} key=value ...`"""
+        line.next()
+        name = line.name("the kernel's name")
+        kind = line.name("the kernel's kind")
+        line.expect("{")
+        members = [line.name("a statement name")]
+        while line.accept(","):
+            members.append(line.name("a statement name"))
+        line.expect("}")
+        attrs = []
+        while line.peek().kind == "NAME":
+            key = line.name()
+            line.expect("=")
+            attrs.append((key, self.literal(line)))
+        line.end()
+        return Kernel(name, kind, tuple(members), tuple(attrs))
 
     def type(self, line: _Line) -> TensorType:
         tok = line.peek()

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import sympy
 import torch
 
 from . import index as ix
 from .expr import Access, Call, Const, Expr, IndexValue
-from .module import Input, Iterate, Module, Opaque, Reduce, Statement, TensorRef, TensorType
+from .module import Input, Iterate, Kernel, Module, Opaque, Reduce, Statement, TensorRef, TensorType
 from .ops import MAP_OPS, PREC_ADD, PREC_ATOM, PREC_MUL, PREC_UNARY
 
 _INDEX_PREC = {1: PREC_ADD, 2: PREC_MUL, 3: PREC_UNARY, 4: PREC_ATOM}
@@ -92,6 +93,30 @@ def _fmt_loc(loc: str | None) -> str:
     return f"  # {loc}" if loc else ""
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(c: str) -> str:
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if c.isprintable():
+        return c
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+
+def fmt_string(v: str) -> str:
+    """A quoted string; line breaks and other unprintables are escaped so a statement stays on one line."""
+    return '"' + "".join(_escape(c) for c in v) + '"'
+
+
+_PLAIN_TARGET = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def fmt_target(target: str) -> str:
+    """`aten.topk.default` bare; anything else (`"module:function"`) quoted so it parses back."""
+    return target if _PLAIN_TARGET.fullmatch(target) else fmt_string(target)
+
+
 def fmt_arg(v) -> str:
     """Opaque-call arguments: literals, tensor names, lists, and torch enum values by qualified name."""
     if isinstance(v, TensorRef):
@@ -101,7 +126,7 @@ def fmt_arg(v) -> str:
     if isinstance(v, (bool, int, float)):
         return fmt_const(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return fmt_string(v)
     if isinstance(v, (tuple, list)):
         return "[" + ", ".join(fmt_arg(x) for x in v) + "]"
     if isinstance(v, torch.device):
@@ -116,7 +141,12 @@ def fmt_arg(v) -> str:
 def fmt_opaque(o: Opaque) -> str:
     outs = ", ".join(f"{n}: {fmt_type(t)}" for n, t in o.outputs_typed)
     args = [fmt_arg(a) for a in o.args] + [f"{k}={fmt_arg(v)}" for k, v in o.kwargs]
-    return f"{outs} = opaque {o.target}({', '.join(args)})" + _fmt_loc(o.loc)
+    return f"{outs} = opaque {fmt_target(o.target)}({', '.join(args)})" + _fmt_loc(o.loc)
+
+
+def fmt_kernel(k: Kernel) -> str:
+    attrs = "".join(f" {key}={fmt_arg(v)}" for key, v in k.attrs)
+    return f"kernel {k.name} {k.kind} {{{', '.join(k.members)}}}{attrs}"
 
 
 def fmt_input(i: Input) -> str:
@@ -131,5 +161,6 @@ def print_module(m: Module) -> str:
     lines += [f"  {fmt_input(i)}" for i in m.inputs]
     for op in m.body:
         lines.append("  " + (fmt_statement(op) if isinstance(op, Statement) else fmt_opaque(op)))
+    lines += [f"  {fmt_kernel(k)}" for k in m.kernels]
     lines.append(f"  out {', '.join(m.outputs)}")
     return "\n".join(lines) + "\n"

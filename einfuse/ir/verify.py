@@ -60,6 +60,11 @@ def _narrow(cond: Expr, ranges: dict, truth: bool) -> dict:
     return {**ranges, s: (lo, hi)}
 
 
+def _dead(ranges: dict) -> bool:
+    """Guards narrowed some rank to an empty range: this branch of a where() never runs."""
+    return any(ix._truth(lo > hi) for lo, hi in ranges.values())
+
+
 class _Checker:
     def __init__(self, m: Module):
         self.m = m
@@ -79,10 +84,13 @@ class _Checker:
             if i.kind not in ("in", "param", "buffer", "const"):
                 raise VerifyError(f"input {i.name!r} has unknown kind {i.kind!r}")
             names.add(i.name)
-            self._shape(i.type.shape, f"input {i.name!r}")
+            try:
+                self._shape(i.type.shape, f"input {i.name!r}")
+            except _Problem as p:
+                raise VerifyError(str(p)) from None
         for n, op in enumerate(m.body):
-            for out in op.outputs:
-                if out in self.types:
+            for d, out in enumerate(op.outputs):
+                if out in self.types or out in op.outputs[:d]:
                     _fail(m, n, op, f"{out!r} is already defined")
             try:
                 if isinstance(op, Statement):
@@ -91,17 +99,32 @@ class _Checker:
                     self.opaque(op)
             except _Problem as p:
                 _fail(m, n, op, str(p))
+        self.kernels()
         if not m.outputs:
             raise VerifyError("the module has no outputs")
         for o in m.outputs:
             if o not in self.types:
                 raise VerifyError(f"output {o!r} is never defined")
 
+    def kernels(self):
+        """Kernel groups name statements, each at most once, in body order."""
+        order = {op.name: n for n, op in enumerate(self.m.body) if isinstance(op, Statement)}
+        seen: dict = {}
+        for k in self.m.kernels:
+            for name in k.members:
+                if name not in order:
+                    raise VerifyError(f"kernel {k.name!r}: {name!r} is not a statement of the module")
+                if name in seen:
+                    raise VerifyError(f"kernel {k.name!r}: {name!r} is already in kernel {seen[name]!r}")
+                seen[name] = k.name
+            if [order[n] for n in k.members] != sorted(order[n] for n in k.members):
+                raise VerifyError(f"kernel {k.name!r}: members must be listed in body order")
+
     def _shape(self, shape, what):
         for s in shape:
             bad = {x for x in s.free_symbols if x not in self.m.sizes}
             if bad:
-                raise VerifyError(f"{what}: shape uses {', '.join(map(str, bad))}, which is not a declared size")
+                raise _Problem(f"{what}: shape uses {', '.join(map(str, bad))}, which is not a declared size")
 
     def opaque(self, o: Opaque):
         for r in iter_refs((o.args, tuple(v for _, v in o.kwargs))):
@@ -166,6 +189,7 @@ class _Checker:
     def expr(self, e: Expr, known: set, rng: dict, s: Statement):
         if isinstance(e, IndexValue):
             self._symbols(e.expr, known)
+            self._divisors(e.expr, rng)
             return
         if isinstance(e, Access):
             t = self.types.get(e.tensor)
@@ -175,13 +199,14 @@ class _Checker:
                 raise _Problem(f"{e.tensor} has rank {t.rank} but is accessed with {len(e.indices)} indices")
             for d, p in enumerate(e.indices):
                 if isinstance(p, Expr):
+                    self.expr(p, known, rng, s)  # first: it reports tensors the gather reads before definition
                     if not self._is_int(p):
                         raise _Problem(f"gather index {d} of {e.tensor} is not an integer expression")
-                    self.expr(p, known, rng, s)
                     continue
                 self._symbols(p, known)
+                self._divisors(p, rng)
                 lo, hi = ix.bounds(p, rng)
-                if ix._truth(lo < 0) or ix._truth(hi > t.shape[d] - 1):
+                if not _dead(rng) and (ix._truth(lo < 0) or ix._truth(hi > t.shape[d] - 1)):
                     raise _Problem(
                         f"index {d} of {e.tensor}, {ix.to_str(p)}, ranges over [{lo}, {hi}] "
                         f"outside [0, {ix.to_str(t.shape[d] - 1)}]")
@@ -200,6 +225,13 @@ class _Checker:
                 return
             for a in e.args:
                 self.expr(a, known, rng, s)
+
+    def _divisors(self, p, rng: dict):
+        """`//` and `%` in index arithmetic are defined for positive divisors only."""
+        for node in sympy.sympify(p).atoms(ix.FloorDiv, ix.Mod):
+            lo, _ = ix.bounds(node.args[1], rng)
+            if ix._truth(lo < 1):
+                raise _Problem(f"divisor {ix.to_str(node.args[1])} of {ix.to_str(node)} can be {lo}, not positive")
 
     def _is_int(self, e: Expr) -> bool:
         return infer(e, self.dtype_of)[0].category == "int"
