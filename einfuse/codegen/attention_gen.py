@@ -9,7 +9,7 @@ import math
 import sympy
 
 from ..ir import index as ix
-from ..ir.contraction import _narrow_operand, contraction
+from ..ir.contraction import _mul_factors, _narrow_operand, _product, contraction
 from ..ir.expr import Access, Call, Const, IndexValue, accesses, index_symbols, substitute
 from ..ir.module import Statement
 from .kernel import Mapping
@@ -58,11 +58,13 @@ def _qk_parts(gen, r: Roles):
 
 def attention_mapping(gen) -> Mapping:
     r = Roles(gen)
-    _, _, _, _, e = _qk_parts(gen, r)
+    q_expr, _, op_t, _, e = _qk_parts(gen, r)
     L, E, F = (gen.hint(gen.extents[x]) for x in (r.p, e, r.f))
-    bp = max(16, min(64, next_pow2(L)))
     be, bf = max(16, next_pow2(E)), max(16, next_pow2(F))
-    warps = 4 if max(be, bf) <= 64 else 8
+    # IEEE f32 dots run on CUDA cores from registers: a short query tile keeps them unspilled
+    ieee = op_t.bits == 32 and _precision() == "ieee"
+    bp = max(16, min(16 if ieee else 64, next_pow2(L)))
+    warps = 4 if ieee or max(be, bf) <= 64 else 8
     return Mapping("attention", rows=(r.p,), cols=(r.f,), red=(r.m1, r.m0), batch=tuple(r.lead),
                    tiles=(("BLOCK_P", bp), ("BLOCK_M0", r.tile), ("BLOCK_E", be), ("BLOCK_F", bf)), num_warps=warps)
 
@@ -184,11 +186,10 @@ def attention_body(gen, mp: Mapping):
             code = sb.emit(f"tl.{reduce_to}({code}, axis=1, keep_dims=True)", role)
         held[s.name] = code if role not in ("rm", "rd") else {**held[s.name], "next": code}
     lines += sb.lines
-    slnv = contraction(r.slnv, gen.dtype_of)
     vb = Body(gen, {**names, m1: "m1", m0: "m0v", f: "fv"}, {f: "fmask"} if f_rag else {}, rng, ind)
     vb.reg = reg
-    v_expr = slnv.b if r.sln.name in {a.tensor for a in accesses(slnv.a)} else slnv.a
-    (v_inner, v_t) = _narrow_operand(v_expr, gen.dtype_of)
+    v_factors = [x for x in _mul_factors(r.slnv.expr) if r.sln.name not in {a.tensor for a in accesses(x)}]
+    (v_inner, v_t) = _narrow_operand(_product(v_factors), gen.dtype_of)
     vc, _ = vb.value(v_inner)
     lines += vb.lines
     v_op = TL[v_t.name] if v_t.is_float and v_t.bits < 32 else "tl.float32"

@@ -22,6 +22,7 @@ import sympy
 
 from ..ir import dtypes as dt
 from ..ir import index as ix
+from ..ir.contraction import contraction
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, substitute
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
@@ -288,8 +289,8 @@ class FuseAttention(Pass):
 
     name = "fuse_attention"
 
-    def __init__(self, tile: int = 64):
-        self.tile = tile
+    def __init__(self, tile: int | None = None):
+        self.tile = tile  # keys per step; None: 64 for 16-bit operands, 32 for f32 (register budget)
 
     def run(self, m: Module) -> Module:
         for c in find(m):
@@ -297,7 +298,10 @@ class FuseAttention(Pass):
                      for u in m.users().get(s.name, [])}
             if users - set(c.statements) or c.qk.name in m.outputs or c.mx.name in m.outputs:
                 continue  # a cascade value is used elsewhere: it must be materialized, leave the cascade
-            m, one = rewrite_one_pass(m, c, self.tile)
+            types = m.types()
+            scores = contraction(c.qk, lambda t: types[t].dtype)
+            tile = self.tile or (32 if scores is None or scores.operand.bits == 32 else 64)
+            m, one = rewrite_one_pass(m, c, tile)
             group = Kernel(f"attn_{one.av}", "attention", tuple(one.members), (("tile", one.tile),))
             m = m.replace(kernels=m.kernels + (group,))
         return m
