@@ -37,6 +37,8 @@ def _narrow(cond: Expr, ranges: dict, truth: bool) -> dict:
             return ranges
     diff = sympy.expand(sides[0] - sides[1])
     syms = [s for s in diff.free_symbols if s in ranges]
+    if len(syms) > 1:
+        return _guard(diff, ranges, cond.op if truth else {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}[cond.op])
     if len(syms) != 1 or not diff.is_polynomial(syms[0]) or sympy.degree(diff, syms[0]) != 1:
         return ranges
     s = syms[0]
@@ -58,6 +60,34 @@ def _narrow(cond: Expr, ranges: dict, truth: bool) -> dict:
     else:
         lo = sympy.Max(lo, bound)
     return {**ranges, s: (lo, hi)}
+
+
+def _guard(diff, ranges: dict, op: str) -> dict:
+    """A condition over several ranks (`64*m1 + m0 < S`) bounds that whole expression: kept as a fact
+    that bounds an index differing from it by a constant (see `_guarded`)."""
+    ranks = [t for t in sympy.Add.make_args(diff) if t.free_symbols & set(k for k in ranges if not isinstance(k, tuple))]
+    a = sympy.Add(*ranks)
+    bound = -(diff - a)  # cond: a <op> bound
+    lo, hi = ranges.get(("guard", a), (-sympy.oo, sympy.oo))
+    if op == "lt":
+        hi = sympy.Min(hi, bound - 1)
+    elif op == "le":
+        hi = sympy.Min(hi, bound)
+    elif op == "gt":
+        lo = sympy.Max(lo, bound + 1)
+    else:
+        lo = sympy.Max(lo, bound)
+    return {**ranges, ("guard", a): (lo, hi)}
+
+
+def _guarded(p, lo, hi, ranges: dict):
+    """Bounds of index `p` tightened by guard facts about expressions it differs from by a constant."""
+    for key, (glo, ghi) in ranges.items():
+        if isinstance(key, tuple) and key[0] == "guard":
+            d = sympy.expand(sympy.sympify(p) - key[1])
+            if d.is_number:
+                lo, hi = sympy.Max(lo, glo + d), sympy.Min(hi, ghi + d)
+    return lo, hi
 
 
 def _dead(ranges: dict) -> bool:
@@ -205,7 +235,7 @@ class _Checker:
                     continue
                 self._symbols(p, known)
                 self._divisors(p, rng)
-                lo, hi = ix.bounds(p, rng)
+                lo, hi = _guarded(p, *ix.bounds(p, rng), rng)
                 if not _dead(rng) and (ix._truth(lo < 0) or ix._truth(hi > t.shape[d] - 1)):
                     raise _Problem(
                         f"index {d} of {e.tensor}, {ix.to_str(p)}, ranges over [{lo}, {hi}] "

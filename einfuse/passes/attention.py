@@ -175,26 +175,36 @@ class OnePass:
     rd: str
     slnv: str
     rnv: str
-    av: str
+    finals: tuple  # what the kernel writes after the loop: the output, or a chunk's partial results
     m1: sympy.Symbol
     m0: sympy.Symbol
     tile: int
 
     @property
     def members(self) -> list[str]:
-        return [self.qk, self.lm, self.rm, self.sln, self.prm, self.sld, self.rd, self.slnv, self.rnv, self.av]
+        return [self.qk, self.lm, self.rm, self.sln, self.prm, self.sld, self.rd, self.slnv, self.rnv, *self.finals]
+
+    @property
+    def av(self) -> str:
+        return self.finals[-1]
 
 
-def rewrite_one_pass(m: Module, c: Cascade, tile: int = 64) -> tuple[Module, OnePass]:
-    """Replace the cascade's max/exp/sum/normalize statements by FuseMax's 1-pass cascade."""
+def _cdiv(n, d: int):
+    return sympy.Integer(-(-int(n) // d)) if sympy.sympify(n).is_Integer else ix.FloorDiv(n + d - 1, d)
+
+
+def rewrite_one_pass(m: Module, c: Cascade, tile: int = 64, chunk: int | None = None) -> tuple[Module, OnePass]:
+    """Replace the cascade's max/exp/sum/normalize statements by FuseMax's 1-pass cascade. With `chunk`
+    (decode: one query, a long key axis) the keys split into chunks c run in parallel, each ending in
+    partial (max, denominator, numerator), and a combine step merges the chunks."""
     ext = c.av.ranks()
     n = sympy.sympify(ext[c.key])
     tile = min(tile, max(16, 1 << max(0, (int(n) - 1).bit_length()))) if n.is_Integer else tile
-    m1n = ix.FloorDiv(n + tile - 1, tile) if not n.is_Integer else sympy.Integer(-(-int(n) // tile))
     used = set(ext) | {c.key}
-    m1, m0 = _rank(used, "m1"), _rank(used, "m0")
-    kk = tile * m1 + m0
-    ragged = not (n.is_Integer and int(n) % tile == 0)
+    m1, m0, cr = _rank(used, "m1"), _rank(used, "m0"), _rank(used, "c")
+    m1n = sympy.Integer(chunk // tile) if chunk else _cdiv(n, tile)
+    kk = (chunk * cr if chunk else 0) + tile * m1 + m0
+    ragged = not (n.is_Integer and int(n) % (chunk or tile) == 0)
     types = m.types()
     acc = infer(c.score, lambda t: types[t].dtype)[0]
     S = substitute(c.score, {c.key: kk})
@@ -203,8 +213,9 @@ def rewrite_one_pass(m: Module, c: Cascade, tile: int = 64) -> tuple[Module, One
     def valid(e: Expr, other: Expr) -> Expr:
         return Call("where", (Call("lt", (IndexValue(kk), IndexValue(n))), e, other)) if ragged else e
 
-    lead = list(c.lead) + [c.p]
-    lead_ext = [ext[r] for r in lead]
+    nchunks = _cdiv(n, chunk) if chunk else None
+    lead = list(c.lead) + ([cr] if chunk else []) + [c.p]
+    lead_ext = [nchunks if r == cr else ext[r] for r in lead]
     f, fx = c.f, ext[c.f]
     names = {k: _fresh(m, f"{c.av.name}_{k}") for k in ("lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")}
 
@@ -239,21 +250,59 @@ def rewrite_one_pass(m: Module, c: Cascade, tile: int = 64) -> tuple[Module, One
             Call("mul", (at("prm", m1), at("rnv", f, m1))), at("slnv", m1, f))),
             iterate=Iterate(m1, m1n, Const(0.0)), loc=loc),
     ]
-    rd_final = at("rd", m1n)
-    den = Call("max", (rd_final, Const(1.0))) if c.safe else rd_final
-    out = Call("div", (at("rnv", f, m1n), den))
-    if c.av.type.dtype != acc:
-        out = Call("cast", (out,), c.av.type.dtype)
-    av = Statement(c.av.name, c.av.type, c.av.index, out, loc=c.av.loc)
+    def finish(num: Expr, den: Expr) -> Statement:
+        out = Call("div", (num, Call("max", (den, Const(1.0))) if c.safe else den))
+        if c.av.type.dtype != acc:
+            out = Call("cast", (out,), c.av.type.dtype)
+        return Statement(c.av.name, c.av.type, c.av.index, out, loc=c.av.loc)
+
+    if not chunk:
+        finals = [finish(at("rnv", f, m1n), at("rd", m1n))]
+        combine = []
+    else:
+        finals, combine = _combine(m, c, names, at, typ, lead, cr, nchunks, m1n, acc, finish)
     body = []
     for op in m.body:
         if op is c.av:
-            body += new + [av]
+            body += new + finals + combine
         else:
             body.append(op)
     one = OnePass(c.qk.name, names["lm"], names["rm"], names["sln"], names["prm"], names["sld"], names["rd"],
-                  names["slnv"], names["rnv"], c.av.name, m1, m0, tile)
+                  names["slnv"], names["rnv"], tuple(s.name for s in finals), m1, m0, tile)
     return m.replace(body=tuple(body)), one
+
+
+def _combine(m: Module, c: Cascade, names, at, typ, lead, cr, nchunks, m1n, acc, finish):
+    """Split-KV: each chunk's final (max, denominator, numerator), and the statements merging them:
+    M = max_c m_c,  w_c = exp(m_c - M),  out = sum_c w_c n_c / sum_c w_c d_c."""
+    f = c.f
+    fx = c.av.ranks()[f]
+    part = {k: _fresh(m, f"{c.av.name}_{k}") for k in ("cmax", "cden", "cnum", "gmax", "den", "num")}
+    finals = [
+        Statement(part["cmax"], typ(), tuple(lead), at("rm", m1n), loc=c.av.loc),
+        Statement(part["cden"], typ(), tuple(lead), at("rd", m1n), loc=c.av.loc),
+        Statement(part["cnum"], typ(fx), tuple(lead) + (f,), at("rnv", f, m1n), loc=c.av.loc),
+    ]
+    rows = [r for r in lead if r != cr]
+    row_ext = [x for r, x in zip(lead, typ().shape) if r != cr]
+    red = ((cr, nchunks),)
+
+    def chunk(name, *extra):
+        return Access(part[name], tuple(lead) + tuple(extra))
+
+    gmax = Access(part["gmax"], tuple(rows))
+    weight = Call("where", (Call("eq", (chunk("cmax"), NEG_INF)), Const(0.0),
+                            Call("exp", (Call("sub", (chunk("cmax"), gmax)),))))
+    combine = [
+        Statement(part["gmax"], TensorType(acc, tuple(row_ext)), tuple(rows), chunk("cmax"), Reduce("max", red),
+                  loc=c.av.loc),
+        Statement(part["den"], TensorType(acc, tuple(row_ext)), tuple(rows), Call("mul", (weight, chunk("cden"))),
+                  Reduce("sum", red), loc=c.av.loc),
+        Statement(part["num"], TensorType(acc, tuple(row_ext) + (fx,)), tuple(rows) + (f,),
+                  Call("mul", (weight, chunk("cnum", f))), Reduce("sum", red), loc=c.av.loc),
+        finish(Access(part["num"], tuple(rows) + (f,)), Access(part["den"], tuple(rows))),
+    ]
+    return finals, combine
 
 
 def one_pass_key_ranks(m: Module, one: OnePass) -> dict:
@@ -261,8 +310,8 @@ def one_pass_key_ranks(m: Module, one: OnePass) -> dict:
     prod = m.producers()
     k = {one.m1, one.m0}
     out = {one.qk: {prod[one.qk].index[-1]}}
-    out.update({n: k for n in one.members[1:-1]})
-    out[one.av] = set()
+    out.update({n: k for n in one.members[1:9]})
+    out.update({n: set() for n in one.finals})
     return out
 
 
@@ -281,7 +330,8 @@ def one_pass_from_group(m: Module, g) -> OnePass:
     prod = m.producers()
     rm = prod[g.members[2]]
     lm = prod[g.members[1]]
-    return OnePass(*g.members, rm.iterate.rank, lm.reduce.ranks[0][0], int(lm.reduce.ranks[0][1]))
+    return OnePass(*g.members[:9], tuple(g.members[9:]), rm.iterate.rank, lm.reduce.ranks[0][0],
+                   int(lm.reduce.ranks[0][1]))
 
 
 class FuseAttention(Pass):
@@ -289,8 +339,9 @@ class FuseAttention(Pass):
 
     name = "fuse_attention"
 
-    def __init__(self, tile: int | None = None):
+    def __init__(self, tile: int | None = None, decode_chunk: int = 256):
         self.tile = tile  # keys per step; None: 64 for 16-bit operands, 32 for f32 (register budget)
+        self.decode_chunk = decode_chunk  # keys per program when a single query meets a long key axis
 
     def run(self, m: Module) -> Module:
         for c in find(m):
@@ -301,7 +352,10 @@ class FuseAttention(Pass):
             types = m.types()
             scores = contraction(c.qk, lambda t: types[t].dtype)
             tile = self.tile or (32 if scores is None or scores.operand.bits == 32 else 64)
-            m, one = rewrite_one_pass(m, c, tile)
+            ext = c.av.ranks()
+            keys, queries = sympy.sympify(ext[c.key]), sympy.sympify(ext[c.p])
+            split = queries == 1 and keys.is_Integer and int(keys) >= 2 * self.decode_chunk
+            m, one = rewrite_one_pass(m, c, tile, self.decode_chunk if split else None)
             group = Kernel(f"attn_{one.av}", "attention", tuple(one.members), (("tile", one.tile),))
             m = m.replace(kernels=m.kernels + (group,))
         return m
