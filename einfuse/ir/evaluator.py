@@ -69,6 +69,27 @@ def unpack(t: torch.Tensor, d: dt.DType) -> torch.Tensor:
     return out
 
 
+WEAK_TORCH = {"bool": torch.bool, "int": torch.int64, "float": torch.float64}
+
+
+def literal_tensor(v) -> torch.Tensor:
+    """A literal as a 0-dim tensor; a float keeps double precision, as the Python scalar it stands for."""
+    return torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else torch.tensor(v)
+
+
+def apply_call(e: Call, ts: list, dtype: dt.DType, weak: bool) -> torch.Tensor:
+    """`e` on evaluated operands; a weak (literal-only) result keeps Python's precision, like a Python scalar."""
+    want = WEAK_TORCH[dtype.category] if weak else dtype.torch
+    if e.op == "cast":
+        out = ts[0].to(e.attr.torch)
+    else:
+        op = MAP_OPS[e.op]
+        if weak and op.rule == "float":
+            ts = [t if t.is_floating_point() else t.double() for t in ts]
+        out = op.torch_fn(*ts)
+    return out if out.dtype == want else out.to(want)
+
+
 class _StatementEval:
     """Evaluates one statement's expression over its ranks."""
 
@@ -116,7 +137,7 @@ class _StatementEval:
 
     def value(self, e: Expr) -> LT:
         if isinstance(e, Const):
-            return LT(torch.tensor(e.value), ())
+            return LT(literal_tensor(e.value), ())
         if isinstance(e, IndexValue):
             return self.index(e.expr)
         if isinstance(e, Access):
@@ -125,15 +146,9 @@ class _StatementEval:
             args = [self.value(a) for a in e.args]
             ranks = _union(args)
             ts = [a.to(ranks) for a in args]
-            if e.op == "cast":
-                out = ts[0].to(e.attr.torch)
-            else:
-                op = MAP_OPS.get(e.op)
-                if op is None:
-                    raise EvaluationError(f"{self.where}: unknown map operator {e.op!r}")
-                out = op.torch_fn(*ts)
-            want = infer(e, self._dtype)[0].torch
-            return LT(out if out.dtype == want else out.to(want), ranks)
+            if e.op != "cast" and e.op not in MAP_OPS:
+                raise EvaluationError(f"{self.where}: unknown map operator {e.op!r}")
+            return LT(apply_call(e, ts, *infer(e, self._dtype)), ranks)
         raise EvaluationError(f"{self.where}: cannot evaluate {e!r}")
 
     def access(self, e: Access) -> LT:
@@ -200,7 +215,8 @@ def _einsum(ev: _StatementEval, factors: list[Expr], out_ranks: tuple, dtype: to
             letters.setdefault(r, chr(ord("a") + len(letters)))
     present = [r for r in out_ranks if r in letters]
     spec = ",".join("".join(letters[r] for r in lt.ranks) for lt in ops) + "->" + "".join(letters[r] for r in present)
-    out = torch.einsum(spec, *[lt.t.to(dtype) for lt in ops])
+    # a product of scalars only (`sum[r:4] c[]`) has no einsum operand: it is the scalar times the extents
+    out = torch.einsum(spec, *[lt.t.to(dtype) for lt in ops]) if ops else torch.ones((), dtype=dtype)
     if scalar is not None:
         out = out * scalar.to(dtype)
     # Reduce ranks no factor uses multiply the result by their extent.

@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Union
 import sympy
 
 from . import index as ix
-from .dtypes import DType
+from .dtypes import DType, i64
 
 IndexPos = Union[sympy.Expr, "Expr"]  # an index position: affine/div/mod arithmetic, or an integer-valued Expr
 
@@ -90,6 +90,8 @@ _INDEX_FOLD = {
     "floordiv": ix.FloorDiv,
     "mod": ix.Mod,
     "neg": lambda a: -a,
+    "min": sympy.Min,  # `x[min(i, 3)]` is index arithmetic, as the printer writes sympy's Min
+    "max": sympy.Max,
 }
 
 
@@ -103,7 +105,8 @@ def _as_index(e: Expr):
 
 def canonical(e: Expr) -> Expr:
     """The one form a text prints and parses back to: index-only arithmetic folded into IndexValue,
-    a negated literal folded into the literal, and an IndexValue without symbols turned into a Const."""
+    a negated literal folded into the literal, an IndexValue without symbols turned into a Const, and
+    index-valued access positions written as index arithmetic."""
     if isinstance(e, Call):
         if e.op == "neg" and isinstance(e.args[0], Const) and type(e.args[0].value) is not bool:
             return Const(-e.args[0].value)
@@ -113,11 +116,24 @@ def canonical(e: Expr) -> Expr:
                 return canonical(IndexValue(_INDEX_FOLD[e.op](*parts)))
         return e
     if isinstance(e, IndexValue):
-        v = sympy.sympify(e.expr)
+        v = ix.evaluated(sympy.sympify(e.expr))
         if not v.free_symbols:
             return Const(int(v))
         return e if v is e.expr else IndexValue(v)
+    if isinstance(e, Access) and any(ix.evaluated(p) is not p for p in e.indices if not isinstance(p, Expr)):
+        return canonical(Access(e.tensor, tuple(p if isinstance(p, Expr) else ix.evaluated(p) for p in e.indices)))
+    if isinstance(e, Access) and any(_index_position(p) is not None for p in e.indices if isinstance(p, Expr)):
+        # a gather whose position became index arithmetic (an inlined `c[i] = i // 2`) is a plain access
+        return Access(e.tensor, tuple(_index_position(p) if isinstance(p, Expr) and _index_position(p) is not None
+                                      else p for p in e.indices))
     return e
+
+
+def _index_position(p: Expr):
+    """A gather position that is really index arithmetic (`i // 2`, `3`, `i64(3)`), as sympy; else None."""
+    if isinstance(p, Call) and p.op == "cast" and p.attr == i64:
+        return _index_position(p.args[0])
+    return _as_index(p)
 
 
 # ---------------------------------------------------------------- traversal

@@ -69,10 +69,23 @@ class IndexPrinter(StrPrinter):
         return f"{self._operand(e.args[0])} % {self._operand(e.args[1])}"
 
     def _print_Min(self, e):
-        return "min(" + ", ".join(self._print(a) for a in e.args) + ")"
+        return self._nested("min", e.args)
 
     def _print_Max(self, e):
-        return "max(" + ", ".join(self._print(a) for a in e.args) + ")"
+        return self._nested("max", e.args)
+
+    def _nested(self, name, args):
+        """`min` and `max` take two arguments in the text: Min(a, b, c) prints as min(a, min(b, c))."""
+        first = self._print(args[0])
+        rest = self._print(args[1]) if len(args) == 2 else self._nested(name, args[1:])
+        return f"{name}({first}, {rest})"
+
+    def _print_Pow(self, e):
+        """`i**2` as `i*i`: the text has no power operator, and the parser folds the product back."""
+        base, exp = e.args
+        if not (exp.is_Integer and exp > 1):
+            raise ValueError(f"index expression {e} has no text form")
+        return "*".join([self._operand(base) if not isinstance(base, sympy.Symbol) else self._print(base)] * int(exp))
 
     def _operand(self, a):
         s = self._print(a)
@@ -85,6 +98,9 @@ class IndexPrinter(StrPrinter):
         body = "*".join(parts)
         if coeff == 1:
             return body
+        first = factors[0] if factors else None
+        if isinstance(first, sympy.Add) or isinstance(first, sympy.Pow) and isinstance(first.base, sympy.Add):
+            body = f"({body})"  # `-2*(a + 1)*b` would parse as (-2*a - 2)*b: sympy spreads a number over a sum
         if coeff == -1:
             return "-" + body
         return f"{self._print(coeff)}*{body}"
@@ -94,8 +110,8 @@ _printer = IndexPrinter({"order": "lex"})
 
 
 def to_str(e: sympy.Expr) -> str:
-    """Deterministic text for an index expression."""
-    return _printer.doprint(sympy.sympify(e))
+    """Deterministic text for an index expression (evaluated, as the parser will build it)."""
+    return _printer.doprint(evaluated(sympy.sympify(e)))
 
 
 def precedence(e: sympy.Expr) -> int:
@@ -103,9 +119,10 @@ def precedence(e: sympy.Expr) -> int:
     e = sympy.sympify(e)
     if isinstance(e, sympy.Add):
         return 1
-    if isinstance(e, (sympy.Mul, FloorDiv, Mod)):
+    if isinstance(e, (sympy.Mul, sympy.Pow, FloorDiv, Mod)):
         coeff, _ = e.as_coeff_mul() if isinstance(e, sympy.Mul) else (1, None)
-        return 3 if coeff == -1 and isinstance(e, sympy.Mul) and len(e.args) == 2 else 2
+        unary = coeff == -1 and isinstance(e, sympy.Mul) and len(e.args) == 2 and not isinstance(e.args[1], sympy.Pow)
+        return 3 if unary else 2  # `-i` and `-(i // 2)` print as a negation, `-i*i` as a product
     if e.is_Integer and e < 0:
         return 3
     return 4
@@ -122,10 +139,19 @@ def _truth(rel) -> bool:
     return r is sympy.true or r == True  # noqa: E712 (sympy booleans)
 
 
+def evaluated(v: sympy.Expr) -> sympy.Expr:
+    """sympy's Min/Max can leave parts unevaluated (`Max(i - 1, Min(0, 1))`); the text always evaluates them."""
+    if not v.has(sympy.Min, sympy.Max):
+        return v
+    done = v.doit()
+    return v if done == v else done
+
+
 def bounds(e: sympy.Expr, ranges: Ranges) -> tuple[sympy.Expr, sympy.Expr]:
     """Inclusive lower/upper bounds of `e` given bounds of its symbols (sizes default to [1, oo))."""
     e = sympy.sympify(e)
-    if e.is_Integer:
+    if e.is_number:
+        e = evaluated(e)
         return e, e
     if isinstance(e, sympy.Symbol):
         if e in ranges:
@@ -157,6 +183,14 @@ def bounds(e: sympy.Expr, ranges: Ranges) -> tuple[sympy.Expr, sympy.Expr]:
         if _truth(alo >= 0) and _truth(ahi < b):
             return alo, ahi
         return sympy.Integer(0), b - 1
+    if isinstance(e, sympy.Pow) and e.args[1].is_Integer and e.args[1] > 1:
+        lo, hi = bounds(e.args[0], ranges)
+        n = int(e.args[1])
+        if _truth(lo >= 0):
+            return lo ** n, hi ** n
+        if n % 2 == 0:
+            return sympy.Integer(0), sympy.Max(lo ** n, hi ** n)
+        return lo ** n, hi ** n
     if isinstance(e, sympy.Min):
         bs = [bounds(a, ranges) for a in e.args]
         return sympy.Min(*[b[0] for b in bs]), sympy.Min(*[b[1] for b in bs])
@@ -166,12 +200,25 @@ def bounds(e: sympy.Expr, ranges: Ranges) -> tuple[sympy.Expr, sympy.Expr]:
     return -sympy.oo, sympy.oo
 
 
+def exact_quotient(t: sympy.Expr, c: sympy.Expr) -> sympy.Expr | None:
+    """`t / c` if it has integer coefficients, else None (sympy's is_integer calls `(j + 1)*(2*j + 2)/10` one)."""
+    q = sympy.expand(t / c)
+    for term in sympy.Add.make_args(q):
+        coeff, rest = term.as_coeff_Mul()
+        if not coeff.is_Integer:
+            return None
+        for f in sympy.Mul.make_args(rest):
+            if f.is_Pow and not (f.exp.is_Integer and f.exp > 0) or not (f.is_Pow or f.is_integer):
+                return None
+    return q
+
+
 def _split_multiple(a: sympy.Expr, c: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
     """Split `a` into (q, r) with a = q*c + r, pulling out every term that c divides."""
     q, r = sympy.Integer(0), sympy.Integer(0)
     for t in sympy.Add.make_args(a):
-        ratio = t / c
-        if ratio.is_integer:
+        ratio = exact_quotient(t, c)
+        if ratio is not None:
             q += ratio
         else:
             r += t
@@ -184,15 +231,15 @@ def _split_small(a: sympy.Expr, c: sympy.Expr, ranges: Ranges):
     for t in terms:
         # g: the constant part of a term, integers and symbolic sizes (j*S*64 -> S*64)
         g = sympy.Mul(*[f for f in sympy.Mul.make_args(t) if f.is_Integer or (f.is_Symbol and is_size_symbol(f))])
-        if g == 1 or not (_truth(g >= 1) and (c / g).is_integer):
+        if g == 1 or not (_truth(g >= 1) and exact_quotient(c, g) is not None):
             continue
-        big = [u for u in terms if (u / g).is_integer]
-        rest = sympy.Add(*[u for u in terms if not (u / g).is_integer])
+        big = [u for u in terms if exact_quotient(u, g) is not None]
+        rest = sympy.Add(*[u for u in terms if exact_quotient(u, g) is None])
         if rest == 0:
             continue
         lo, hi = bounds(rest, ranges)
         if _truth(lo >= 0) and _truth(hi < g):
-            return g, sympy.Add(*big) / g, rest
+            return g, sympy.Add(*[exact_quotient(u, g) for u in big]), rest
     return None
 
 
@@ -225,9 +272,9 @@ def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
             g, q, rest = split
             return g * _simplify_node(Mod(q, c / g), ranges) + rest
         if isinstance(a, FloorDiv):
-            # (x // b) % c == x // b when x < b*c
+            # (x // b) % c == x // b when 0 <= x < b*c
             xlo, xhi = bounds(a.args[0], ranges)
-            if _truth(xhi < a.args[1] * c):
+            if _truth(xlo >= 0) and _truth(xhi < a.args[1] * c):
                 return a
         return e
     if isinstance(e, sympy.Add):

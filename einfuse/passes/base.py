@@ -5,9 +5,38 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import types
 from typing import Callable, Iterable
 
 from ..ir.module import Module
+
+
+def code_digest(code: types.CodeType) -> str:
+    """What a function does, independent of the process: bytecode, names it uses, constants, nested code."""
+    consts = [code_digest(c) if isinstance(c, types.CodeType) else stable_repr(c) for c in code.co_consts]
+    blob = "|".join([code.co_code.hex(), repr(code.co_names), repr(code.co_varnames), *consts])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stable_repr(v) -> str:
+    """`repr` without what differs between processes: hash order of sets/dicts, object addresses."""
+    if isinstance(v, (set, frozenset)):
+        return "{" + ", ".join(sorted(stable_repr(x) for x in v)) + "}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(sorted(f"{stable_repr(k)}: {stable_repr(x)}" for k, x in v.items())) + "}"
+    if isinstance(v, (list, tuple)):
+        return type(v).__name__ + "(" + ", ".join(stable_repr(x) for x in v) + ")"
+    if isinstance(v, Pass):
+        return v.fingerprint()
+    if isinstance(v, (types.FunctionType, types.MethodType)):
+        fn = getattr(v, "__func__", v)
+        cells = [stable_repr(c.cell_contents) for c in fn.__closure__ or ()]
+        return f"{fn.__module__}:{code_digest(fn.__code__)}:{stable_repr(fn.__defaults__)}:{cells}"
+    if isinstance(v, type):
+        return f"{v.__module__}.{v.__qualname__}"
+    if type(v).__repr__ is object.__repr__ and hasattr(v, "__dict__"):
+        return f"{type(v).__module__}.{type(v).__qualname__}{stable_repr(vars(v))}"
+    return repr(v)
 
 
 class Pass:
@@ -20,7 +49,7 @@ class Pass:
 
     def fingerprint(self) -> str:
         """Stable across processes: the pass's identity and its settings (public attributes)."""
-        settings = sorted((k, repr(v)) for k, v in vars(self).items() if not k.startswith("_"))
+        settings = sorted((k, stable_repr(v)) for k, v in vars(self).items() if not k.startswith("_"))
         blob = f"{type(self).__module__}.{type(self).__qualname__}:{self.pass_name}:{settings}"
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -43,13 +72,13 @@ class FunctionPass(Pass):
         return self._fn(module)
 
     def fingerprint(self) -> str:
-        code = getattr(self._fn, "__code__", None)
-        body = code.co_code.hex() + repr(code.co_consts) if code is not None else repr(self._fn)
-        return hashlib.sha256(f"{self.name}:{body}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{self.name}:{stable_repr(self._fn)}".encode()).hexdigest()[:16]
 
 
-def module_pass(name: str | None = None):
-    """Decorator: `@module_pass("my_pass") def f(m): ...` makes `f` a Pass instance."""
+def module_pass(name: str | Callable | None = None):
+    """Decorator: `@module_pass("my_pass") def f(m): ...` (or bare `@module_pass`) makes `f` a Pass instance."""
+    if callable(name):
+        return FunctionPass(name)
 
     def deco(fn):
         return FunctionPass(fn, name)

@@ -9,10 +9,11 @@ import torch
 
 from ..ir import dtypes as dt
 from ..ir import index as ix
+from ..ir.evaluator import apply_call, literal_tensor
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, map_indices, rewrite, substitute, walk
 from ..ir.module import Module, Opaque, Statement
-from ..ir.ops import MAP_OPS, infer
-from .base import Pass
+from ..ir.ops import infer
+from .base import Pass, stable_repr
 
 
 def _ranges(s: Statement) -> dict:
@@ -47,8 +48,30 @@ class _Ctx:
         self.ranges = _ranges(s)
 
 
+_NOT_LITERAL = object()
+
+
+def _is_typed_literal(e: Expr) -> bool:
+    """`f32(1.0)`, `bool(true)`: a literal cast to its category's default type, i.e. a literal that is not weak."""
+    return (isinstance(e, Call) and e.op == "cast" and isinstance(e.args[0], Const)
+            and e.attr == dt.DEFAULT_FOR_CATEGORY.get(e.attr.category))
+
+
+def _literal_tensor(e: Expr) -> torch.Tensor:
+    t = literal_tensor(e.args[0].value if _is_typed_literal(e) else e.value)
+    return t.to(e.attr.torch) if _is_typed_literal(e) else t
+
+
+def _literal(e: Expr):
+    """The Python value of a literal, weak or typed; `_NOT_LITERAL` for anything else."""
+    if isinstance(e, Const) or _is_typed_literal(e):
+        return _literal_tensor(e).item()
+    return _NOT_LITERAL
+
+
 def _lit(e: Expr, v) -> bool:
-    return isinstance(e, Const) and not isinstance(e.value, bool) and e.value == v
+    x = _literal(e)
+    return x is not _NOT_LITERAL and not isinstance(x, bool) and x == v
 
 
 def _same_type(ctx: _Ctx, old: Expr, new: Expr):
@@ -57,10 +80,10 @@ def _same_type(ctx: _Ctx, old: Expr, new: Expr):
 
 
 def _fold_literals(e: Call, ctx: _Ctx):
-    if e.op == "cast" or not all(isinstance(a, Const) for a in e.args):
+    if e.op == "cast" or any(_literal(a) is _NOT_LITERAL for a in e.args):
         return None
-    d, _ = ctx.dtype(e)
-    v = MAP_OPS[e.op].torch_fn(*[torch.tensor(a.value) for a in e.args]).to(d.torch).item()
+    d, weak = ctx.dtype(e)
+    v = apply_call(e, [_literal_tensor(a) for a in e.args], d, weak).item()  # exactly as the evaluator computes
     if isinstance(v, float) and math.isnan(v):
         return None  # keep the expression that makes the NaN readable
     return Const(bool(v) if d.category == "bool" else int(v) if d.category == "int" else float(v))
@@ -102,33 +125,35 @@ def _identity(e: Call, ctx: _Ctx):
 
 def _logic(e: Call, ctx: _Ctx):
     a = e.args
+    lits = [_literal(x) for x in a]
     true, false = Const(True), Const(False)
     if e.op == "and":
-        if a[0] == true or a[1] == true:
-            return _same_type(ctx, e, a[1] if a[0] == true else a[0])
-        if false in a:
+        if lits[0] is True or lits[1] is True:
+            return _same_type(ctx, e, a[1] if lits[0] is True else a[0])
+        if False in [x for x in lits if isinstance(x, bool)]:
             return false
     if e.op == "or":
-        if a[0] == false or a[1] == false:
-            return _same_type(ctx, e, a[1] if a[0] == false else a[0])
-        if true in a:
+        if lits[0] is False or lits[1] is False:
+            return _same_type(ctx, e, a[1] if lits[0] is False else a[0])
+        if True in [x for x in lits if isinstance(x, bool)]:
             return true
     if e.op == "not" and isinstance(a[0], Call) and a[0].op == "not":
         return _same_type(ctx, e, a[0].args[0])
     if e.op == "where":
-        if a[0] == true:
+        if lits[0] is True:
             return _same_type(ctx, e, a[1])
-        if a[0] == false:
+        if lits[0] is False:
             return _same_type(ctx, e, a[2])
         if a[1] == a[2]:
             return _same_type(ctx, e, a[1])
+        if lits[1] is not _NOT_LITERAL and repr(lits[1]) == repr(lits[2]):
+            return a[1]  # where(c, i64(0), 0): the same value either way; the driver keeps the type
     return None
 
 
 def _casts(e: Call, ctx: _Ctx):
-    if e.op == "cast" and isinstance(e.args[0], Const) and e.attr == dt.DEFAULT_FOR_CATEGORY.get(e.attr.category):
-        v = e.args[0].value  # i64(false) -> 0: a literal already has its category's default type
-        return Const(bool(v) if e.attr.category == "bool" else int(v) if e.attr.is_int else float(v))
+    if e.op == "cast" and _is_typed_literal(e.args[0]) and e.attr == dt.DEFAULT_FOR_CATEGORY.get(e.attr.category):
+        return Const(_literal_tensor(e.args[0]).to(e.attr.torch).item())  # f32(bool(true)) -> f32(1.0)
     if e.op == "cast":
         inner, weak = ctx.dtype(e.args[0])
         if inner == e.attr and not weak:
@@ -144,7 +169,7 @@ FOLD_RULES = [
     ("decide index comparisons by rank ranges", _index_compare),
     ("x*1, x+0, x-0, x/1 -> x", _identity),
     ("and/or with true/false, where(true|false|same)", _logic),
-    ("cast to own type, double negation", _casts),
+    ("casts of literals, cast to own type, double negation", _casts),
 ]
 
 
@@ -170,6 +195,17 @@ def _fold_constant_reduction(s: Statement) -> Statement:
     return s.replace(expr=out, reduce=None)
 
 
+def _keep_type(ctx: _Ctx, old: Expr, new: Expr, rule: str) -> Expr:
+    """A rewrite keeps type and weakness, which parents promote by: `h * f32(1.0)` (h f16) keeps its f32 literal."""
+    (d0, weak0), (d1, weak1) = ctx.dtype(old), ctx.dtype(new)
+    if d0 == d1 and weak0 == weak1:
+        return new
+    if d0 == d1 and weak1 and not weak0 and dt.DEFAULT_FOR_CATEGORY.get(d0.category) == d0:
+        return Call("cast", (new,), d0)
+    raise TypeError(f"fold rule {rule!r} rewrote a {d0}{' (weak)' * weak0} expression into a "
+                    f"{d1}{' (weak)' * weak1} one")
+
+
 class FoldConstants(Pass):
     """Applies FOLD_RULES bottom-up to every expression until nothing changes."""
 
@@ -185,8 +221,10 @@ class FoldConstants(Pass):
             def visit(n: Expr):
                 if not isinstance(n, Call):
                     return None
-                for _, fn in self._rules:
+                for what, fn in self._rules:
                     out = fn(n, ctx)
+                    if out is not None:
+                        out = _keep_type(ctx, n, out, what)
                     if out is not None and out != n:
                         return out
                 return None
@@ -197,13 +235,15 @@ class FoldConstants(Pass):
                 if new == expr:
                     break
                 expr = new
+            if _is_typed_literal(expr):  # the statement's declared type types the whole expression: i64(0) -> 0
+                inner = expr.args[0]
+                expr = inner if inner.category == expr.attr.category else Const(_literal(expr))
             return _fold_constant_reduction(s.replace(expr=expr))
 
         return _map_statements(m, one)
 
     def fingerprint(self) -> str:
-        names = ",".join(f"{fn.__module__}.{fn.__qualname__}" for _, fn in self._rules)
-        return hashlib.sha256(f"fold_constants:{names}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"fold_constants:{stable_repr(self._rules)}".encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- copy inlining
