@@ -15,6 +15,7 @@ import test_models as tm
 import torch
 
 import einfuse
+from einfuse.ir.module import Statement
 from einfuse.frontend.dynamo import COMPILED
 from einfuse.ir import parse
 from einfuse.ir.verify import verify
@@ -164,7 +165,9 @@ def test_model_matches_eager(name, zoo, on_triton, record_property):
     case, cm = zoo[name], on_triton[name]
     assert cm.variant.fallback is None, cm.variant.fallback
     assert cm.variant.backend == "triton" and isinstance(cm.variant.run, TritonRunner)
-    assert sum(s.spec is not None for s in cm.variant.run.steps) > 40  # kernels, not torch, did the work
+    steps = cm.variant.run.steps
+    assert sum(s.spec is not None for s in steps) >= 10  # kernels, not torch, did the work
+    assert all(s.spec is not None or s.skip for s in steps if isinstance(s.op, Statement))
     errors = errors_against_eager(case, cm, tm.fresh_inputs(case))
     record_property("max_rel_error", errors)
     print(f"{name}: max relative error {errors}")

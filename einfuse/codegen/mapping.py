@@ -30,9 +30,10 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 
 def choose(m: Module, s: Statement, block_mn: int = 64, block_k: int | None = None) -> Mapping:
-    """The default mapping of one statement. A contraction's K tile is 64 on tensor cores (half the
-    loop trips of 32, which the interpreter runs one by one) and 32 for IEEE f32, whose FMA loop keeps
-    both operand tiles in registers and spills at 64."""
+    """The default mapping of one statement. A contraction's K tile is 64 for 16-bit operands (half the
+    loop trips of 32, which the interpreter runs one by one) and 32 for 32-bit ones, whose operand tiles
+    take twice the registers (IEEE f32 keeps both in registers for its FMA loop; tf32 with two
+    accumulators spills at 64)."""
     hints = {k: int(v) for k, v in m.size_hints}
     ext = s.ranks()
     out = [p for p in s.index if isinstance(p, sympy.Symbol)]
@@ -51,7 +52,7 @@ def choose(m: Module, s: Statement, block_mn: int = 64, block_k: int | None = No
             bm = _clamp_pow2(numel(M), 16, block_mn)
             bn = _clamp_pow2(numel(N), 16, block_mn)
             prec = float32_precision() if parts.operand.name == "f32" else ""
-            bk = _clamp_pow2(numel(red), 16, block_k or (32 if prec == "ieee" or parts.operand.name == "f64" else 64))
+            bk = _clamp_pow2(numel(red), 16, block_k or (64 if parts.operand.bits <= 16 else 32))
             return Mapping("dot", rows=M, cols=N, red=red, batch=B,
                            tiles=(("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)), input_precision=prec)
     br = _clamp_pow2(numel(red), 16, 1024)

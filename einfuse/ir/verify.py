@@ -81,12 +81,13 @@ def _guard(diff, ranges: dict, op: str) -> dict:
 
 
 def _guarded(p, lo, hi, ranges: dict):
-    """Bounds of index `p` tightened by guard facts about expressions it differs from by a constant."""
+    """Bounds of index `p` tightened by guard facts: p = a + d with a guarded gives a's bounds plus d's."""
+    plain = {k: v for k, v in ranges.items() if not isinstance(k, tuple)}
     for key, (glo, ghi) in ranges.items():
         if isinstance(key, tuple) and key[0] == "guard":
             d = sympy.expand(sympy.sympify(p) - key[1])
-            if d.is_number:
-                lo, hi = sympy.Max(lo, glo + d), sympy.Min(hi, ghi + d)
+            dlo, dhi = ix.bounds(d, plain)
+            lo, hi = sympy.Max(lo, glo + dlo), sympy.Min(hi, ghi + dhi)
     return lo, hi
 
 

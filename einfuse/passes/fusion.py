@@ -12,11 +12,12 @@ import sympy
 
 from ..ir import index as ix
 from ..ir.contraction import contraction
-from ..ir.expr import Access, Expr, accesses, map_indices, rewrite, substitute, walk
+from ..ir.expr import Access, Call, Expr, accesses, map_indices, rewrite, substitute, walk
 from ..ir.module import Kernel, Module, Opaque, Statement
 from .base import Pass
 from .cascade import is_map
 
+MAX_ACCUMULATORS = 2  # contractions sharing a kernel: a third 64x64 f32 accumulator spills registers
 INLINE_LIMIT = 160  # expression nodes: beyond this an inlined chain is kept as its own statement
 
 
@@ -103,17 +104,35 @@ def epilogues(m: Module) -> set:
     return {n for n, r in root.items() if n != r}
 
 
+TRANSCENDENTAL = {"exp", "exp2", "log", "log2", "log1p", "expm1", "sin", "cos", "tan", "tanh", "erf", "sigmoid",
+                  "silu", "gelu", "gelu_tanh", "atan2", "pow", "rsqrt", "sqrt"}
+
+
+def shared_and_costly(m: Module, inlinable: set) -> set:
+    """Maps several statements read that compute transcendental functions, themselves or through maps
+    that will be inlined into them (RoPE's cos/sin tables): computing them once beats recomputing them
+    inside every reader's loops."""
+    users, prod = m.users(), m.producers()
+    costly: dict = {}
+    for s in m.statements:
+        if s.name in inlinable:
+            costly[s.name] = any(isinstance(n, Call) and n.op in TRANSCENDENTAL for n in walk(s.expr)) or any(
+                costly.get(a.tensor, False) for a in accesses(s.expr) if a.tensor in inlinable)
+    return {n for n, c in costly.items() if c and len(users.get(n, [])) > 1 and isinstance(prod[n], Statement)}
+
+
 class FuseElementwise(Pass):
     """Inlines elementwise statements into every reader (recomputing a map is cheaper than storing it and
-    reading it back), except maps that read a contraction's result in place: those become its epilogue."""
+    reading it back), except maps that read a contraction's result in place (they become its epilogue)
+    and shared transcendental tables (computed once)."""
 
     name = "fuse_elementwise"
 
     def run(self, m: Module) -> Module:
         grouped = set(m.group_of())
         pinned = set(m.outputs) | grouped | {r for op in m.body if isinstance(op, Opaque) for r in op.reads()}
-        keep = pinned | epilogues(m)
-        return inline(m, {s.name for s in m.statements if is_map(s) and s.name not in keep})
+        candidates = {s.name for s in m.statements if is_map(s)} - pinned - epilogues(m)
+        return inline(m, candidates - shared_and_costly(m, candidates))
 
 
 # ---------------------------------------------------------------- kernel groups
@@ -158,7 +177,7 @@ def valid_group(m: Module, kind: str, members: list) -> bool:
     inside = set(members)
     if kind == "dot":
         dots = [s for s in stmts if contraction(s, dtype) is not None]
-        if not dots or any(not is_map(s) for s in stmts if s not in dots):
+        if not dots or len(dots) > MAX_ACCUMULATORS or any(not is_map(s) for s in stmts if s not in dots):
             return False
         c0 = contraction(dots[0], dtype)
         shape = lambda c, s, rs: sympy.Mul(*[s.ranks()[r] for r in rs])  # noqa: E731

@@ -39,8 +39,13 @@ class Verify(Instrument):
 
 
 def dump_header(label: str, ms: float | None, module: Module) -> str:
+    """Which pass made the dump, how long it took, its size, and FuseMax's pass count of every attention."""
+    from .attention import report
+
     timing = f" · {ms:.2f} ms" if ms is not None else ""
-    return f"# einfuse IR after {label}{timing} · {len(module.body)} statements\n"
+    lines = [f"# einfuse IR after {label}{timing} · {len(module.body)} statements"]
+    lines += [f"# attention {name!r}: {n} pass{'es' if n != 1 else ''} over the key rank" for name, n in report(module)]
+    return "\n".join(lines) + "\n"
 
 
 class Dump(Instrument):
