@@ -12,7 +12,7 @@ import sympy
 
 from ..ir import index as ix
 from ..ir.contraction import contraction
-from ..ir.expr import Access, Call, Expr, accesses, map_indices, rewrite, substitute, walk
+from ..ir.expr import Access, Call, Expr, accesses, index_symbols, map_indices, rewrite, substitute, walk
 from ..ir.module import Kernel, Module, Opaque, Statement
 from .base import Pass
 from .cascade import is_map
@@ -108,15 +108,23 @@ TRANSCENDENTAL = {"exp", "exp2", "log", "log2", "log1p", "expm1", "sin", "cos", 
                   "silu", "gelu", "gelu_tanh", "atan2", "pow", "rsqrt", "sqrt"}
 
 
+def _table(s: Statement) -> bool:
+    """A transcendental function of two or more ranks: a table (RoPE's cos over positions x frequencies),
+    not a per-row scalar like RMSNorm's rsqrt, which a contraction hoists out of its loop anyway."""
+    wide = {r for r, n in s.ranks().items() if n != 1}
+    return any(isinstance(n, Call) and n.op in TRANSCENDENTAL and len(index_symbols(n) & wide) >= 2
+               for n in walk(s.expr))
+
+
 def shared_and_costly(m: Module, inlinable: set) -> set:
-    """Maps several statements read that compute transcendental functions, themselves or through maps
-    that will be inlined into them (RoPE's cos/sin tables): computing them once beats recomputing them
-    inside every reader's loops."""
+    """Maps several statements read that compute transcendental tables, themselves or through maps that
+    will be inlined into them (RoPE's cos/sin): computing them once beats recomputing them inside every
+    reader's loops."""
     users, prod = m.users(), m.producers()
     costly: dict = {}
     for s in m.statements:
         if s.name in inlinable:
-            costly[s.name] = any(isinstance(n, Call) and n.op in TRANSCENDENTAL for n in walk(s.expr)) or any(
+            costly[s.name] = _table(s) or any(
                 costly.get(a.tensor, False) for a in accesses(s.expr) if a.tensor in inlinable)
     return {n for n, c in costly.items() if c and len(users.get(n, [])) > 1 and isinstance(prod[n], Statement)}
 
