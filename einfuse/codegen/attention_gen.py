@@ -17,6 +17,10 @@ from .triton_gen import TL, Body, _TritonIndex, compute_dtype, next_pow2
 
 NEG_INF = Const(-math.inf)
 ROLES = ("qk", "lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")
+# The per-step row max and sum over an f32 score tile: what tl.max / tl.sum expand to on a GPU, called
+# directly because those are jit functions, and each jit call inside the key loop costs the interpreter
+# a full re-patch of triton.language (about 1 ms, a third of an attention kernel's interpreted time).
+TILE_REDUCE = {"max": "tl.standard._elementwise_max", "sum": "tl.standard._sum_combine"}
 
 
 class Roles:
@@ -183,7 +187,7 @@ def attention_body(gen, mp: Mapping):
         s: Statement = getattr(r, role)
         code, _ = sb.value(s.expr)
         if reduce_to:
-            code = sb.emit(f"tl.{reduce_to}({code}, axis=1, keep_dims=True)", role)
+            code = sb.emit(f"tl.reduce({code}, 1, {TILE_REDUCE[reduce_to]}, keep_dims=True)", role)
         held[s.name] = code if role not in ("rm", "rd") else {**held[s.name], "next": code}
     lines += sb.lines
     vb = Body(gen, {**names, m1: "m1", m0: "m0v", f: "fv"}, {f: "fmask"} if f_rag else {}, rng, ind)

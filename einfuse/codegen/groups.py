@@ -49,6 +49,7 @@ class GroupGen(KernelGen):
             members = [s if n == 0 else rename_ranks(s, f"_{n}") for n, s in enumerate(stmts)]
         self.kernel = kernel
         self.members = members
+        self.m_types = m.types()
         anchor = self.anchor(members)
         super().__init__(m, anchor, kname, line)
         for s in members:
@@ -56,6 +57,10 @@ class GroupGen(KernelGen):
         self.stored = stored_members(m, kernel.members)
 
     def anchor(self, members):
+        """The statement the kernel is tiled by: a dot group's first contraction, else the first member."""
+        if self.kernel.kind == "dot":
+            types = self.m_types
+            return next((s for s in members if contraction(s, lambda n: types[n].dtype) is not None), members[0])
         return members[0]
 
     def comment(self) -> list:
@@ -95,8 +100,23 @@ class GroupGen(KernelGen):
             out.append((s, c))
         return out
 
+    def group_stats(self) -> list:
+        from ..passes.fusion import stat_binding
+
+        dots = [d for d, _ in self.group_dots()]
+        out, self.stat_index = [], {}
+        for s in self.members:
+            if s.reduce is None or contraction(s, self.dtype_of) is not None:
+                continue
+            bind = next((b for b in (stat_binding(self.m, s, d) for d in dots) if b), None)
+            if bind is None:
+                raise GroupUnsupported(f"{s.name} is not a row statistic of the group's contraction")
+            self.stat_index[s.name] = [sympy.sympify(p).xreplace(bind) for p in s.index]
+            out.append((s, substitute(s.expr, bind)))
+        return out
+
     def epilogue(self, names: dict, values: dict, mask: str, indent: str) -> list:
-        maps = [s for s in self.members if contraction(s, self.dtype_of) is None]
+        maps = [s for s in self.members if contraction(s, self.dtype_of) is None and s.reduce is None]
         if not maps:
             return []
         lines = [f"{indent}eflat = {self.store_offset(names)}"]

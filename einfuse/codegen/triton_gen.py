@@ -521,7 +521,20 @@ class KernelGen:
         bb = Body(self, {**names, **kb}, {**outer, **{r: "kmask_b" for r in K if k_ragged}}, rng, "        ", pre, K,
                   self.flats("rkb", K, kb) + fl)
         operands = [(ba.value(parts.a)[0], bb.value(parts.b)[0]) for _, parts in dots]
-        lines += pre.lines + loop + ba.lines + bb.lines
+        # row statistics (an RMSNorm's sum of squares) accumulate over the same K loop as the operands
+        stats = []
+        for st, expr in self.group_stats():
+            op = REDUCE_OPS[st.reduce.op]
+            acc_t, ident, combine, final = _reduce_parts(op.name, infer(expr, self.dtype_of)[0])
+            code, _ = ba.value(expr)
+            var = self.fresh(f"{st.name}_acc")
+            stats.append((st, var, acc_t, ident, combine, final, code))
+        lines += pre.lines
+        lines += [f"    {var} = tl.full([BLOCK_M, BLOCK_K], {ident}, {acc_t})" for _, var, acc_t, ident, *_ in stats]
+        lines += loop + ba.lines + bb.lines
+        for st, var, acc_t, ident, combine, final, code in stats:
+            x = f"tl.where(kmask_a, tl.cast({code}, {acc_t}), {ident})" if k_ragged else f"tl.cast({code}, {acc_t})"
+            lines.append(f"        {var} = {combine.format(var, x)}")
         # Past the end of K both operands must be 0 (a masked load gives 0; a computed operand, e.g.
         # exp(0), may not). Rows past M and columns past N are never stored, so need no zeroing.
         ready: dict = {}
@@ -550,6 +563,9 @@ class KernelGen:
                 lines.append(f"        {acc} = libm.dot({a}, {b}, {acc})")
         be = Body(self, names, outer, rng, "    ", flats=fl)
         values: dict = {}
+        for st, var, acc_t, ident, combine, final, code in stats:
+            values[st.name] = (be.emit(final.format(var), st.name), infer(st.expr, self.dtype_of)[0])
+        be.reg = lambda a: values[a.tensor][0] if a.tensor in values else None
         for acc, (d, parts) in zip(accs, dots):
             res = acc
             for op, y in parts.post:
@@ -559,6 +575,13 @@ class KernelGen:
         lines += be.lines
         mask = " & ".join(["mmask"] * m_ragged + ["nmask"] * n_ragged)
         store_mask = f", mask={mask}" if mask else ""
+        for st, *_ in stats:  # every column tile computed the same statistic: the first one stores it
+            if st.name in self.stored:
+                off = sympy.expand(sum((p * sd for p, sd in zip(self.stat_index[st.name], strides(st.type.shape))),
+                                       sympy.Integer(0)))
+                smask = f"(rm < {numM}) & (tl.zeros_like(rm) + pid_n == 0)"  # a tensor mask, as the interpreter needs
+                lines.append(f"    tl.store({self.pointer(st.name)} + {be.index(off)}, "
+                             f"{self.store_cast(values[st.name][0], values[st.name][1], st)}, mask={smask})")
         for d, _ in dots:
             if d.name in self.stored:
                 code, vd = values[d.name]
@@ -572,6 +595,10 @@ class KernelGen:
     def group_dots(self) -> list:
         """(statement, Contraction) of each contraction, ranks renamed to the first one's by role."""
         return [(self.s, contraction(self.s, self.dtype_of))]
+
+    def group_stats(self) -> list:
+        """(statement, its expression in the anchor's ranks) of each row statistic computed in the K loop."""
+        return []
 
     def epilogue(self, names: dict, values: dict, mask: str, indent: str) -> list:
         """Maps of the group over the same flat index as the anchor, computed from registers."""

@@ -171,8 +171,39 @@ def _row_stats(m: Module, p: Statement, c: Statement, a: Access) -> bool:
     return flat_identity(m.types(), a, c)
 
 
+def stat_binding(m: Module, stat: Statement, reader: Statement) -> dict | None:
+    """How a row statistic (a reduction over one rank) is computed inside the contraction `reader`
+    (an RMSNorm's sum of squares feeding the projection it normalizes): its ranks in the reader's ranks
+    (output ranks through the reader's access, the reduced rank as the reader's K), when the
+    statistic reads only a row of what the contraction's own K loop walks over."""
+    types = m.types()
+    c = contraction(reader, lambda n: types[n].dtype)
+    if c is None or stat.reduce is None or stat.iterate is not None or len(stat.reduce.ranks) != 1 or len(c.k) != 1:
+        return None
+    if stat.reduce.op not in ("sum", "max", "min") or contraction(stat, lambda n: types[n].dtype) is not None:
+        return None
+    uses = [a for a in accesses(reader.expr) if a.tensor == stat.name]
+    if not uses or any(a.tensor == stat.name for f in (c.a, c.b) for a in accesses(f)):
+        return None  # read inside an operand: not a post factor of the contraction
+    pos = uses[0].indices
+    if any(u.indices != pos for u in uses) or any(isinstance(p, Expr) for p in pos):
+        return None
+    (r, n), = stat.reduce.ranks
+    if sympy.simplify(n - reader.ranks()[c.k[0]]) != 0:
+        return None
+    bind = {**dict(zip(stat.index, pos)), r: c.k[0]}
+    if index_symbols(substitute(stat.expr, bind)) - set(c.m) - set(c.k) - set(c.batch):
+        return None  # it would need the contraction's N ranks: not one row
+    return bind
+
+
+def _stat_prologue(m: Module, p: Statement, c: Statement, a: Access) -> bool:
+    return stat_binding(m, p, c) is not None
+
+
 RULES = [
     Rule("contraction + epilogue (bias, activation, residual, scale, cast)", "dot", _epilogue),
+    Rule("row statistic computed in the contraction's K loop (norm + projection)", "dot", _stat_prologue),
     Rule("row statistics computed together (norms, softmax)", "rows", _row_stats),
 ]
 
@@ -185,14 +216,18 @@ def valid_group(m: Module, kind: str, members: list) -> bool:
     inside = set(members)
     if kind == "dot":
         dots = [s for s in stmts if contraction(s, dtype) is not None]
-        if not dots or len(dots) > MAX_ACCUMULATORS or any(not is_map(s) for s in stmts if s not in dots):
+        stats = [s for s in stmts if s.reduce is not None and s not in dots]
+        if not dots or len(dots) > MAX_ACCUMULATORS or any(not is_map(s) for s in stmts if s not in dots + stats):
             return False
+        if any(not any(stat_binding(m, st, d) for d in dots) for st in stats):
+            return False
+        stmts = [s for s in stmts if s not in stats]
         c0 = contraction(dots[0], dtype)
         shape = lambda c, s, rs: sympy.Mul(*[s.ranks()[r] for r in rs])  # noqa: E731
         for d in dots:
             c = contraction(d, dtype)
-            if any(a.tensor in inside for a in accesses(d.expr)):
-                return False  # a contraction reads only tensors from outside its kernel
+            if any(a.tensor in inside and prod[a.tensor] not in stats for a in accesses(d.expr)):
+                return False  # a contraction reads only tensors from outside its kernel (or its statistics)
             if any(sympy.simplify(shape(c, d, getattr(c, x)) - shape(c0, dots[0], getattr(c0, x))) != 0
                    for x in ("m", "n", "k", "batch")):
                 return False
