@@ -90,7 +90,7 @@ def cmd_parse(ns) -> int:
 def cmd_demo(ns) -> int:
     from .demo import run_demo
 
-    return run_demo(dump_dir=ns.dump_dir, seq=ns.seq, model=ns.model)
+    return run_demo(dump_dir=ns.dump_dir, seq=ns.seq, model=ns.model, fusion_seq=ns.fusion_seq)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", choices=("llama", "gpt2", "minilm"), default="llama")
     d.add_argument("--seq", type=int, default=32, help="sequence length of the example input")
     d.add_argument("--dump-dir", default="einfuse_dump", help="where the per-pass IR files go")
+    d.add_argument("--fusion-seq", type=int, default=512,
+                   help="tokens for the fusion before/after table of a Llama layer (0 skips it)")
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("compile", help="compile a model defined in a Python file and write the dumps")

@@ -29,7 +29,7 @@ def _first_tensor(out):
     return next(x for x in leaves if isinstance(x, torch.Tensor))
 
 
-def run_demo(dump_dir: str = "einfuse_dump", seq: int = 32, model: str = "llama") -> int:
+def run_demo(dump_dir: str = "einfuse_dump", seq: int = 32, model: str = "llama", fusion_seq: int = 512) -> int:
     import einfuse
 
     from .passes.instruments import max_rel_error
@@ -67,4 +67,9 @@ def run_demo(dump_dir: str = "einfuse_dump", seq: int = 32, model: str = "llama"
     if cm.variant.backend == "triton":
         print("\n== memory traffic (measured under Triton's interpreter) and roofline model")
         print(cm.report(*fresh_args, **fresh_kwargs).text(top=12))
+    if fusion_seq:
+        from .fusion_table import measure, text
+
+        print("\n== what fusion saves on a Llama layer (kernels; bytes measured under the interpreter)")
+        print(text(measure(fusion_seq), fusion_seq))
     return 0 if status == "OK" else 1
