@@ -10,7 +10,7 @@ import sympy
 
 from ..ir import index as ix
 from ..ir.contraction import _mul_factors, _narrow_operand, _product, contraction
-from ..ir.expr import Access, Call, Const, IndexValue, accesses, index_symbols, substitute
+from ..ir.expr import Access, Call, Const, IndexValue, accesses, index_symbols, map_indices, substitute
 from ..ir.module import Statement
 from .kernel import Mapping
 from .triton_gen import TL, Body, _TritonIndex, compute_dtype, next_pow2
@@ -60,14 +60,50 @@ def _qk_parts(gen, r: Roles):
     return qa, kb, qt if qt == kt else c.operand, post, e
 
 
+def _row_cap(op_t) -> int:
+    """Query rows per program. IEEE f32 dots run on CUDA cores from registers: a short query tile
+    keeps them unspilled."""
+    return 16 if op_t.bits == 32 and _precision() == "ieee" else 64
+
+
+def _value_expr(r: Roles):
+    """V, the factors of the numerator's contraction other than the probabilities."""
+    return _product([x for x in _mul_factors(r.slnv.expr) if r.sln.name not in {a.tensor for a in accesses(x)}])
+
+
+def gqa_packing(gen, r: Roles) -> tuple | None:
+    """(head rank h, group size G) when G query heads share every K/V tile (K and V read h only as
+    h // G) and G times the query length fits one program's rows (decode with GQA): those heads become
+    the rows of one program, so each K/V tile is loaded once per KV head, not once per query head."""
+    L = sympy.sympify(gen.extents[r.p])
+    if not L.is_Integer:
+        return None
+    _, k_expr, op_t, _, _ = _qk_parts(gen, r)
+    v_expr = _value_expr(r)
+    for h in r.lead:
+        H = sympy.sympify(gen.extents[h])
+        if not H.is_Integer:
+            continue
+        for G in sorted((d for d in sympy.divisors(int(H)) if d > 1 and d * int(L) <= _row_cap(op_t)), reverse=True):
+            g, hh = sympy.Dummy("g", integer=True, nonnegative=True), sympy.Dummy("hh", integer=True, nonnegative=True)
+            rng = {**gen.ranges(), g: (sympy.Integer(0), H / G - 1), hh: (sympy.Integer(0), sympy.Integer(G - 1))}
+
+            def split(pos, h=h, G=G, g=g, hh=hh, rng=rng):
+                return ix.simplify(sympy.expand(sympy.sympify(pos).xreplace({h: G * g + hh})), rng)
+
+            if all(hh not in index_symbols(map_indices(x, split)) for x in (k_expr, v_expr)):
+                return h, G
+    return None
+
+
 def attention_mapping(gen) -> Mapping:
     r = Roles(gen)
     q_expr, _, op_t, _, e = _qk_parts(gen, r)
     L, E, F = (gen.hint(gen.extents[x]) for x in (r.p, e, r.f))
     be, bf = max(16, next_pow2(E)), max(16, next_pow2(F))
-    # IEEE f32 dots run on CUDA cores from registers: a short query tile keeps them unspilled
     ieee = op_t.bits == 32 and _precision() == "ieee"
-    bp = max(16, min(16 if ieee else 64, next_pow2(L)))
+    pack = gqa_packing(gen, r)
+    bp = max(16, min(_row_cap(op_t), next_pow2(L * (pack[1] if pack else 1))))
     warps = 4 if ieee or max(be, bf) <= 64 else 8
     return Mapping("attention", rows=(r.p,), cols=(r.f,), red=(r.m1, r.m0), batch=tuple(r.lead),
                    tiles=(("BLOCK_P", bp), ("BLOCK_M0", r.tile), ("BLOCK_E", be), ("BLOCK_F", bf)), num_warps=warps)
@@ -139,18 +175,34 @@ def attention_body(gen, mp: Mapping):
     names = gen.rank_names(lead)
     L, E, F = gen.extents[p], gen.extents[e], gen.extents[f]
     p_rag, e_rag, f_rag = gen.ragged([p], tiles["BLOCK_P"]), gen.ragged([e], tiles["BLOCK_E"]), gen.ragged([f], tiles["BLOCK_F"])
-    gen.attention_names = {m1: "m1", sympy.Symbol("p_lo"): "p_lo", sympy.Symbol("p_hi"): "p_hi", **names}
     lines = ["    pid_p = tl.program_id(0)", "    pid_b = tl.program_id(1)"]
-    lines += gen.delinearize("pid_b", lead, names, "    ")
-    lines += ["    p_lo = pid_p * BLOCK_P", "    p_hi = p_lo + BLOCK_P - 1",
-              "    p = p_lo + tl.arange(0, BLOCK_P)[:, None]"] + [f"    pmask = p < {gen.ext(L)}"] * p_rag
+    pack = gqa_packing(gen, r)
+    pmask = {p: "pmask"} if p_rag else {}
+    kv_names = names
+    if pack is None:
+        lines += gen.delinearize("pid_b", lead, names, "    ")
+        lines += ["    p_lo = pid_p * BLOCK_P", "    p_hi = p_lo + BLOCK_P - 1",
+                  "    p = p_lo + tl.arange(0, BLOCK_P)[:, None]"] + [f"    pmask = p < {gen.ext(L)}"] * p_rag
+        programs = [ix.FloorDiv(L + tiles["BLOCK_P"] - 1, tiles["BLOCK_P"]), gen.numel(lead)]
+    else:  # GQA packing: program (.., g, ..) runs query heads G*g .. G*g + G - 1 as its rows
+        h, G = pack
+        g = ix.rank(gen.fresh(f"{names[h]}_kv"))
+        gen.extents[g] = sympy.sympify(gen.extents[h]) / G
+        row, hh = gen.fresh("row"), gen.fresh(f"{names[h]}_in")
+        lines += gen.delinearize("pid_b", [g if x == h else x for x in lead], {**names, g: str(g)}, "    ")
+        lines += [f"    {row} = tl.arange(0, BLOCK_P)[:, None]", f"    {hh} = {row} // {L}", f"    p = {row} % {L}",
+                  f"    pmask = {row} < {G * L}", "    p_lo = 0", f"    p_hi = {L - 1}"]
+        kv_names = {**names, h: f"({G}*{g})"}  # K and V read h only as h // G: the same for every row
+        names = {**names, h: f"({G}*{g} + {hh})"}
+        p_rag, pmask = True, {p: "pmask", h: "pmask"}
+        programs = [sympy.Integer(1), gen.numel(lead) / G]
+    gen.attention_names = {m1: "m1", sympy.Symbol("p_lo"): "p_lo", sympy.Symbol("p_hi"): "p_hi", **names}
     lines += ["    eq = tl.arange(0, BLOCK_E)[None, :]", "    ek = tl.arange(0, BLOCK_E)[:, None]",
               "    m0k = tl.arange(0, BLOCK_M0)[None, :]", "    m0v = tl.arange(0, BLOCK_M0)[:, None]",
               "    fv = tl.arange(0, BLOCK_F)[None, :]"]
     lines += [f"    emask_q = eq < {gen.ext(E)}", f"    emask_k = ek < {gen.ext(E)}"] * e_rag
     lines += [f"    fmask = fv < {gen.ext(F)}"] * f_rag
     rng = gen.ranges()
-    pmask = {p: "pmask"} if p_rag else {}
     # Q: loaded once per program
     qb = Body(gen, {**names, p: "p", e: "eq"}, {**pmask, **({e: "emask_q"} if e_rag else {})}, rng, "    ")
     qc, _ = qb.value(q_expr)
@@ -172,7 +224,7 @@ def attention_body(gen, mp: Mapping):
     held: dict = {r.qk.name: "qk_t", r.rm.name: {"carry": "run_max"}, r.rd.name: {"carry": "run_den"},
                   r.rnv.name: {"carry": "run_num"}}
     reg = _register(r, held)
-    kb = Body(gen, {**names, m1: "m1", m0: "m0k", e: "ek"}, {e: "emask_k"} if e_rag else {}, rng, ind)
+    kb = Body(gen, {**kv_names, m1: "m1", m0: "m0k", e: "ek"}, {e: "emask_k"} if e_rag else {}, rng, ind)
     kc, _ = kb.value(k_expr)
     lines += kb.lines
     k_tile = f"tl.where(emask_k, {kc}, 0)" if e_rag and "emask_k" not in kb.zero_where.get(kc, ()) else kc
@@ -190,10 +242,9 @@ def attention_body(gen, mp: Mapping):
             code = sb.emit(f"tl.reduce({code}, 1, {TILE_REDUCE[reduce_to]}, keep_dims=True)", role)
         held[s.name] = code if role not in ("rm", "rd") else {**held[s.name], "next": code}
     lines += sb.lines
-    vb = Body(gen, {**names, m1: "m1", m0: "m0v", f: "fv"}, {f: "fmask"} if f_rag else {}, rng, ind)
+    vb = Body(gen, {**kv_names, m1: "m1", m0: "m0v", f: "fv"}, {f: "fmask"} if f_rag else {}, rng, ind)
     vb.reg = reg
-    v_factors = [x for x in _mul_factors(r.slnv.expr) if r.sln.name not in {a.tensor for a in accesses(x)}]
-    (v_inner, v_t) = _narrow_operand(_product(v_factors), gen.dtype_of)
+    (v_inner, v_t) = _narrow_operand(_value_expr(r), gen.dtype_of)
     vc, _ = vb.value(v_inner)
     lines += vb.lines
     v_op = TL[v_t.name] if v_t.is_float and v_t.bits < 32 else "tl.float32"
@@ -221,17 +272,43 @@ def attention_body(gen, mp: Mapping):
         if s.name in gen.stored:
             lines.append(f"    tl.store({gen.pointer(s.name)} + {gen.store_offset(own, stmt=s)}, "
                          f"{gen.store_cast(code, d, s)}{f', mask={masks}' if masks else ''})")
-    grid = [ix.FloorDiv(L + tiles["BLOCK_P"] - 1, tiles["BLOCK_P"]), gen.numel(lead)]
-    return lines, grid
+    return lines, programs
 
 
 def _live_conditions(e) -> list:
-    """Conditions of the where(c, ..., -inf) chain wrapping the scores: a key is live only if all hold."""
+    """Conditions of the where(c, ..., -inf) chain wrapping the scores: a key is live only if all hold.
+    masked_fill writes the chain the other way round, where(c, -inf, ...): then not(c) must hold."""
     out = []
-    while isinstance(e, Call) and e.op == "where" and e.args[2] == NEG_INF:
-        out.append(e.args[0])
-        e = e.args[1]
+    while isinstance(e, Call):
+        if e.op == "cast" and e.attr.is_float:  # f32(where(c, bf16(-inf), s)): a cast keeps -inf
+            e = e.args[0]
+        elif e.op == "where" and _neg_inf(e.args[2]):
+            out.append(e.args[0])
+            e = e.args[1]
+        elif e.op == "where" and _neg_inf(e.args[1]):
+            out.append(_negate(e.args[0]))
+            e = e.args[2]
+        else:
+            break
     return out
+
+
+def _neg_inf(e) -> bool:
+    return e == NEG_INF or (isinstance(e, Call) and e.op == "cast" and _neg_inf(e.args[0]))
+
+
+_FLIP = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}
+
+
+def _negate(c):
+    """not(c) for index conditions (comparisons flipped, De Morgan); anything else stays not(c)."""
+    if isinstance(c, Call) and c.op in _FLIP:
+        return Call(_FLIP[c.op], c.args)
+    if isinstance(c, Call) and c.op in ("and", "or"):
+        return Call("or" if c.op == "and" else "and", tuple(_negate(x) for x in c.args))
+    if isinstance(c, Call) and c.op == "not":
+        return c.args[0]
+    return Call("not", (c,))
 
 
 def _precision() -> str:

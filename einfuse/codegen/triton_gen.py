@@ -205,6 +205,9 @@ class Body:
         if to == dt.bool_:
             return f"({x}) != 0"
         if to.is_float and to.bits < 32:  # round to the narrow type, keep computing in f32
+            # integers go through f32 first: Triton's interpreter casts an integer to bf16/f16 by
+            # reinterpreting its bits (-1 -> NaN); on a GPU int -> f32 -> bf16 is the same value
+            x = x if src.is_float else f"tl.cast({x}, tl.float32)"
             return f"tl.cast(tl.cast({x}, {TL[to.name]}), tl.float32)"
         return f"tl.cast({x}, {TL[compute_dtype(to).name]})"
 
@@ -440,6 +443,8 @@ class KernelGen:
 
     def store_cast(self, code: str, d: dt.DType, stmt: Statement | None = None) -> str:
         out = (stmt or self.s).type.dtype
+        if out.is_float and out.bits < 32 and not d.is_float:  # through f32, as in Body.cast
+            code = f"tl.cast({code}, tl.float32)"
         return f"tl.cast({code}, {TL[out.name]})" if (out != d or compute_dtype(out) != out or out.is_int) else code
 
     def gen_reduce(self, mp: Mapping):

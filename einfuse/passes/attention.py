@@ -23,7 +23,8 @@ import sympy
 from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.contraction import contraction
-from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, substitute
+from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, index_symbols, map_indices, rewrite,
+                       substitute)
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
 from .base import Pass
@@ -83,13 +84,30 @@ def _unsafe(e: Expr) -> tuple[Expr, bool]:
     return e, False
 
 
+def _drop_rounding(e: Expr, dtype_of) -> Expr:
+    """f32(bf16(x)) -> x for an f32 x: softmax probabilities rounded to the value operand's type before
+    the second matmul (transformers' eager bf16 attention) are matched without the rounding, which the
+    rewrite drops (it only adds error); the kernel rounds its unnormalized probability tile to V's type
+    for the tensor-core dot instead."""
+
+    def visit(n: Expr):
+        if (isinstance(n, Call) and n.op == "cast" and isinstance(n.args[0], Call) and n.args[0].op == "cast"
+                and n.args[0].attr.is_float and n.args[0].attr.bits < n.attr.bits
+                and infer(n.args[0].args[0], dtype_of)[0] == n.attr):
+            return _drop_rounding(n.args[0].args[0], dtype_of)
+        return None
+
+    return rewrite(e, visit)
+
+
 def match(m: Module, av: Statement) -> Cascade | None:
     """The cascade ending in `av`, or None."""
     if not _is_contraction(av) or len(av.reduce.ranks) != 1:
         return None
     prod = m.producers()
     key = av.reduce.ranks[0][0]
-    num, den = monomial(read_through(av.expr, prod))
+    types = m.types()
+    num, den = monomial(_drop_rounding(read_through(av.expr, prod), lambda t: types[t].dtype))
     if len(den) != 1:
         return None
     g, safe_den = den[0], False
@@ -132,9 +150,12 @@ def match(m: Module, av: Statement) -> Cascade | None:
     in_s, in_v = index_symbols(score), index_symbols(value)
     ps = [r for r in out if r in in_s and r not in in_v]
     fs = [r for r in out if r in in_v and r not in in_s]
-    lead = [r for r in out if r not in ps and r not in fs]
-    if len(ps) != 1 or len(fs) != 1 or key not in in_v or key not in in_s:
+    if not ps or len(fs) != 1 or key not in in_v or key not in in_s:
         return None
+    # rows of the scores that V does not read: the innermost is the query rank; others (the head rank
+    # when every head shares one K/V, multi-query attention) index programs like batch ranks
+    ps = ps[-1:]
+    lead = [r for r in out if r not in ps and r not in fs]
     shared = {a.tensor for a in accesses(av.expr)} & {a.tensor for a in accesses(sm.expr)}
     ex = next((prod[t] for t in shared if is_map(prod[t])), None)
     return Cascade(qk, mx, sm, av, ex, key, lead, ps[0], fs[0], score, value, safe_den or safe_shift)
@@ -334,6 +355,54 @@ def one_pass_from_group(m: Module, g) -> OnePass:
                    int(lm.reduce.ranks[0][1]))
 
 
+def _needed_elsewhere(m: Module, c: Cascade) -> bool:
+    """Is a value of the cascade (scores, max, sum, exp, or a map between them such as a scale, a mask
+    add or softmax's division) read by anything but the cascade itself? Maps that only feed the
+    cascade are dead once it is rewritten (the rewrite reads through them)."""
+    inner = set(c.statements)
+    users = m.users()
+    frontier = [c.qk.name, c.mx.name, c.sm.name] + ([c.ex.name] if c.ex else [])
+    seen = set(frontier)
+    while frontier:
+        name = frontier.pop()
+        if name in m.outputs:
+            return True
+        for u in users.get(name, []):
+            n = u.outputs[0]
+            if n in inner or n in seen:
+                continue
+            if not is_map(u):
+                return True
+            seen.add(n)
+            frontier.append(n)
+    return False
+
+
+def _into_copy(m: Module, c: Cascade) -> Module | None:
+    """When the cascade's result is only copied into another layout (matmul's reshape back to
+    [batch, heads, queries, features], a module output), compute it there directly: the copy becomes
+    the contraction (its ranks in the copy's), so the attention kernel writes the output itself."""
+    users = m.users().get(c.av.name, [])
+    if c.av.name in m.outputs or len(users) != 1 or not is_map(users[0]):
+        return None
+    cp: Statement = users[0]
+    a = cp.expr
+    if not isinstance(a, Access) or a.tensor != c.av.name or cp.type.dtype != c.av.type.dtype:
+        return None
+    from .fusion import flat_identity
+
+    if not flat_identity(m.types(), a, cp):
+        return None
+    taken = set(cp.ranks()) | set(c.av.ranks())
+    red = {r: _rank(taken, f"{r}") if r in cp.ranks() else r for r, _ in c.av.reduce.ranks}
+    rng = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in cp.ranks().items()}
+    expr = substitute(c.av.expr, {**dict(zip(c.av.index, a.indices)), **red})
+    expr = map_indices(expr, lambda p: ix.simplify(p, rng))
+    new = Statement(cp.name, cp.type, cp.index, expr, Reduce("sum", tuple((red[r], n) for r, n in c.av.reduce.ranks)),
+                    loc=c.av.loc)
+    return m.replace(body=tuple(new if op is cp else op for op in m.body if op is not c.av))
+
+
 class FuseAttention(Pass):
     """Rewrites every 3-pass attention cascade to FuseMax's 1-pass form (`tile` keys per step)."""
 
@@ -345,10 +414,13 @@ class FuseAttention(Pass):
 
     def run(self, m: Module) -> Module:
         for c in find(m):
-            users = {u.outputs[0] for s in (c.qk, c.mx, c.sm) + ((c.ex,) if c.ex else ())
-                     for u in m.users().get(s.name, [])}
-            if users - set(c.statements) or c.qk.name in m.outputs or c.mx.name in m.outputs:
+            if _needed_elsewhere(m, c):
                 continue  # a cascade value is used elsewhere: it must be materialized, leave the cascade
+            moved = _into_copy(m, c)
+            if moved is not None:
+                c2 = match(moved, moved.producers()[m.users()[c.av.name][0].outputs[0]])
+                if c2 is not None:
+                    m, c = moved, c2
             types = m.types()
             scores = contraction(c.qk, lambda t: types[t].dtype)
             tile = self.tile or (32 if scores is None or scores.operand.bits == 32 else 64)

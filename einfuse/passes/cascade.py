@@ -44,21 +44,38 @@ def passes_over(m: Module, key: dict) -> int:
     statement to its ranks that run along the key axis (ranks are per statement: `m` in one, `r` in
     the next, or `m1`/`m0` after a split). A statement starts a new pass when it reads a value that
     needs a *complete* traversal first: a reduction along the axis, or the final step of an iteration
-    along it. 3 for max / sum-of-exp / normalize-and-multiply, 1 for FuseMax's iterative cascade."""
+    along it. 3 for max / sum-of-exp / normalize-and-multiply, 1 for FuseMax's iterative cascade. Maps
+    outside `key` that sit between cascade statements (a scale, a mask add, softmax's division) traverse
+    nothing themselves and are looked through, so the count does not depend on how lowering split them."""
     prod = m.producers()
     level: dict[str, int] = {}
-    for s in (op for op in m.statements if op.name in key):
-        name, ranks = s.name, key[s.name]
-        touches = bool(set(s.ranks()) & ranks)
-        here = 1 if touches else 0
-        for a in (n for n in accesses(s.expr) if n.tensor in level):
+    through: dict[str, tuple] = {}  # a map outside `key`: (level it carries, level if its reader touches the axis)
+
+    def carried(a: Access) -> tuple:
+        """What reading `a` brings: (level, level for a reader that runs along the axis)."""
+        if a.tensor in level:
             t = prod[a.tensor]
             along = key[a.tensor]
             # complete: the producer reduced the axis away (not just its inner part, as a tile's max does)
             complete = bool(t.reduce and {r for r, _ in t.reduce.ranks} & along and not set(t.output_ranks()) & along)
             if t.iterate is not None and t.iterate.rank in along:
                 complete = complete or _reads_final(t, a)
-            here = max(here, level[a.tensor] + (1 if complete and touches else 0))
+            return level[a.tensor], level[a.tensor] + (1 if complete else 0)
+        t = prod.get(a.tensor)
+        if not is_map(t):
+            return 0, 0
+        if a.tensor not in through:
+            parts = [carried(n) for n in accesses(t.expr)]
+            through[a.tensor] = (max((p[0] for p in parts), default=0), max((p[1] for p in parts), default=0))
+        return through[a.tensor]
+
+    for s in (op for op in m.statements if op.name in key):
+        name, ranks = s.name, key[s.name]
+        touches = bool(set(s.ranks()) & ranks)
+        here = 1 if touches else 0
+        for a in accesses(s.expr):
+            plain, along = carried(a)
+            here = max(here, along if touches else plain)
         level[name] = here
     return max((level[n] for n, r in key.items() if set(prod[n].ranks()) & r), default=0)
 
