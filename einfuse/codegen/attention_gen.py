@@ -10,7 +10,7 @@ import sympy
 
 from ..ir import index as ix
 from ..ir.contraction import _mul_factors, _narrow_operand, _product, contraction
-from ..ir.expr import Access, Call, Const, IndexValue, accesses, index_symbols, map_indices, substitute
+from ..ir.expr import Access, Call, Const, accesses, index_difference, index_symbols, map_indices, substitute
 from ..ir.module import Statement
 from .kernel import Mapping
 from .triton_gen import TL, Body, _TritonIndex, compute_dtype, next_pow2
@@ -137,17 +137,9 @@ def _live(gen, r: Roles, cond, lo_hi: dict) -> str | None:
             parts = [p for p in parts if p is not None]
             return " & ".join(f"({p})" for p in parts) or None
         return None if None in parts else " | ".join(f"({p})" for p in parts)
-    if not (isinstance(cond, Call) and cond.op in ("lt", "le", "gt", "ge")):
+    d = index_difference(cond)
+    if d is None or cond.op in ("eq", "ne"):
         return None
-    sides = []
-    for x in cond.args:
-        if isinstance(x, IndexValue):
-            sides.append(x.expr)
-        elif isinstance(x, Const) and type(x.value) is int:
-            sides.append(sympy.Integer(x.value))
-        else:
-            return None
-    d = sympy.expand(sides[0] - sides[1])
     lo, hi = sympy.Integer(0), sympy.Integer(0)
     rest = d
     for v, (vlo, vhi) in lo_hi.items():

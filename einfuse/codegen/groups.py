@@ -9,7 +9,7 @@ import sympy
 from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.contraction import contraction
-from ..ir.expr import Access, Call, Const, Expr, substitute
+from ..ir.expr import substitute
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement
 from ..ir.ops import REDUCE_OPS, infer
 from ..ir.printer import fmt_statement

@@ -14,7 +14,7 @@ import torch
 
 from ..ir import dtypes as dt
 from ..ir import index as ix
-from ..ir.expr import Access, Call, Const, Expr, IndexValue, map_indices
+from ..ir.expr import Call, Const, Expr, IndexValue, map_indices
 from .lower import Lowerer, Tmpl, Unsupported, placeholder
 
 RULES: dict = {}
@@ -835,7 +835,7 @@ def _attention(lw, node, mask_arg, causal: bool):
     out = q.dtype
     acc = _acc_dtype(out)
     nb = q.ndim - 2  # leading (batch, head) dims
-    L, S = q.shape[-2], k.shape[-2]
+    S = k.shape[-2]
     group = (q.shape[-3] // k.shape[-3]) if (gqa and q.ndim >= 3 and q.shape[-3] != k.shape[-3]) else 1
     qk_shape = tuple(q.shape[:-1]) + (S,)
     name = node.name

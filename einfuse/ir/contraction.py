@@ -25,6 +25,23 @@ class Contraction:
     k: tuple  # reduced ranks
 
 
+def peel_invariant(e: Expr, red: set) -> tuple[Expr, list]:
+    """sum_r (x * y) with y free of r is (sum_r x) * y: split off such outer factors and divisors,
+    returning the rest and the (op, factor) pairs in the order to apply them to the sum."""
+    post = []
+    while isinstance(e, Call) and e.op in ("mul", "div"):
+        a, b = e.args
+        if not (index_symbols(b) & red):
+            post.append((e.op, b))
+            e = a
+        elif e.op == "mul" and not (index_symbols(a) & red):
+            post.append(("mul", a))
+            e = b
+        else:
+            break
+    return e, post[::-1]
+
+
 def _mul_factors(e: Expr) -> list:
     if isinstance(e, Call) and e.op == "mul":
         return _mul_factors(e.args[0]) + _mul_factors(e.args[1])
@@ -54,17 +71,7 @@ def contraction(s: Statement, dtype_of) -> Contraction | None:
     if s.reduce is None or s.reduce.op != "sum" or s.iterate is not None:
         return None
     red = {r for r, _ in s.reduce.ranks}
-    e, post = s.expr, []
-    while isinstance(e, Call) and e.op in ("mul", "div"):
-        a, b = e.args
-        if not (index_symbols(b) & red):
-            post.append((e.op, b))
-            e = a
-        elif e.op == "mul" and not (index_symbols(a) & red):
-            post.append(("mul", a))
-            e = b
-        else:
-            break
+    e, post = peel_invariant(s.expr, red)
     factors = _mul_factors(e)
     outer = [f for f in factors if not (index_symbols(f) & red)]
     inner = [f for f in factors if index_symbols(f) & red]
@@ -88,5 +95,5 @@ def contraction(s: Statement, dtype_of) -> Contraction | None:
     if ta != tb or not (ta.is_float or ta == dt.i8):
         return None
     batch = tuple(r for r in s.index if r not in m and r not in n)
-    post = [("mul", f) for f in outer] + post[::-1]
+    post = [("mul", f) for f in outer] + post
     return Contraction(a, b, ta, ta == dt.i8, post, m, n, batch, tuple(red))

@@ -14,7 +14,8 @@ import torch
 
 from . import dtypes as dt
 from . import index as ix
-from .expr import Access, Call, Const, Expr, IndexValue, index_symbols, substitute
+from .contraction import peel_invariant
+from .expr import Access, Call, Const, Expr, IndexValue, substitute
 from .module import Module, Opaque, Statement, TensorRef, TensorType
 from .ops import MAP_OPS, REDUCE_OPS, infer
 
@@ -177,22 +178,6 @@ class _StatementEval:
         return LT(src[tuple(i.to(ranks).long() for i in idx)], ranks)
 
 
-def _peel_invariant(e: Expr, red: set) -> tuple[Expr, list]:
-    """sum_r (x * y) with y free of r is (sum_r x) * y: split off such outer factors and divisors."""
-    post = []
-    while isinstance(e, Call) and e.op in ("mul", "div"):
-        a, b = e.args
-        if not (index_symbols(b) & red):
-            post.append((e.op, b))
-            e = a
-        elif e.op == "mul" and not (index_symbols(a) & red):
-            post.append(("mul", a))
-            e = b
-        else:
-            break
-    return e, post[::-1]
-
-
 def _factors(e: Expr) -> list[Expr]:
     if isinstance(e, Call) and e.op == "mul":
         return _factors(e.args[0]) + _factors(e.args[1])
@@ -255,7 +240,7 @@ def _statement(s: Statement, env: dict, types: dict, sizes: dict) -> torch.Tenso
         expr_dtype = infer(s.expr, ev._dtype)[0]
         if s.reduce.op == "sum" and expr_dtype.is_float and any(ev.extents[r] > 1 for r in red):
             acc = torch.float32 if expr_dtype.bits < 32 else expr_dtype.torch
-            body, post = _peel_invariant(s.expr, set(red))
+            body, post = peel_invariant(s.expr, set(red))
             t = _einsum(ev, _factors(body), out_ranks, acc)
             for op, y in post:
                 yt = ev.value(y).to(out_ranks)

@@ -204,3 +204,18 @@ def index_symbols(e: Expr) -> set:
             out |= n.expr.free_symbols
     return out
 
+
+def index_difference(cond: Expr):
+    """For a comparison of index values (`m0 + 64*m1 <= p`): lhs - rhs as one index expression, so the
+    comparison is `difference <op> 0`; None for any other condition."""
+    if not (isinstance(cond, Call) and cond.op in ("lt", "le", "gt", "ge", "eq", "ne")):
+        return None
+    sides = []
+    for a in cond.args:
+        if isinstance(a, IndexValue):
+            sides.append(a.expr)
+        elif isinstance(a, Const) and type(a.value) is int:
+            sides.append(sympy.Integer(a.value))
+        else:
+            return None
+    return sympy.expand(sides[0] - sides[1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sympy
 
 from . import index as ix
-from .expr import Access, Call, Const, Expr, IndexValue, walk
+from .expr import Access, Call, Expr, IndexValue, index_difference, walk
 from .module import Module, Opaque, Statement, iter_refs
 from .ops import MAP_OPS, REDUCE_OPS, TypeRuleError, infer
 from .printer import fmt_opaque, fmt_statement
@@ -25,17 +25,9 @@ def _narrow(cond: Expr, ranges: dict, truth: bool) -> dict:
     """Ranges refined by knowing `cond` is `truth`, for conditions `rank <op> bound`."""
     if isinstance(cond, Call) and cond.op == "and" and truth:
         return _narrow(cond.args[1], _narrow(cond.args[0], ranges, True), True)
-    if not (isinstance(cond, Call) and cond.op in ("lt", "le", "gt", "ge")):
+    diff = index_difference(cond)
+    if diff is None or cond.op in ("eq", "ne"):
         return ranges
-    sides = []
-    for a in cond.args:
-        if isinstance(a, IndexValue):
-            sides.append(a.expr)
-        elif isinstance(a, Const) and type(a.value) is int:
-            sides.append(sympy.Integer(a.value))
-        else:
-            return ranges
-    diff = sympy.expand(sides[0] - sides[1])
     syms = [s for s in diff.free_symbols if s in ranges]
     if len(syms) > 1:
         return _guard(diff, ranges, cond.op if truth else {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}[cond.op])

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.contraction import contraction
 from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, index_symbols, map_indices, rewrite,

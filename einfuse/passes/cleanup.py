@@ -10,7 +10,7 @@ import torch
 from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.evaluator import apply_call, literal_tensor
-from ..ir.expr import Access, Call, Const, Expr, IndexValue, map_indices, rewrite, substitute, walk
+from ..ir.expr import Access, Call, Const, Expr, index_difference, map_indices, rewrite, substitute, walk
 from ..ir.module import Module, Opaque, Statement
 from ..ir.ops import infer
 from .base import Pass, stable_repr
@@ -91,17 +91,10 @@ def _fold_literals(e: Call, ctx: _Ctx):
 
 def _index_compare(e: Call, ctx: _Ctx):
     """`r + 1 < 1` over ranks known to be >= 0 is false: decide comparisons of index values by bounds."""
-    if e.op not in ("lt", "le", "gt", "ge", "eq", "ne"):
+    diff = index_difference(e)
+    if diff is None:
         return None
-    sides = []
-    for a in e.args:
-        if isinstance(a, IndexValue):
-            sides.append(a.expr)
-        elif isinstance(a, Const) and type(a.value) is int:
-            sides.append(sympy.Integer(a.value))
-        else:
-            return None
-    lo, hi = ix.bounds(sympy.expand(sides[0] - sides[1]), ctx.ranges)
+    lo, hi = ix.bounds(diff, ctx.ranges)
     t = ix._truth
     decided = {
         "lt": (t(hi < 0), t(lo >= 0)), "le": (t(hi <= 0), t(lo > 0)),
