@@ -1,4 +1,5 @@
 """Shared test setup: no model hub, and a clean torch.compile state around every test."""
+import contextlib
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports transformers: models come from local files only
@@ -25,3 +26,14 @@ def fresh_einfuse_cache(tmp_path_factory):
         for var in ("EINFUSE_BACKEND", "EINFUSE_DUMP_DIR", "EINFUSE_CHECK"):
             mp.delenv(var, raising=False)
         yield path
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(value: str):
+    """torch's float32 matmul precision (which picks tf32 or IEEE contractions) for a block, restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

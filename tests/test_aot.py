@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-import torch
+from conftest import float32_matmul_precision
 
 from einfuse.codegen import aot, generate
 from einfuse.ir import parse
@@ -47,12 +47,8 @@ module ieee
 
 def kernels(text: str, precision: str) -> list:
     """The module's kernels, generated under a float32 matmul precision (restored afterwards)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with float32_matmul_precision(precision):
         return generate(parse(text))
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ run time are fresh, not the ones a case was compiled for. N=4096 cases are marke
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
 
 import pytest
+from conftest import float32_matmul_precision
 import torch
 import torch.nn.functional as F
 
@@ -119,16 +119,6 @@ def qkv(n: int, d: int, heads: int, kv_heads: int, dtype, seed: int, queries: in
     q = torch.randn(B, heads, queries or n, d, generator=g)
     k, v = (torch.randn(B, kv_heads, n, d, generator=g) for _ in range(2))
     return tuple(x.to(dtype) for x in (q, k, v))
-
-
-@contextlib.contextmanager
-def float32_matmul_precision(value: str):
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def compile_attention(model, example, dtype, dump_dir=None, precision: str | None = None):

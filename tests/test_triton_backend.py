@@ -8,9 +8,9 @@ real weights) and are called on fresh inputs, not the ones they were compiled fo
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
+from conftest import float32_matmul_precision
 import test_models as tm
 import torch
 
@@ -250,16 +250,6 @@ def sweep_inputs(name: str) -> dict:
         _, tok = minilm()
         return dict(tok(tm.SENTENCES[0], padding="max_length", max_length=SWEEP_TOKENS, return_tensors="pt"))
     return tm._token_inputs(0, seq=SWEEP_TOKENS)
-
-
-@contextlib.contextmanager
-def float32_matmul_precision(value: str):
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "minilm", "llama_bf16"])

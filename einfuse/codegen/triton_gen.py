@@ -111,14 +111,6 @@ def _literal(v) -> str:
     return repr(v)
 
 
-def strides(shape) -> list:
-    out, acc = [], sympy.Integer(1)
-    for n in reversed(shape):
-        out.append(acc)
-        acc = acc * n
-    return out[::-1]
-
-
 class Body:
     """Emits the code computing one expression inside a tile scope (ranks bound to Triton variables)."""
 
@@ -242,12 +234,12 @@ class Body:
                 c = self.index(p)
                 conds.append(f"({c} >= 0) & ({c} < {self.index(n)})")
         if all(not isinstance(p, Expr) for p in pos):
-            flat = sympy.expand(sum((p * s for p, s in zip(pos, strides(shape))), sympy.Integer(0)))
+            flat = ix.flat_offset(pos, shape)
             flat = flat.xreplace(self.gen.unit_ranks)  # a rank of extent 1 is always 0
             ptr, flat = self.hoisted_base(a.tensor, ptr, flat)
             offset = self.index(self.reuse_flat(flat))
         else:
-            offset = " + ".join(f"({self.position_code(p)}) * ({self.index(s)})" for p, s in zip(pos, strides(shape))) or "0"
+            offset = " + ".join(f"({self.position_code(p)}) * ({self.index(s)})" for p, s in zip(pos, ix.strides(shape))) or "0"
         masks = sorted({self.masks[s] for s in syms if s in self.masks})
         mask = " & ".join(masks + conds) or None
         code = f"tl.load({ptr} + ({offset})" + (f", mask={mask}, other=0)" if mask else ")")
@@ -362,7 +354,7 @@ class KernelGen:
         out, var = [], flat
         for n in range(len(live), 1, -1):
             part = live[:n]
-            form = sympy.expand(sum(r * st for r, st in zip(part, strides([extents[r] for r in part]))))
+            form = ix.flat_offset(part, [extents[r] for r in part])
             out.append((form, var, part[-1]))
             var = f"rem_{names[part[-1]]}"
         return out
@@ -385,7 +377,7 @@ class KernelGen:
                 pos.append(p)
             else:
                 pos.append(sympy.Symbol("__iter__"))
-        off = sympy.expand(sum((p * st for p, st in zip(pos, strides(stmt.type.shape))), sympy.Integer(0)))
+        off = ix.flat_offset(pos, stmt.type.shape)
         code = _TritonIndex({**names, **self.size_names}).doprint(off)
         return code.replace("__iter__", f"({at_iter})") if at_iter is not None else code
 
@@ -582,8 +574,7 @@ class KernelGen:
         store_mask = f", mask={mask}" if mask else ""
         for st, *_ in stats:  # every column tile computed the same statistic: the first one stores it
             if st.name in self.stored:
-                off = sympy.expand(sum((p * sd for p, sd in zip(self.stat_index[st.name], strides(st.type.shape))),
-                                       sympy.Integer(0)))
+                off = ix.flat_offset(self.stat_index[st.name], st.type.shape)
                 smask = f"(rm < {numM}) & (tl.zeros_like(rm) + pid_n == 0)"  # a tensor mask, as the interpreter needs
                 lines.append(f"    tl.store({self.pointer(st.name)} + {be.index(off)}, "
                              f"{self.store_cast(values[st.name][0], values[st.name][1], st)}, mask={smask})")

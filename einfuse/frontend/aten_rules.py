@@ -226,14 +226,7 @@ def _view(lw, node):
     new = lw.shape(node)
     old = t.shape
 
-    def strides(shape):
-        out, acc = [], sympy.Integer(1)
-        for n in reversed(shape):
-            out.append(acc)
-            acc = acc * n
-        return out[::-1]
-
-    so, sn = strides(old), strides(new)
+    so, sn = ix.strides(old), ix.strides(new)
 
     def fn(ph):
         flat = sum((p * s for p, s in zip(ph, sn)), sympy.Integer(0))

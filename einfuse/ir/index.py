@@ -317,6 +317,20 @@ def _bottom_up(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
     return _simplify_node(node, ranges) if not node.is_Atom else node
 
 
+def strides(shape) -> list:
+    """Element strides of a contiguous (row-major) tensor of `shape`."""
+    out, acc = [], sympy.Integer(1)
+    for n in reversed(shape):
+        out.append(acc)
+        acc = acc * n
+    return out[::-1]
+
+
+def flat_offset(positions, shape) -> sympy.Expr:
+    """The element offset of `positions` in a contiguous tensor of `shape`."""
+    return sympy.expand(sum((sympy.sympify(p) * s for p, s in zip(positions, strides(shape))), sympy.Integer(0)))
+
+
 def evaluate_int(e: sympy.Expr, env: dict) -> int:
     """Evaluate an index expression with concrete integers for its symbols."""
     return int(sympy.sympify(e).xreplace({k: sympy.Integer(v) for k, v in env.items()}))

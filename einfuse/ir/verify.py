@@ -42,16 +42,19 @@ def _narrow(cond: Expr, ranges: dict, truth: bool) -> dict:
     if coef == -1:
         op = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}[op]
     bound = -rest if coef == 1 else rest  # s <op> bound
-    lo, hi = ranges[s]
+    return {**ranges, s: _tighten(ranges[s], op, bound)}
+
+
+def _tighten(lo_hi: tuple, op: str, bound) -> tuple:
+    """Inclusive bounds (lo, hi) of a value known to satisfy `value <op> bound`."""
+    lo, hi = lo_hi
     if op == "lt":
-        hi = sympy.Min(hi, bound - 1)
-    elif op == "le":
-        hi = sympy.Min(hi, bound)
-    elif op == "gt":
-        lo = sympy.Max(lo, bound + 1)
-    else:
-        lo = sympy.Max(lo, bound)
-    return {**ranges, s: (lo, hi)}
+        return lo, sympy.Min(hi, bound - 1)
+    if op == "le":
+        return lo, sympy.Min(hi, bound)
+    if op == "gt":
+        return sympy.Max(lo, bound + 1), hi
+    return sympy.Max(lo, bound), hi
 
 
 def _guard(diff, ranges: dict, op: str) -> dict:
@@ -60,16 +63,7 @@ def _guard(diff, ranges: dict, op: str) -> dict:
     ranks = [t for t in sympy.Add.make_args(diff) if t.free_symbols & set(k for k in ranges if not isinstance(k, tuple))]
     a = sympy.Add(*ranks)
     bound = -(diff - a)  # cond: a <op> bound
-    lo, hi = ranges.get(("guard", a), (-sympy.oo, sympy.oo))
-    if op == "lt":
-        hi = sympy.Min(hi, bound - 1)
-    elif op == "le":
-        hi = sympy.Min(hi, bound)
-    elif op == "gt":
-        lo = sympy.Max(lo, bound + 1)
-    else:
-        lo = sympy.Max(lo, bound)
-    return {**ranges, ("guard", a): (lo, hi)}
+    return {**ranges, ("guard", a): _tighten(ranges.get(("guard", a), (-sympy.oo, sympy.oo)), op, bound)}
 
 
 def _guarded(p, lo, hi, ranges: dict):

@@ -21,14 +21,6 @@ MAX_ACCUMULATORS = 2  # contractions sharing a kernel: a third 64x64 f32 accumul
 INLINE_LIMIT = 160  # expression nodes: beyond this an inlined chain is kept as its own statement
 
 
-def _strides(shape) -> list:
-    out, acc = [], sympy.Integer(1)
-    for n in reversed(shape):
-        out.append(acc)
-        acc = acc * n
-    return out[::-1]
-
-
 def _ranges(s: Statement) -> dict:
     return {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in s.ranks().items()}
 
@@ -40,8 +32,7 @@ def flat_identity(m_types: dict, a: Access, reader: Statement) -> bool:
         return False
     if sympy.simplify(t.numel() - reader.type.numel()) != 0:
         return False
-    src = sum((sympy.sympify(p) * s for p, s in zip(a.indices, _strides(t.shape))), sympy.Integer(0))
-    dst = sum((p * s for p, s in zip(reader.index, _strides(reader.type.shape))), sympy.Integer(0))
+    src, dst = ix.flat_offset(a.indices, t.shape), ix.flat_offset(reader.index, reader.type.shape)
     return ix.simplify(sympy.expand(src - dst), _ranges(reader)) == 0
 
 
