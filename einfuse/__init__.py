@@ -23,11 +23,10 @@ def _prepare_triton() -> None:
 _prepare_triton()
 
 from . import ir, passes  # noqa: E402
-from .api import compile  # noqa: E402
-from .frontend.dynamo import register as _register_dynamo_backend  # noqa: E402
+from .api import compile, register_dynamo_backend  # noqa: E402
 from .runtime import CompiledModule  # noqa: E402
 
-_register_dynamo_backend()
+register_dynamo_backend()
 
 __version__ = "0.1.0"
 

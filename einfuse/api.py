@@ -1,15 +1,21 @@
-"""`einfuse.compile`: capture -> lower -> passes -> backend, one variant per input signature."""
+"""`einfuse.compile` and `torch.compile(backend="einfuse")`: capture -> lower -> passes -> backend, through one
+driver; `einfuse.compile` makes one variant per input signature."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .codegen.cache import Cache, key_of
-from .frontend.capture import Captured, export
+from .frontend.capture import Captured, decomposition_table, export
+from .frontend.dynamo import COMPILED, as_captured
 from .frontend.lower import LoweringReport, lower_graph
 from .ir import parse
 from .passes import Dump, NumericCheck, Timing, Verify, default_pipeline, run_pipeline
@@ -17,6 +23,7 @@ from .runtime import backends
 from .runtime.compiled import CompiledModule, Variant
 
 DEFAULT_BACKEND = "triton"
+log = logging.getLogger("einfuse")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -30,11 +37,15 @@ def optimize(module, passes=None, dump_dir=None, like=None, check=False, first_m
     instruments = [Verify(), timing]
     if dump_dir:
         instruments.append(Dump(dump_dir, "lower", first_ms))
-    if check:
-        instruments.append(NumericCheck(like))
+    checker = NumericCheck(like) if check else None
+    if checker is not None:
+        instruments.append(checker)
     passes = default_pipeline() if passes is None else list(passes)
     out = run_pipeline(module, passes, instruments)
     timings = [{"index": 0, "pass": "lower", "ms": first_ms, "statements": len(module.body)}] + timing.records
+    if checker is not None:  # each pass's worst relative change of the outputs, beside its time
+        for record, checked in zip(timing.records, checker.errors):
+            record["max_rel_error"] = checked["max_rel_error"]
     return out, timings
 
 
@@ -50,64 +61,50 @@ def write_kernels(specs, directory: str) -> None:
 
 
 @dataclass
-class _Compiler:
-    """Compiles one variant of `model`; the pipeline's result is cached on disk by graph and passes."""
+class Driver:
+    """The one compile driver: a captured graph -> lowered IR -> the pipeline (with dumps, numeric check
+    and the on-disk pipeline cache) -> a backend's runner. `einfuse.compile` and
+    `torch.compile(backend="einfuse")` both go through it."""
 
-    model: torch.nn.Module
     passes: list | None
     dump_dir: str | None
     backend: str
     check: bool
-    dynamic_shapes: object
     backend_options: dict
 
-    def __call__(self, args: tuple, kwargs: dict, n: int) -> Variant:
-        out_dir = self.dump_dir if not self.dump_dir or n == 0 else os.path.join(self.dump_dir, f"variant_{n}")
-        report = LoweringReport()
-        try:
-            cap = export(self.model, args, kwargs, dynamic_shapes=self.dynamic_shapes)
-        except Exception as exc:  # a capture failure leaves the model to eager PyTorch, reported
-            return self._eager(report, f"torch.export failed ({_first_line(exc)})")
-        cached = self._cached(cap) if not (self.check or out_dir) else None
+    def build(self, cap: Captured, name: str, like: dict, out_dir: str | None, report: LoweringReport) -> Variant:
+        """A variant computing `cap`'s graph; `like` holds example inputs by IR name for the numeric check."""
+        cached = self._cached(cap, name) if not (self.check or out_dir) else None
         if cached is not None:
             final, report, out_leaves, timings = cached
         else:
             t0 = time.perf_counter()
             try:
-                lowered = lower_graph(cap.gm, cap.kinds, type(self.model).__name__.lower())
+                lowered = lower_graph(cap.gm, cap.kinds, name)
             except Exception as exc:
-                return self._eager(report, f"lowering failed ({_first_line(exc)})")
+                return eager_variant(report, f"lowering failed ({_first_line(exc)})", self.backend)
+            lowered.report.capture = report.capture
             ms = round((time.perf_counter() - t0) * 1e3, 3)
-            like = {**cap.bindings, **self._user_inputs(cap, lowered.module, args, kwargs)}
+            like = {**cap.bindings, **{k: v for k, v in like.items() if k in {i.name for i in lowered.module.inputs}}}
             final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms)
             report, out_leaves = lowered.report, lowered.out_leaves
-            self._store(cap, final, report, out_leaves, timings)
+            self._store(cap, name, final, report, out_leaves, timings)
         run = backends.build(self.backend, final, **self.backend_options)
         if out_dir and hasattr(run, "specs"):
             write_kernels(run.specs, os.path.join(out_dir, "kernels"))
-        user = [name if name in {i.name for i in final.inputs} else None for name in cap.user_inputs]
-        return Variant(final, run, dict(cap.bindings), user, out_leaves, cap.program.call_spec.out_spec,
-                       report, timings, self.backend, None, out_dir)
-
-    def _eager(self, report: LoweringReport, why: str) -> Variant:
-        report.whole_graph_fallback = why
-        return Variant(None, None, {}, [], [], None, report, backend=self.backend, fallback=why)
-
-    @staticmethod
-    def _user_inputs(cap: Captured, module, args, kwargs) -> dict:
-        names = {i.name for i in module.inputs}
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        return {n: leaf for n, leaf in zip(cap.user_inputs, leaves) if n in names}
+        user = [n if n in {i.name for i in final.inputs} else None for n in cap.user_inputs]
+        return Variant(final, run, dict(cap.bindings), user, out_leaves, cap.out_spec, report, timings, self.backend,
+                       None, out_dir)
 
     # ---- the pipeline cache: a warm compile skips lowering and passes
-    def _key(self, cap: Captured) -> str:
+    def _key(self, cap: Captured, name: str) -> str:
         shapes = [(n.name, str(n.meta.get("val").shape) if hasattr(n.meta.get("val"), "shape") else "",
                    str(getattr(n.meta.get("val"), "dtype", ""))) for n in cap.gm.graph.nodes if n.op == "placeholder"]
         fps = [p.fingerprint() for p in (self.passes if self.passes is not None else default_pipeline())]
-        return key_of(cap.gm.code, repr(shapes), repr(fps), type(self.model).__name__)
+        return key_of(cap.gm.code, repr(shapes), repr(fps), name)
 
-    def _cached(self, cap: Captured):
-        entry = Cache("modules").get(self._key(cap))
+    def _cached(self, cap: Captured, name: str):
+        entry = Cache("modules").get(self._key(cap, name))
         if entry is None:
             return None
         meta = json.loads(entry["meta.json"])
@@ -118,7 +115,7 @@ class _Compiler:
         leaves = [tuple(x) for x in meta["out_leaves"]]
         return parse(entry["module.ir"].decode()), report, leaves, timings
 
-    def _store(self, cap, final, report, out_leaves, timings) -> None:
+    def _store(self, cap, name, final, report, out_leaves, timings) -> None:
         meta = {"total": report.total, "lowered": report.lowered, "capture": report.capture,
                 "fallbacks": {k: list(v) for k, v in report.fallbacks.items()}, "out_leaves": out_leaves,
                 "statements": len(final.body)}
@@ -126,7 +123,43 @@ class _Compiler:
             blob = json.dumps(meta)
         except TypeError:  # an output constant JSON cannot hold: do not cache this graph
             return
-        Cache("modules").put(self._key(cap), {"module.ir": str(final), "meta.json": blob})
+        Cache("modules").put(self._key(cap, name), {"module.ir": str(final), "meta.json": blob})
+
+
+def eager_variant(report: LoweringReport, why: str, backend: str) -> Variant:
+    """A variant that leaves the model to eager PyTorch, with the reason reported."""
+    report.whole_graph_fallback = why
+    return Variant(None, None, {}, [], [], None, report, backend=backend, fallback=why)
+
+
+@dataclass
+class _Compiler:
+    """Compiles one variant of `model` per input signature: torch.export, then the driver."""
+
+    model: torch.nn.Module
+    driver: Driver
+    dynamic_shapes: object
+
+    def __call__(self, args: tuple, kwargs: dict, n: int) -> Variant:
+        dump = self.driver.dump_dir
+        out_dir = dump if not dump or n == 0 else os.path.join(dump, f"variant_{n}")
+        try:
+            cap = export(self.model, args, kwargs, dynamic_shapes=self.dynamic_shapes)
+        except Exception as exc:  # a capture failure leaves the model to eager PyTorch, reported
+            return eager_variant(LoweringReport(), f"torch.export failed ({_first_line(exc)})", self.driver.backend)
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        like = dict(zip(cap.user_inputs, leaves))
+        return self.driver.build(cap, type(self.model).__name__.lower(), like, out_dir, LoweringReport())
+
+
+def _settings(dump_dir, check, backend) -> tuple:
+    """Options with their environment defaults: EINFUSE_DUMP_DIR, EINFUSE_CHECK, EINFUSE_BACKEND."""
+    dump_dir = dump_dir or os.environ.get("EINFUSE_DUMP_DIR") or None
+    check = bool(int(os.environ.get("EINFUSE_CHECK", "0"))) if check is None else check
+    backend = backend or os.environ.get("EINFUSE_BACKEND") or DEFAULT_BACKEND
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"einfuse: unknown backend {backend!r}; available: {', '.join(sorted(backends.BACKENDS))}")
+    return dump_dir, check, backend
 
 
 def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_dir=None, backend=None,
@@ -142,12 +175,45 @@ def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_d
     """
     kwargs = dict(kwargs or {})
     args = args if isinstance(args, tuple) else (args,)
-    dump_dir = dump_dir or os.environ.get("EINFUSE_DUMP_DIR") or None
-    check = bool(int(os.environ.get("EINFUSE_CHECK", "0"))) if check is None else check
-    backend = backend or os.environ.get("EINFUSE_BACKEND") or DEFAULT_BACKEND
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(sorted(backends.BACKENDS))}")
+    dump_dir, check, backend = _settings(dump_dir, check, backend)
     options = {"cuda_graphs": True} if cuda_graphs and backend == "triton" else {}
-    compiler = _Compiler(model, None if passes is None else list(passes), dump_dir, backend, check, dynamic_shapes,
-                         options)
-    return CompiledModule(model, compiler, args, kwargs)
+    driver = Driver(None if passes is None else list(passes), dump_dir, backend, check, options)
+    return CompiledModule(model, _Compiler(model, driver, dynamic_shapes), args, kwargs)
+
+
+# ---------------------------------------------------------------- torch.compile(backend="einfuse")
+
+def _forward_compiler(gm: torch.fx.GraphModule, example_inputs):
+    """AOTAutograd's forward compiler: the graph goes through the same driver as `einfuse.compile`."""
+    dump_dir, check, backend = _settings(None, None, None)
+    out_dir = os.path.join(dump_dir, f"dynamo_{len(COMPILED)}") if dump_dir else None
+    cap = as_captured(gm)
+    report = LoweringReport(capture="torch.compile (dynamo + AOTAutograd)")
+    with unset_fake_temporarily():  # AOTAutograd calls us under its fake mode; the numeric check needs real tensors
+        v = Driver(None, dump_dir, backend, check, {}).build(cap, "dynamo_graph", {}, out_dir, report)
+    if v.fallback is not None:  # never fail compilation: run this graph as torch would
+        log.warning("einfuse: graph left to torch: %s", v.fallback)
+        return make_boxed_func(gm.forward)
+    COMPILED.append(v)
+    names = {i.name for i in v.ir.inputs}
+
+    def forward(args):
+        inputs = {p: a for p, a in zip(cap.user_inputs, args) if p in names}
+        args.clear()  # boxed calling convention: let the caller's inputs be freed
+        with torch.no_grad():
+            out = v.run(inputs)
+        return [out[x] if kind == "tensor" else x for kind, x in v.out_leaves]
+
+    forward._boxed_call = True
+    return forward
+
+
+einfuse_backend = aot_autograd(fw_compiler=_forward_compiler, decompositions=decomposition_table())
+
+
+def register_dynamo_backend() -> None:
+    """Make "einfuse" a name torch.compile accepts (also declared as a torch_dynamo_backends entry point)."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "einfuse" not in _COMPILER_FNS:
+        register_backend(name="einfuse")(einfuse_backend)

@@ -94,6 +94,40 @@ def test_corrupted_entry_is_rebuilt(cache_dir, what):
     assert third.variant.timings[0]["pass"] == "pipeline cache hit" and third.variant.run.cache_hit
 
 
+def test_torch_compile_goes_through_the_same_driver(cache_dir, tmp_path, monkeypatch):
+    """torch.compile(backend="einfuse") honours EINFUSE_DUMP_DIR and EINFUSE_CHECK, and a warm start hits the
+    pipeline and kernel caches, exactly as einfuse.compile does."""
+    from einfuse.frontend.dynamo import COMPILED
+
+    model, x, fresh = net(), torch.randn(4, 16), torch.randn(4, 16)
+    dumps = tmp_path / "dumps"
+    monkeypatch.setenv("EINFUSE_DUMP_DIR", str(dumps))
+    monkeypatch.setenv("EINFUSE_CHECK", "1")
+    with torch.no_grad():
+        want = model(fresh)
+        got = torch.compile(model, backend="einfuse")(fresh)
+    assert max_rel_error(got, want) <= 1e-5
+    cold = COMPILED[-1]
+    graph_dir = Path(cold.dump_dir)
+    assert graph_dir.parent == dumps and graph_dir.name.startswith("dynamo_")
+    irs = sorted(f.name for f in graph_dir.glob("*.ir"))
+    assert irs[0] == "00_lower.ir" and len(irs) == len(cold.timings), irs
+    assert sorted(graph_dir.glob("kernels/*.py")), "no Triton kernels written beside the dumps"
+    checked = [t for t in cold.timings[1:] if "max_rel_error" in t]
+    assert len(checked) == len(cold.timings) - 1 and all(t["max_rel_error"] <= 1e-5 for t in checked), cold.timings
+    assert cold.timings[0]["pass"] == "lower"
+
+    monkeypatch.delenv("EINFUSE_DUMP_DIR")
+    monkeypatch.delenv("EINFUSE_CHECK")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        again = torch.compile(model, backend="einfuse")(fresh)
+    warm = COMPILED[-1]
+    assert warm is not cold and warm.timings[0]["pass"] == "pipeline cache hit"
+    assert warm.run.cache_hit and warm.ir == cold.ir
+    assert torch.equal(again, got)
+
+
 WORKER = """\
 import sys, time
 from pathlib import Path

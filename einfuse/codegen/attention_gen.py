@@ -24,12 +24,13 @@ TILE_REDUCE = {"max": "tl.standard._elementwise_max", "sum": "tl.standard._sum_c
 
 
 class Roles:
-    """The group's members by role (FuseAttention lists them in this order; the rest are finals)."""
+    """The group's members by the roles the kernel line names (`qk`, `lm`, ...; the rest are finals)."""
 
     def __init__(self, gen):
-        by = dict(zip(ROLES, gen.members))
+        by_name = {s.name: s for s in gen.members}
+        by = {role: by_name[gen.kernel.member(role)] for role in ROLES}
         self.__dict__.update(by)
-        self.finals = gen.members[len(ROLES):]
+        self.finals = [s for s in gen.members if gen.kernel.role_of(s.name) not in ROLES]
         self.p = self.lm.index[-2]
         self.lead = list(self.lm.index[:-2])
         self.m1 = self.rm.iterate.rank

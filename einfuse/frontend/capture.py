@@ -36,7 +36,12 @@ class Captured:
     kinds: dict  # placeholder name -> in | param | buffer | const
     bindings: dict  # placeholder name -> tensor, for params, buffers and constants
     user_inputs: list  # placeholder names of user inputs, in flat order
-    program: ExportedProgram
+    program: ExportedProgram | None  # None for a graph torch.compile handed over
+
+    @property
+    def out_spec(self):
+        """How the flat outputs nest (torch.export's tree spec), or None for a flat list."""
+        return self.program.call_spec.out_spec if self.program is not None else None
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes=None) -> Captured:

@@ -191,16 +191,42 @@ Op = Union[Statement, Opaque]
 
 @dataclass(frozen=True)
 class Kernel:
-    """A fusion group: statements that run as one kernel (`kind` names its loop structure), kept apart
-    from the Einsums as TeAAL keeps the mapping apart; `attrs` are mapping parameters (tile sizes)."""
+    """A fusion group: statements that run as one kernel of `kind` (a registered kernel kind names its loop
+    structure), kept apart from the Einsums as TeAAL keeps the mapping apart. Each member may carry a
+    *role* the kind gives it (`qk`, `rm`, ... for attention; `acc`, `epilogue`, ... for a contraction):
+    the text names them (`{qk=s1, rm=s2}`), so no one depends on the members' order. `attrs` are mapping
+    parameters (tile sizes)."""
 
     name: str
-    kind: str  # "dot" | "rows" | "attention"
+    kind: str
     members: tuple  # statement names, in body order
     attrs: tuple = ()  # ((key, int | str), ...)
+    roles: tuple = ()  # one role per member ("" for none), or () when the kind names none
+
+    def __post_init__(self):
+        object.__setattr__(self, "members", tuple(self.members))
+        object.__setattr__(self, "roles", tuple(self.roles))
+        if self.roles and len(self.roles) != len(self.members):
+            raise ValueError(f"kernel {self.name!r}: {len(self.roles)} roles for {len(self.members)} members")
 
     def attr(self, key: str, default=None):
         return dict(self.attrs).get(key, default)
+
+    def role_of(self, name: str) -> str:
+        """The role of member `name` ("" when the kernel names none)."""
+        return self.roles[self.members.index(name)] if self.roles else ""
+
+    def with_role(self, role: str) -> list:
+        """The members that have `role`, in body order."""
+        return [n for n, r in zip(self.members, self.roles) if r == role]
+
+    def member(self, role: str) -> str:
+        """The one member with `role`; an error naming the kernel when there is none or several."""
+        found = self.with_role(role)
+        if len(found) != 1:
+            raise KeyError(f"kernel {self.name!r} ({self.kind}) has {len(found)} members with role {role!r}; "
+                           f"roles: {', '.join(f'{r}={n}' for n, r in zip(self.members, self.roles)) or 'none'}")
+        return found[0]
 
 
 @dataclass(frozen=True)

@@ -309,9 +309,17 @@ class _ModuleParser:
         name = line.name("the kernel's name")
         kind = line.name("the kernel's kind")
         line.expect("{")
-        members = [line.name("a statement name")]
-        while line.accept(","):
-            members.append(line.name("a statement name"))
+        members, roles = [], []
+        while True:
+            first = line.name("a statement name (or role=statement)")
+            if line.accept("="):
+                roles.append(first)
+                members.append(line.name("a statement name"))
+            else:
+                roles.append("")
+                members.append(first)
+            if not line.accept(","):
+                break
         line.expect("}")
         attrs = []
         while line.peek().kind == "NAME":
@@ -319,7 +327,7 @@ class _ModuleParser:
             line.expect("=")
             attrs.append((key, self.literal(line)))
         line.end()
-        return Kernel(name, kind, tuple(members), tuple(attrs))
+        return Kernel(name, kind, tuple(members), tuple(attrs), tuple(roles) if any(roles) else ())
 
     def type(self, line: _Line) -> TensorType:
         tok = line.peek()

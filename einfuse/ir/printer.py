@@ -146,7 +146,8 @@ def fmt_opaque(o: Opaque) -> str:
 
 def fmt_kernel(k: Kernel) -> str:
     attrs = "".join(f" {key}={fmt_arg(v)}" for key, v in k.attrs)
-    return f"kernel {k.name} {k.kind} {{{', '.join(k.members)}}}{attrs}"
+    members = [f"{r}={n}" if r else n for n, r in zip(k.members, k.roles or ("",) * len(k.members))]
+    return f"kernel {k.name} {k.kind} {{{', '.join(members)}}}{attrs}"
 
 
 def fmt_input(i: Input) -> str:

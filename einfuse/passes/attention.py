@@ -30,6 +30,8 @@ from .base import Pass
 from .cascade import is_map, monomial, passes_over, read_through
 
 NEG_INF = Const(-math.inf)
+STEP_ROLES = ("qk", "lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")  # the 1-pass cascade's steps, in order
+CHUNK_ROLES = ("part_max", "part_den", "part_num")  # what a split-KV chunk writes for the combine step
 
 
 @dataclass
@@ -205,6 +207,13 @@ class OnePass:
         return [self.qk, self.lm, self.rm, self.sln, self.prm, self.sld, self.rd, self.slnv, self.rnv, *self.finals]
 
     @property
+    def roles(self) -> list[str]:
+        """The attention kind's role of each member: the steps, then `out` (or a key chunk's partial
+        max, denominator and numerator in split-KV decode)."""
+        finals = ["out"] if len(self.finals) == 1 else list(CHUNK_ROLES)
+        return list(STEP_ROLES) + finals
+
+    @property
     def av(self) -> str:
         return self.finals[-1]
 
@@ -346,11 +355,11 @@ def report(m: Module) -> list[tuple[str, int]]:
 
 
 def one_pass_from_group(m: Module, g) -> OnePass:
-    """The roles of an attention kernel group (its members are listed in OnePass order)."""
+    """The statements of an attention kernel group, by the roles its `kernel` line names."""
     prod = m.producers()
-    rm = prod[g.members[2]]
-    lm = prod[g.members[1]]
-    return OnePass(*g.members[:9], tuple(g.members[9:]), rm.iterate.rank, lm.reduce.ranks[0][0],
+    rm, lm = prod[g.member("rm")], prod[g.member("lm")]
+    finals = g.with_role("out") or [g.member(r) for r in CHUNK_ROLES]
+    return OnePass(*(g.member(r) for r in STEP_ROLES), tuple(finals), rm.iterate.rank, lm.reduce.ranks[0][0],
                    int(lm.reduce.ranks[0][1]))
 
 
@@ -427,6 +436,6 @@ class FuseAttention(Pass):
             keys, queries = sympy.sympify(ext[c.key]), sympy.sympify(ext[c.p])
             split = queries == 1 and keys.is_Integer and int(keys) >= 2 * self.decode_chunk
             m, one = rewrite_one_pass(m, c, tile, self.decode_chunk if split else None)
-            group = Kernel(f"attn_{one.av}", "attention", tuple(one.members), (("tile", one.tile),))
+            group = Kernel(f"attn_{one.av}", "attention", tuple(one.members), (("tile", one.tile),), tuple(one.roles))
             m = m.replace(kernels=m.kernels + (group,))
         return m
