@@ -1,5 +1,5 @@
 """Runtime: compiled modules, their variants and execution backends."""
-from . import triton_backend  # noqa: F401  (registers the "triton" backend)
+from . import torch_backend, triton_backend  # noqa: F401  (register the "torch" and "triton" backends)
 from .backends import BACKENDS, register_backend
 from .compiled import CompiledModule, Explanation, Variant
 

@@ -1,0 +1,206 @@
+"""The torch backend: the module's generated torch program (`einfuse.codegen.torch_gen`), cached on disk,
+loaded with importlib and run on the inputs' device. On CPU it runs at eager PyTorch's speed, where
+Triton's interpreter is a validation tool; statements the generator cannot emit run through the
+reference evaluator and are listed in `runner.fallbacks`."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codegen.cache import Cache, key_of
+from ..codegen.torch_gen import generate
+from ..ir import dtypes as dt
+from ..ir import index as ix
+from ..ir.evaluator import EvaluationError, bind_sizes, check_inputs, evaluate, run_opaque, unpack
+from ..ir.module import Input, Module, Opaque, Statement, TensorType
+from .backends import register_backend
+
+log = logging.getLogger("einfuse")
+_loaded: dict = {}
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the program assumes every bound tensor is: contiguous, starting at its storage's first element."""
+    if t.is_contiguous() and t.storage_offset() == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def program_for(m: Module, cache: Cache) -> tuple[dict, str, bool]:
+    """The module's program (source and what it reports), from the disk cache when the same module was
+    generated before. Returns (entry, the directory holding `<module>.py`, whether the cache had it)."""
+    key = key_of(str(m), "torch-program")
+    entry = cache.get(key)
+    if entry is not None:
+        meta = json.loads(entry["meta.json"])
+        return meta, cache.path(key), True
+    prog = generate(m)
+    fname = re.sub(r"\W", "_", prog.name) or "module"
+    meta = {"file": f"{fname}.py", "name": prog.name, "fallbacks": prog.fallbacks, "attention": prog.attention}
+    return meta, cache.put(key, {meta["file"]: prog.source, "meta.json": json.dumps(meta, indent=1)}), False
+
+
+def load_program(path: str, key: str):
+    """Import a generated program from its cache file; returns its module."""
+    name = f"einfuse_torch_programs.m{key}"
+    mod = _loaded.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _loaded[name] = mod
+    return mod
+
+
+@dataclass
+class TorchRunner:
+    """Runs a module's generated torch program: `runner(inputs) -> outputs`, both by IR name."""
+
+    module: Module
+    directory: str
+    meta: dict
+    cache_hit: bool = False
+    _consts: dict = field(default_factory=dict)
+    _aranges: dict = field(default_factory=dict)
+    _sub: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.path = f"{self.directory}/{self.meta['file']}"
+        self._program = load_program(self.path, self.directory.rstrip("/").rsplit("/", 1)[-1])
+        self._inputs = [i.name for i in self.module.inputs]
+        self._types = self.module.types()
+        self._ops = {n: op for n, op in enumerate(self.module.body) if isinstance(op, Opaque)}
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def source(self) -> str:
+        """The generated Python program (also `<dump_dir>/torch/<module>.py` when dumping)."""
+        with open(self.path) as f:
+            return f.read()
+
+    @property
+    def fallbacks(self) -> list:
+        """(statement, reason) for each statement the reference evaluator runs."""
+        return [tuple(x) for x in self.meta["fallbacks"]]
+
+    @property
+    def attention(self) -> list:
+        """(attention group, how it runs: "sdpa", "3-pass (why)" or "statements (why)")."""
+        return [tuple(x) for x in self.meta["attention"]]
+
+    def __call__(self, inputs: dict) -> dict:
+        with torch.no_grad():
+            return self._program.run(inputs, self)
+
+    # ---- what the generated program calls
+    def bind(self, inputs: dict) -> tuple:
+        try:
+            return tuple(_dense(inputs[n]) for n in self._inputs)
+        except KeyError:
+            self.bad_inputs(inputs)
+            raise
+
+    def bad_inputs(self, inputs: dict):
+        for n in self._inputs:
+            if n not in inputs:
+                t = self._types[n]
+                raise EvaluationError(f"input {n!r} ({t.dtype}{list(t.shape)}) was not given")
+        check_inputs(self.module, inputs, bind_sizes(self.module, inputs))
+        raise EvaluationError("inputs do not match the module's input types")
+
+    @staticmethod
+    def missing_size(name: str):
+        raise EvaluationError(f"size {name} is not the size of any input dimension")
+
+    @staticmethod
+    def unpack(t: torch.Tensor, signed: bool) -> torch.Tensor:
+        return unpack(t, dt.i4 if signed else dt.u4)
+
+    def consts(self, device) -> tuple:
+        k = self._consts.get(device)
+        if k is None:
+            k = self._consts[device] = self._program.consts(device)
+        return k
+
+    def ar(self, n: int, d: int, nd: int) -> torch.Tensor:
+        key = (n, d, nd)
+        t = self._aranges.get(key)
+        if t is None:
+            shape = [1] * nd
+            shape[d] = n
+            t = self._aranges[key] = torch.arange(n).view(shape)
+        return t
+
+    @staticmethod
+    def cat(d: int, parts, shape, dtype) -> torch.Tensor:
+        """Pieces along dim d (each (tensor or scalar, length)) broadcast to `shape` elsewhere, one tensor."""
+        ts = []
+        for x, n in parts:
+            want = list(shape)
+            want[d] = n
+            if isinstance(x, torch.Tensor):
+                ts.append(x.to(dtype).expand(want))
+            else:
+                ts.append(torch.full(want, x, dtype=dtype))
+        return torch.cat(ts, d)
+
+    @staticmethod
+    def imin(a, b):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+        return min(a, b)
+
+    @staticmethod
+    def imax(a, b):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+        return max(a, b)
+
+    def _sizes(self, sizes: dict) -> dict:
+        return {ix.size(k): v for k, v in sizes.items()}
+
+    def statement(self, name: str, tensors: dict, sizes: dict) -> torch.Tensor:
+        """A statement the generator left to the reference evaluator: evaluated alone on its operands."""
+        sub = self._sub.get(name)
+        if sub is None:
+            s = next(op for op in self.module.body if isinstance(op, Statement) and op.name == name)
+            ins = []
+            for r in sorted(s.reads()):
+                t = self._types[r]
+                d = t.dtype if not t.dtype.packed else (dt.i8 if t.dtype.signed else dt.u8)
+                ins.append(Input(r, TensorType(d, t.shape)))
+            syms = tuple(self.module.sizes)
+            if syms:
+                ins.append(Input("__sizes", TensorType(dt.u8, syms)))
+            sub = self._sub[name] = Module(f"{self.module.name}_{name}", tuple(ins), (s,), (name,), syms,
+                                           self.module.size_hints)
+        env = dict(tensors)
+        if sub.sizes:
+            env["__sizes"] = torch.zeros((), dtype=torch.uint8).expand(*[sizes[str(s)] for s in sub.sizes])
+        return _dense(evaluate(sub, env)[name])
+
+    def opaque(self, index: int, tensors: dict, sizes: dict) -> tuple:
+        op = self._ops[index]
+        env = dict(tensors)
+        run_opaque(op, env, {ix.size(k): v for k, v in sizes.items()})
+        return tuple(_dense(env[o]) for o in op.outputs)
+
+
+@register_backend("torch")
+def torch_backend(module: Module):
+    """The generated torch program (or the one cached on disk for the same module)."""
+    meta, directory, hit = program_for(module, Cache("torch"))
+    runner = TorchRunner(module, directory, meta, hit)
+    for name, why in runner.fallbacks:
+        log.info("einfuse: statement %s runs through the reference evaluator: %s", name, why)
+    return runner
