@@ -14,7 +14,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .codegen.cache import Cache, key_of
-from .frontend.capture import Captured, decomposition_table, export
+from .frontend.capture import Captured, NotCompilable, decomposition_table, export
 from .frontend.dynamo import COMPILED, as_captured
 from .frontend.lower import LoweringReport, lower_graph
 from .ir import parse
@@ -134,7 +134,8 @@ def eager_variant(report: LoweringReport, why: str, backend: str) -> Variant:
 
 @dataclass
 class _Compiler:
-    """Compiles one variant of `model` per input signature: torch.export, then the driver."""
+    """Compiles one variant of `model` per set of guards: torch.export, then the driver. Records what the
+    variant assumes about its inputs (dtypes, devices, sizes or symbolic ranges, values) for its guards."""
 
     model: torch.nn.Module
     driver: Driver
@@ -143,13 +144,58 @@ class _Compiler:
     def __call__(self, args: tuple, kwargs: dict, n: int) -> Variant:
         dump = self.driver.dump_dir
         out_dir = dump if not dump or n == 0 else os.path.join(dump, f"variant_{n}")
-        try:
-            cap = export(self.model, args, kwargs, dynamic_shapes=self.dynamic_shapes)
-        except Exception as exc:  # a capture failure leaves the model to eager PyTorch, reported
-            return eager_variant(LoweringReport(), f"torch.export failed ({_first_line(exc)})", self.driver.backend)
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        backend = self.driver.backend
+        if any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in leaves):
+            return eager_variant(LoweringReport(), "an input is empty (a size-0 dimension): there is no kernel work, "
+                                 "so calls with empty inputs run in eager PyTorch", backend)
+        report = LoweringReport()
+        try:
+            cap = self._export(args, kwargs, report)
+        except NotCompilable as why:
+            return eager_variant(report, str(why), backend)
+        except Exception as exc:  # a capture failure leaves the model to eager PyTorch, reported
+            return eager_variant(report, f"torch.export failed ({_first_line(exc)})", backend)
+        try:  # a graph that mutates nothing: eager PyTorch may run it once to say whether these inputs are valid
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        except Exception as exc:  # e.g. an f64 input to an f32 Linear: export traces it, eager refuses it
+            return eager_variant(report, f"eager PyTorch raises for these inputs ({_first_line(exc)}), so calls "
+                                 "with them run in eager PyTorch and raise the same error", backend)
         like = dict(zip(cap.user_inputs, leaves))
-        return self.driver.build(cap, type(self.model).__name__.lower(), like, out_dir, LoweringReport())
+        v = self.driver.build(cap, type(self.model).__name__.lower(), like, out_dir, report)
+        v.assumed = [_assumption(val, leaf) for val, leaf in zip(cap.user_values(), leaves)]
+        v.ranges, v.targets = cap.size_ranges(), dict(cap.targets)
+        return v
+
+    def _export(self, args, kwargs, report: LoweringReport) -> Captured:
+        """torch.export with the user's dynamic_shapes; a call they do not fit is captured with static sizes."""
+        try:
+            return export(self.model, args, kwargs, dynamic_shapes=self.dynamic_shapes)
+        except NotCompilable:
+            raise
+        except Exception as exc:
+            if self.dynamic_shapes is None:
+                raise
+            report.capture = f"torch.export, static sizes (dynamic_shapes did not fit this call: {_first_line(exc)})"
+            return export(self.model, args, kwargs)
+
+
+def _assumption(val, leaf) -> tuple:
+    """What a variant assumes about one flat input: ("tensor", dtype, device, sizes) where a size is an int or
+    a sympy expression over symbolic sizes, or ("value", the constant the graph was specialized on)."""
+    if isinstance(val, torch.Tensor):
+        dims = []
+        for d in val.shape:
+            if isinstance(d, torch.SymInt):
+                expr = d.node.expr
+                dims.append(int(expr) if expr.is_number else expr)
+            else:
+                dims.append(int(d))
+        return ("tensor", val.dtype, val.device, tuple(dims))
+    if isinstance(leaf, torch.Tensor):  # no example value recorded: exactly this tensor's sizes
+        return ("tensor", leaf.dtype, leaf.device, tuple(int(d) for d in leaf.shape))
+    return ("value", leaf)
 
 
 def _settings(dump_dir, check, backend) -> tuple:

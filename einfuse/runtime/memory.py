@@ -28,10 +28,14 @@ class Pool:
     log: list = field(default_factory=list)
 
     def take(self, name: str, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """A tensor of `shape` in a pool buffer, and the buffer's index (-1: an empty tensor needs none)."""
         numel = 1
         for n in shape:
             numel *= n
-        nbytes = max(1, numel * torch.empty((), dtype=dtype).element_size())
+        if numel == 0:  # nothing to store: no buffer and no log entry (a 1-byte buffer
+            # cannot be viewed as a wider dtype)
+            return torch.empty(shape, dtype=dtype, device=self.device), -1
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
         fits = [b for b in self.free if self.buffers[b].numel() >= nbytes]
         if fits:
             b = min(fits, key=lambda i: self.buffers[i].numel())
@@ -45,7 +49,8 @@ class Pool:
         return self.buffers[b][:nbytes].view(dtype).view(shape), b
 
     def give_back(self, b: int) -> None:
-        self.free.append(b)
+        if b >= 0:
+            self.free.append(b)
 
     @property
     def peak_bytes(self) -> int:
