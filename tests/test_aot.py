@@ -3,6 +3,7 @@ the contractions reach the tensor cores; results are cached on disk."""
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import pytest
 from conftest import float32_matmul_precision
@@ -116,7 +117,7 @@ def test_second_call_reads_the_cache(cold, specs, cache_dir):
 def test_corrupt_cache_file_is_recompiled(cold, specs, cache_dir):
     checks, _, _ = cold
     spec = next(s for s in specs if s.name == "k4_s")
-    path = aot.ResultCache(cache_dir).path(checks[("k4_s", 80)].key, 80)
+    path = aot.result_path(cache_dir, checks[("k4_s", 80)].key, 80)
     path.write_text('{"ok": tru')
     compiled = aot.stats.compiled
     (again,) = aot.check_gpu([spec], archs=(80,), cache_dir=cache_dir)
@@ -132,8 +133,8 @@ def test_failures_are_reported_not_raised(specs, tmp_path):
     bad, dead = aot.check_gpu([broken, crashing], archs=(80,), cache_dir=tmp_path)
     assert not bad.ok and "fulll" in bad.error and bad.registers is None
     assert not dead.ok and "exited with status 3" in dead.error
-    cached = {p.name for p in aot.ResultCache(tmp_path).root.iterdir()}
-    assert cached == {f"{bad.key}-sm80.json"}  # a compile error is cached; a dead worker is not
+    cached = {p.name for p in Path(aot.result_cache(tmp_path).dir).iterdir()}
+    assert cached == {aot.result_key(bad.key, 80)}  # a compile error is cached; a dead worker is not
 
 
 LIBM = """\

@@ -121,7 +121,7 @@ def test_every_kernel_kind_matches_the_reference(S, D, N, rows):
     triton, reference = backends.build("triton", m), backends.build("reference", m)
     specs = {s.statements[0]: s for s in triton.specs}
     assert {specs[n].mapping.kind for n in ("c", "cx", "c16", "c8", "b4", "kk")} == {"dot"}
-    assert {specs[n].mapping.kind for n in ("s", "mx", "mn", "an", "pr")} == {"reduce"}
+    assert {specs[n].mapping.kind for n in ("s", "mx", "mn", "an", "pr")} == {"rows"}
     assert specs["run"].mapping.kind == "iterate" and specs["e"].mapping.kind == "map"
     if S != "S":  # everything fits its tiles: no mask on the elementwise kernel
         assert "mask" not in specs["e"].source.split("source:")[1]

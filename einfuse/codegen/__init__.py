@@ -1,15 +1,85 @@
-"""Codegen: one Triton kernel per kernel group (or per ungrouped statement), readable and cached."""
+"""Codegen: one Triton kernel per kernel group (or per statement in no group), each emitted by its kernel
+kind; opaque calls stay with torch. Kernels are readable and cached (see codegen.cache)."""
 from __future__ import annotations
 
 import logging
 
-from ..ir.module import Module, Statement
-from .groups import GroupGen, GroupUnsupported, group_mapping
-from .kernel import Arg, KernelSpec, Mapping
-from .mapping import choose
-from .triton_gen import KernelGen
+from ..ir.module import Kernel, Module, Statement
+from ..kinds import Arg, Cost, Group, KernelSpec, Mapping, ModuleInfo, Unsupported, kind_named, single, statement_kind
+from ..kinds.dot import float32_precision
 
 log = logging.getLogger("einfuse")
+
+
+def _units(m: Module, info: ModuleInfo) -> list:
+    """The kernels of a module in body order: (Kernel, kind) per kernel group and per statement in no group."""
+    groups = m.group_of()
+    out, done = [], set()
+    for op in m.body:
+        if not isinstance(op, Statement) or op.name in done:
+            continue
+        k = groups.get(op.name)
+        if k is not None:
+            out.append(k)
+            done |= set(k.members)
+        else:
+            out.append(single(m, op, statement_kind(m, op)))
+    return out
+
+
+def group_for(m: Module, kernel: Kernel, name: str, info: ModuleInfo | None = None) -> Group:
+    return Group(info or ModuleInfo(m), kernel, name)
+
+
+def generate(m: Module, mappings: dict | None = None) -> list[KernelSpec]:
+    """A kernel per kernel group and per statement in no group, in body order. `mappings` (kernel or
+    statement name -> Mapping) overrides a kind's choice. A group its kind cannot emit as one kernel
+    falls back to a kernel per member (logged)."""
+    info = ModuleInfo(m)
+    out = []
+    pending = _units(m, info)
+    while pending:
+        k = pending.pop(0)
+        kind = kind_named(k.kind)
+        g = Group(info, k, f"k{len(out)}_{k.name}"[:60])
+        try:
+            mapping = (mappings or {}).get(k.name) or kind.mapping(g)
+            out.append(kind.emit(g, mapping))
+        except Unsupported as why:
+            if len(k.members) == 1:
+                raise
+            log.info("einfuse: kernel group %s runs as separate kernels: %s", k.name, why)
+            prod = info.producers
+            pending[:0] = [single(m, prod[n], statement_kind(m, prod[n])) for n in k.members]
+    return out
+
+
+def _group_of_spec(m: Module, spec: KernelSpec, info: ModuleInfo | None = None) -> Group:
+    groups = m.group_of()
+    first = spec.statements[0]
+    k = groups.get(first)
+    if k is None or list(k.members) != list(spec.statements):
+        s = (info or ModuleInfo(m)).producers[first]
+        k = single(m, s, kind_named(spec.kind))
+    return Group(info or ModuleInfo(m), k, spec.name)
+
+
+def candidates(m: Module, spec: KernelSpec) -> list[KernelSpec]:
+    """Whole-kernel alternatives of `spec` (same kind, same group, other tilings) for autotuning; the first
+    is `spec`'s own tiling."""
+    g = _group_of_spec(m, spec)
+    kind = kind_named(spec.kind)
+    out = []
+    for mp in kind.candidates(g):
+        out.append(spec if mp == spec.mapping else kind.emit(g, mp))
+    if all(c is not spec for c in out):
+        out.insert(0, spec)
+    return out
+
+
+def cost(m: Module, spec: KernelSpec, sizes: dict | None = None, info: ModuleInfo | None = None) -> Cost:
+    """What the kernel's kind says it computes and must move (FLOPs from the IR, minimum bytes)."""
+    return kind_named(spec.kind).cost(_group_of_spec(m, spec, info), sizes)
 
 
 def ir_line(m: Module, index: int) -> int:
@@ -17,29 +87,5 @@ def ir_line(m: Module, index: int) -> int:
     return 2 + len(m.sizes) + len(m.inputs) + index
 
 
-def generate(m: Module, mappings: dict | None = None) -> list[KernelSpec]:
-    """A kernel per kernel group and per statement in no group (opaque calls stay with torch), in body
-    order. A group the generator cannot emit as one kernel falls back to a kernel per member."""
-    out = []
-    groups = m.group_of()
-    done: set = set()
-    for n, op in enumerate(m.body):
-        if not isinstance(op, Statement) or op.name in done:
-            continue
-        group = groups.get(op.name)
-        if group is not None:
-            try:
-                gen = GroupGen(m, group, f"k{len(out)}_{group.name}"[:60], ir_line(m, n))
-                out.append(gen.generate_group(group_mapping(m, group, gen)))
-                done |= set(group.members)
-                continue
-            except GroupUnsupported as why:
-                log.info("einfuse: kernel group %s runs as separate kernels: %s", group.name, why)
-                groups = {k: g for k, g in groups.items() if g is not group}
-        mapping = (mappings or {}).get(op.name) or choose(m, op)
-        name = f"k{len(out)}_{op.name}"[:60]
-        out.append(KernelGen(m, op, name, ir_line(m, n)).generate(mapping))
-    return out
-
-
-__all__ = ["Arg", "KernelSpec", "Mapping", "generate", "ir_line"]
+__all__ = ["Arg", "KernelSpec", "Mapping", "candidates", "cost", "float32_precision", "generate", "group_for",
+           "ir_line"]

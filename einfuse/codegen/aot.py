@@ -8,7 +8,7 @@ Compiles run in worker subprocesses. On a CPU machine einfuse selects Triton's i
 and Triton fixes that choice when it is imported, so a worker starts with TRITON_INTERPRET unset and
 imports triton before any einfuse code. A worker imports only this module and `libm` (through stub
 packages, not einfuse's __init__), so it starts in well under a second instead of importing torch.
-Results are cached on disk per (compile key, arch, Triton version).
+Results are cached in einfuse's disk cache (namespace `aot`) per (compile key, arch, Triton version).
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cache import Cache
+
 if TYPE_CHECKING:
-    from .kernel import KernelSpec
+    from ..kinds.spec import KernelSpec
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # the einfuse package directory
 _RESULT_FIELDS = ("ok", "registers", "spills", "shared_bytes", "tensor_core", "error")
@@ -75,13 +77,13 @@ def check_gpu(specs: list[KernelSpec], archs=(80, 90), jobs: int | None = None, 
 
     Never raises for a kernel: a compile error, a crashed worker or a compile running longer than
     `timeout` seconds gives ok=False with the error's first lines."""
-    cache = ResultCache(Path(cache_dir) if cache_dir else default_cache_dir())
+    cache = result_cache(cache_dir)
     keyed = [(spec, compile_key(spec)) for spec in specs]
     unique: dict = {}
     for spec, key in keyed:
         for arch in archs:
             unique.setdefault((key, arch), spec)
-    results = {ka: hit for ka in unique if (hit := cache.get(*ka)) is not None}
+    results = {ka: hit for ka in unique if (hit := _cached(cache, *ka)) is not None}
     stats.hits += len(results)
     todo = sorted(((ka, spec) for ka, spec in unique.items() if ka not in results),
                   key=lambda t: t[1].mapping.kind != "dot")  # the slow compiles first
@@ -89,7 +91,7 @@ def check_gpu(specs: list[KernelSpec], archs=(80, 90), jobs: int | None = None, 
         def record(ka, result: dict, cacheable: bool) -> None:
             results[ka] = result
             if cacheable:
-                cache.put(*ka, result)
+                _store(cache, *ka, result)
             advance()
 
         _run_jobs([(ka, _job(spec, ka[1])) for ka, spec in todo], jobs or os.cpu_count() or 1, timeout, record)
@@ -148,45 +150,38 @@ def compile_key(spec: KernelSpec) -> str:
 # --------------------------------------------------------------------------------------------- cache
 
 
-def default_cache_dir() -> Path:
-    """$EINFUSE_CACHE_DIR/aot, else ~/.cache/einfuse/aot."""
-    root = os.environ.get("EINFUSE_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "einfuse") / "aot"
+def result_cache(cache_dir=None) -> Cache:
+    """AOT results in einfuse's disk cache (namespace `aot`, under `cache_dir` when given)."""
+    return Cache("aot", str(cache_dir) if cache_dir else None)
 
 
-class ResultCache:
-    """One JSON file per (compile key, arch, Triton version); an unreadable file is a miss."""
+def result_key(key: str, arch: int) -> str:
+    """One entry per (compile key, arch, Triton version): the compile key hashes the kernel itself, so an
+    edit of einfuse that leaves a kernel unchanged keeps its result."""
+    return f"{key}-sm{arch}-triton{importlib.metadata.version('triton')}"
 
-    def __init__(self, root: Path):
-        self.root = root / f"triton-{importlib.metadata.version('triton')}"
 
-    def path(self, key: str, arch: int) -> Path:
-        return self.root / f"{key}-sm{arch}.json"
+def result_path(cache_dir, key: str, arch: int) -> Path:
+    """Where the result of (key, arch) is stored (its entry's `result.json`)."""
+    return Path(result_cache(cache_dir).path(result_key(key, arch))) / "result.json"
 
-    def get(self, key: str, arch: int) -> dict | None:
-        try:
-            data = json.loads(self.path(key, arch).read_text())
-        except (OSError, ValueError):
-            return None
-        valid = isinstance(data, dict) and set(data) == set(_RESULT_FIELDS) and isinstance(data["ok"], bool)
-        return data if valid else None
 
-    def put(self, key: str, arch: int, result: dict) -> None:
-        """Write atomically (temp file + rename), so readers never see half a file; a cache that cannot
-        be written only costs recompiles, so that warns instead of failing the check."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}-", suffix=".tmp")
-        except OSError as e:
-            warnings.warn(f"einfuse AOT cache not written: {e}", stacklevel=2)
-            return
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(result, f)
-            os.replace(tmp, self.path(key, arch))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+def _cached(cache: Cache, key: str, arch: int) -> dict | None:
+    entry = cache.get(result_key(key, arch))
+    try:
+        data = json.loads(entry["result.json"]) if entry else None
+    except (KeyError, ValueError):
+        return None
+    valid = isinstance(data, dict) and set(data) == set(_RESULT_FIELDS) and isinstance(data["ok"], bool)
+    return data if valid else None
+
+
+def _store(cache: Cache, key: str, arch: int, result: dict) -> None:
+    """A cache that cannot be written only costs recompiles, so that warns instead of failing the check."""
+    try:
+        cache.put(result_key(key, arch), {"result.json": json.dumps(result)})
+    except OSError as e:
+        warnings.warn(f"einfuse AOT cache not written: {e}", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------- parent: workers

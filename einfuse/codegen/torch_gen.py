@@ -798,21 +798,25 @@ def _sdpa_parts(plan: AttnPlan, types: dict) -> dict:
     if len(reads) != 1 or qk.reduce is None or qk.reduce.op != "sum" or qk.iterate is not None:
         raise Unsupported("the scores are not one read of a sum of products")
     pos = reads[0].indices
-    if not all(isinstance(x, sympy.Symbol) for x in pos) or len(set(pos)) != len(pos) or \
-            set(pos) != set(plan.lead) | {plan.p, plan.m}:
+    qk_ranks = [r for r in qk.index]
+    if not all(isinstance(x, sympy.Symbol) for x in qk_ranks) or any(isinstance(x, Expr) for x in pos):
+        raise Unsupported("qk's index is not plain ranks, or the scores gather from it")
+    if plan.p not in pos or plan.m not in pos or \
+            any((plan.p in sympy.sympify(x).free_symbols or plan.m in sympy.sympify(x).free_symbols)
+                for x in pos if x not in (plan.p, plan.m)):
         raise Unsupported("the scores read qk at other than (lead, query, key)")
-    if not all(isinstance(x, sympy.Symbol) for x in qk.index):
-        raise Unsupported("qk's index is not plain ranks")
     taken = set(plan.ext) | set(qk.ranks())
     E = []
-    ren = dict(zip(qk.index, pos))
+    ren = dict(zip(qk_ranks, pos))
     for r, n in qk.reduce.ranks:
         e = _fresh_rank(taken | set(E), "e")
         E.append(e)
         ren[r] = e
     ext = dict(plan.ext)
     ext.update({e: n for e, (_, n) in zip(E, qk.reduce.ranks)})
-    body, post = peel_invariant(substitute(qk.expr, ren), set(E))
+    ranges = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in ext.items()}
+    renamed = map_indices(substitute(qk.expr, ren), lambda q: ix.simplify(q, ranges))
+    body, post = peel_invariant(renamed, set(E))
     scale = 1.0
     for op, y in post:
         if not (isinstance(y, Const) and isinstance(y.value, (int, float)) and not isinstance(y.value, bool)):
@@ -831,25 +835,53 @@ def _sdpa_parts(plan: AttnPlan, types: dict) -> dict:
     # peel masks and biases off the scores
     conds, biases = [], []
     e = S
-    ranges = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in ext.items()}
+    mult = 1.0  # biases inside `c * (qk + b)` are scaled by c
+
+    def reads_qk(x):
+        return any(a.tensor == qk.name for a in accesses(x))
+
+    def number(x):
+        return isinstance(x, Const) and isinstance(x.value, (int, float)) and not isinstance(x.value, bool)
+
+    def bias(b):
+        return b if mult == 1.0 else Call("mul", (b, Const(mult)))
+
     while not (isinstance(e, Access) and e.tensor == qk.name):
-        reads_qk = lambda x: any(a.tensor == qk.name for a in accesses(x))  # noqa: E731
         if isinstance(e, Call) and e.op == "where" and e.args[2] == NEG_INF and not reads_qk(e.args[0]):
             diff = index_difference(e.args[0])
             if not (diff is not None and Ctx._decided(*ix.bounds(diff, ranges), e.args[0].op) is True):
                 conds.append(e.args[0])
             e = e.args[1]
+        elif isinstance(e, Call) and e.op == "where" and e.args[1] == NEG_INF and not reads_qk(e.args[0]):
+            c = e.args[0]
+            flip = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt", "eq": "ne", "ne": "eq"}
+            c = _canon(Call(flip[c.op], c.args)) if index_difference(c) is not None else Call("not", (c,))
+            diff = index_difference(c)
+            if not (diff is not None and Ctx._decided(*ix.bounds(diff, ranges), c.op) is True):
+                conds.append(c)
+            e = e.args[2]
         elif isinstance(e, Call) and e.op in ("add", "sub") and reads_qk(e.args[0]) and not reads_qk(e.args[1]):
-            biases.append(e.args[1] if e.op == "add" else Call("neg", (e.args[1],)))
+            biases.append(bias(e.args[1] if e.op == "add" else Call("neg", (e.args[1],))))
             e = e.args[0]
         elif isinstance(e, Call) and e.op == "add" and reads_qk(e.args[1]) and not reads_qk(e.args[0]):
-            biases.append(e.args[0])
+            biases.append(bias(e.args[0]))
+            e = e.args[1]
+        elif isinstance(e, Call) and e.op in ("mul", "div") and reads_qk(e.args[0]) and number(e.args[1]) \
+                and e.args[1].value > 0:
+            c = e.args[1].value if e.op == "mul" else 1.0 / e.args[1].value
+            scale, mult = scale * c, mult * c
+            e = e.args[0]
+        elif isinstance(e, Call) and e.op == "mul" and reads_qk(e.args[1]) and number(e.args[0]) and e.args[0].value > 0:
+            scale, mult = scale * e.args[0].value, mult * e.args[0].value
             e = e.args[1]
         elif isinstance(e, Call) and e.op == "cast" and e.attr.is_float:
             e = e.args[0]
         else:
             raise Unsupported("the scores are not QK^T with masks and additive biases")
-    if (conds or biases) and not plan.safe:
+    finite = all(not isinstance(n, Access) and not (isinstance(n, Const) and isinstance(n.value, float)
+                                                    and not math.isfinite(n.value)) for b in biases for n in walk(b))
+    if not plan.safe and (conds or not finite):
+        # the cascade gives NaN where every score of a row is -inf, SDPA gives 0
         raise Unsupported("a masked cascade that yields NaN for fully masked rows")
     causal = False
     if len(conds) == 1 and not biases:
@@ -962,6 +994,8 @@ class TorchGen:
         return self.py[tensor]
 
     def temp(self, base: str) -> str:
+        """A step-local name: `_<base><n>` (constants are `_c<n>`, `_ar<n>`: the bases never meet)."""
+        assert base not in ("c", "ar", "op", "red")
         self._n += 1
         name = f"_{base}{self._n}"
         self.temps.append(name)
@@ -1025,7 +1059,7 @@ class TorchGen:
         src = f"torch.tensor({lit}, dtype=torch.float64)" if isinstance(value, float) else f"torch.tensor({lit})"
         shape = ", ".join(["1"] * nd) + ("," if nd == 1 else "")
         code = f"{src}.to({_torch_dtype(want)}).to(device)" + (f".reshape({shape})" if nd else "")
-        return self._const(("k", type(value).__name__, repr(value), str(want), nd), code, "k")
+        return self._const(("k", type(value).__name__, repr(value), str(want), nd), code, "c")
 
     def user_op(self, op: str) -> str:
         return self._const(("op", op), f"MAP_OPS[{op!r}].torch_fn", "op")
@@ -1044,6 +1078,9 @@ class TorchGen:
                     break
                 perm.append(hit)
                 used.add(hit)
+            if self._dense_pairs(lay.shape, lay.strides) and self._dense_pairs(sizes, strides) and \
+                    _same(sympy.Mul(*lay.shape), sympy.Mul(*sizes)) and len(perm) != len(tgt):
+                return f"{src}.view{self.tuple_code(sizes)}"  # a reshape of a contiguous tensor
             if len(perm) == len(tgt) == len(have):
                 code, cur = src, list(lay.shape)
                 if perm != sorted(perm):
@@ -1054,6 +1091,12 @@ class TorchGen:
                     code += f".view{self.tuple_code(sizes)}"
                 return code
         return f"{src}.as_strided({self.tuple_code(sizes)}, {self.tuple_code(strides)}, {self.int_code(off)})"
+
+    @staticmethod
+    def _dense_pairs(shape, strides) -> bool:
+        """Are these the strides of a contiguous tensor of `shape` (size-1 dims aside)?"""
+        want = _contiguous_strides(shape)
+        return all(n == 1 or _same(a, b) for n, a, b in zip(shape, strides, want))
 
     # ---- steps
     def begin(self, header: list) -> None:

@@ -1,13 +1,38 @@
-"""Contraction structure: when a statement is `sum[K] A(M, K) * B(K, N)` times an epilogue over (M, N),
-the shape a tensor-core kernel (and the fusion passes that group around one) needs to see."""
+"""Statement structure the passes and kernel kinds share: maps, accesses that read a tensor in the
+reader's own layout, and contractions — when a statement is `sum[K] A(M, K) * B(K, N)` times an
+epilogue over (M, N), the shape a tensor-core kernel (and the fusion passes that group around one) needs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from . import dtypes as dt
-from .expr import Call, Expr, index_symbols
+from . import index as ix
+from .expr import Access, Call, Expr, index_symbols
 from .module import Statement
 from .ops import infer
+
+
+def is_map(s) -> bool:
+    """A statement computing each output point from its inputs alone (no reduction, no iteration)."""
+    return isinstance(s, Statement) and s.reduce is None and s.iterate is None
+
+
+def rank_ranges(s: Statement) -> dict:
+    """Each rank of `s` with its inclusive range [0, extent - 1]."""
+    return {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in s.ranks().items()}
+
+
+def flat_identity(types: dict, a: Access, reader: Statement) -> bool:
+    """Does `a` read its tensor at the same flat offset the reader writes (an identity up to views)?"""
+    t = types[a.tensor]
+    if any(isinstance(p, Expr) for p in a.indices) or reader.iterate is not None:
+        return False
+    if sympy.simplify(t.numel() - reader.type.numel()) != 0:
+        return False
+    src, dst = ix.flat_offset(a.indices, t.shape), ix.flat_offset(reader.index, reader.type.shape)
+    return ix.simplify(sympy.expand(src - dst), rank_ranges(reader)) == 0
 
 
 @dataclass
@@ -42,20 +67,20 @@ def peel_invariant(e: Expr, red: set) -> tuple[Expr, list]:
     return e, post[::-1]
 
 
-def _mul_factors(e: Expr) -> list:
+def mul_factors(e: Expr) -> list:
     if isinstance(e, Call) and e.op == "mul":
-        return _mul_factors(e.args[0]) + _mul_factors(e.args[1])
+        return mul_factors(e.args[0]) + mul_factors(e.args[1])
     return [e]
 
 
-def _product(factors: list) -> Expr:
+def product(factors: list) -> Expr:
     out = factors[0]
     for f in factors[1:]:
         out = Call("mul", (out, f))
     return out
 
 
-def _narrow_operand(e: Expr, dtype_of):
+def narrow_operand(e: Expr, dtype_of):
     """`f32(x)` of a 16-bit float, or `i32(x)` of an i8, feeds the tensor core in x's own type."""
     if isinstance(e, Call) and e.op == "cast":
         inner = infer(e.args[0], dtype_of)[0]
@@ -72,7 +97,7 @@ def contraction(s: Statement, dtype_of) -> Contraction | None:
         return None
     red = {r for r, _ in s.reduce.ranks}
     e, post = peel_invariant(s.expr, red)
-    factors = _mul_factors(e)
+    factors = mul_factors(e)
     outer = [f for f in factors if not (index_symbols(f) & red)]
     inner = [f for f in factors if index_symbols(f) & red]
     out = set(s.index)
@@ -91,7 +116,7 @@ def contraction(s: Statement, dtype_of) -> Contraction | None:
     n = tuple(r for r in s.index if r in b_ranks - a_ranks)
     if not m or not n:
         return None
-    (a, ta), (b, tb) = (_narrow_operand(_product(side), dtype_of) for side in (a_side, b_side))
+    (a, ta), (b, tb) = (narrow_operand(product(side), dtype_of) for side in (a_side, b_side))
     if ta != tb or not (ta.is_float or ta == dt.i8):
         return None
     batch = tuple(r for r in s.index if r not in m and r not in n)

@@ -368,4 +368,26 @@ def random_inputs(m: Module, like: dict | None = None, seed: int = 0, sizes: dic
     return out
 
 
-__all__ = ["EvaluationError", "LT", "evaluate", "random_inputs", "resolve_target", "TensorType"]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (NaNs must match; integers and bools must be equal)."""
+    if got.shape != want.shape:
+        return float("inf")
+    if not want.dtype.is_floating_point:
+        return 0.0 if torch.equal(got, want) else float("inf")
+    g, w = got.double(), want.double()
+    if not torch.equal(torch.isnan(g), torch.isnan(w)):
+        return float("inf")
+    finite = ~torch.isnan(w)
+    if not torch.equal(torch.isinf(g[finite]), torch.isinf(w[finite])):
+        return float("inf")
+    ok = finite & ~torch.isinf(w)
+    if not ok.any():
+        return 0.0
+    scale = w[ok].abs().max().clamp_min(1e-30)
+    return float((g[ok] - w[ok]).abs().max() / scale)
+
+
+__all__ = ["TOLERANCE", "max_rel_error", "EvaluationError", "LT", "evaluate", "random_inputs", "resolve_target", "TensorType"]

@@ -133,10 +133,16 @@ def precedence(e: sympy.Expr) -> int:
 Ranges = dict  # sympy.Symbol -> (lo, hi) inclusive bounds, sympy expressions
 
 
-def _truth(rel) -> bool:
+def proven(rel) -> bool:
     """True only when sympy can prove the relation."""
     r = sympy.sympify(rel)
     return r is sympy.true or r == True  # noqa: E712 (sympy booleans)
+
+
+def within(e: sympy.Expr, lo, hi, ranges: Ranges) -> bool:
+    """Is `lo <= e <= hi` provable from the ranges of e's symbols?"""
+    elo, ehi = bounds(e, ranges)
+    return proven(elo >= lo) and proven(ehi <= hi)
 
 
 def evaluated(v: sympy.Expr) -> sympy.Expr:
@@ -180,13 +186,13 @@ def bounds(e: sympy.Expr, ranges: Ranges) -> tuple[sympy.Expr, sympy.Expr]:
     if isinstance(e, Mod):
         alo, ahi = bounds(e.args[0], ranges)
         b = e.args[1]
-        if _truth(alo >= 0) and _truth(ahi < b):
+        if proven(alo >= 0) and proven(ahi < b):
             return alo, ahi
         return sympy.Integer(0), b - 1
     if isinstance(e, sympy.Pow) and e.args[1].is_Integer and e.args[1] > 1:
         lo, hi = bounds(e.args[0], ranges)
         n = int(e.args[1])
-        if _truth(lo >= 0):
+        if proven(lo >= 0):
             return lo ** n, hi ** n
         if n % 2 == 0:
             return sympy.Integer(0), sympy.Max(lo ** n, hi ** n)
@@ -231,14 +237,14 @@ def _split_small(a: sympy.Expr, c: sympy.Expr, ranges: Ranges):
     for t in terms:
         # g: the constant part of a term, integers and symbolic sizes (j*S*64 -> S*64)
         g = sympy.Mul(*[f for f in sympy.Mul.make_args(t) if f.is_Integer or (f.is_Symbol and is_size_symbol(f))])
-        if g == 1 or not (_truth(g >= 1) and exact_quotient(c, g) is not None):
+        if g == 1 or not (proven(g >= 1) and exact_quotient(c, g) is not None):
             continue
         big = [u for u in terms if exact_quotient(u, g) is not None]
         rest = sympy.Add(*[u for u in terms if exact_quotient(u, g) is None])
         if rest == 0:
             continue
         lo, hi = bounds(rest, ranges)
-        if _truth(lo >= 0) and _truth(hi < g):
+        if proven(lo >= 0) and proven(hi < g):
             return g, sympy.Add(*[exact_quotient(u, g) for u in big]), rest
     return None
 
@@ -246,13 +252,13 @@ def _split_small(a: sympy.Expr, c: sympy.Expr, ranges: Ranges):
 def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
     if isinstance(e, FloorDiv):
         a, c = e.args
-        if isinstance(a, FloorDiv) and _truth(a.args[1] > 0):
+        if isinstance(a, FloorDiv) and proven(a.args[1] > 0):
             return _simplify_node(FloorDiv(a.args[0], a.args[1] * c), ranges)
         q, r = _split_multiple(a, c)
         if q != 0:
             return q + _simplify_node(FloorDiv(r, c), ranges)
         lo, hi = bounds(a, ranges)
-        if _truth(lo >= 0) and _truth(hi < c):
+        if proven(lo >= 0) and proven(hi < c):
             return sympy.Integer(0)
         split = _split_small(a, c, ranges)
         if split is not None:
@@ -265,7 +271,7 @@ def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
         if q != 0:
             return _simplify_node(Mod(r, c), ranges)
         lo, hi = bounds(a, ranges)
-        if _truth(lo >= 0) and _truth(hi < c):
+        if proven(lo >= 0) and proven(hi < c):
             return a
         split = _split_small(a, c, ranges)
         if split is not None:
@@ -274,7 +280,7 @@ def _simplify_node(e: sympy.Expr, ranges: Ranges) -> sympy.Expr:
         if isinstance(a, FloorDiv):
             # (x // b) % c == x // b when 0 <= x < b*c
             xlo, xhi = bounds(a.args[0], ranges)
-            if _truth(xlo >= 0) and _truth(xhi < a.args[1] * c):
+            if proven(xlo >= 0) and proven(xhi < a.args[1] * c):
                 return a
         return e
     if isinstance(e, sympy.Add):

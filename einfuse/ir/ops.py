@@ -24,7 +24,6 @@ class MapOp:
     rule: str = "promote"
     infix: str | None = None  # printed as `a <infix> b` (or prefix for arity 1) when set
     prec: int = 0  # binding strength of the infix form (higher binds tighter)
-    triton: str | None = None  # Triton expression template over {0}, {1}, ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,6 @@ class ReduceOp:
     identity: float | bool
     torch_fn: Callable  # (tensor, dims) -> tensor
     combine: Callable  # (a, b) -> elementwise combination, for iterative/looped evaluation
-    triton: str | None = None
 
 
 MAP_OPS: dict[str, MapOp] = {}
@@ -57,77 +55,76 @@ def register_reduce_op(op: ReduceOp) -> ReduceOp:
 # Precedence of infix forms: comparison 1 < additive 2 < multiplicative 3 < unary 4 < atoms 5.
 PREC_CMP, PREC_ADD, PREC_MUL, PREC_UNARY, PREC_ATOM = 1, 2, 3, 4, 5
 
-for _name, _fn, _sym, _prec, _rule, _tt in [
-    ("add", torch.add, "+", PREC_ADD, "promote", "{0} + {1}"),
-    ("sub", torch.sub, "-", PREC_ADD, "promote", "{0} - {1}"),
-    ("mul", torch.mul, "*", PREC_MUL, "promote", "{0} * {1}"),
-    ("div", torch.true_divide, "/", PREC_MUL, "float", "{0} / {1}"),
-    ("floordiv", torch.floor_divide, "//", PREC_MUL, "promote", "{0} // {1}"),
-    ("mod", torch.remainder, "%", PREC_MUL, "promote", "{0} % {1}"),
-    ("lt", torch.lt, "<", PREC_CMP, "bool", "{0} < {1}"),
-    ("le", torch.le, "<=", PREC_CMP, "bool", "{0} <= {1}"),
-    ("gt", torch.gt, ">", PREC_CMP, "bool", "{0} > {1}"),
-    ("ge", torch.ge, ">=", PREC_CMP, "bool", "{0} >= {1}"),
-    ("eq", torch.eq, "==", PREC_CMP, "bool", "{0} == {1}"),
-    ("ne", torch.ne, "!=", PREC_CMP, "bool", "{0} != {1}"),
+for _name, _fn, _sym, _prec, _rule in [
+    ("add", torch.add, "+", PREC_ADD, "promote"),
+    ("sub", torch.sub, "-", PREC_ADD, "promote"),
+    ("mul", torch.mul, "*", PREC_MUL, "promote"),
+    ("div", torch.true_divide, "/", PREC_MUL, "float"),
+    ("floordiv", torch.floor_divide, "//", PREC_MUL, "promote"),
+    ("mod", torch.remainder, "%", PREC_MUL, "promote"),
+    ("lt", torch.lt, "<", PREC_CMP, "bool"),
+    ("le", torch.le, "<=", PREC_CMP, "bool"),
+    ("gt", torch.gt, ">", PREC_CMP, "bool"),
+    ("ge", torch.ge, ">=", PREC_CMP, "bool"),
+    ("eq", torch.eq, "==", PREC_CMP, "bool"),
+    ("ne", torch.ne, "!=", PREC_CMP, "bool"),
 ]:
-    register_map_op(MapOp(_name, 2, _fn, _rule, _sym, _prec, _tt))
+    register_map_op(MapOp(_name, 2, _fn, _rule, _sym, _prec))
 
-register_map_op(MapOp("neg", 1, torch.neg, "same", "-", PREC_UNARY, "-{0}"))
+register_map_op(MapOp("neg", 1, torch.neg, "same", "-", PREC_UNARY))
 
-for _name, _fn, _rule, _tt in [
-    ("exp", torch.exp, "float", "tl.exp({0})"),
-    ("exp2", torch.exp2, "float", "tl.exp2({0})"),
-    ("log", torch.log, "float", "tl.log({0})"),
-    ("log2", torch.log2, "float", "tl.log2({0})"),
-    ("log1p", torch.log1p, "float", "libdevice.log1p({0})"),
-    ("expm1", torch.expm1, "float", "libdevice.expm1({0})"),
-    ("sqrt", torch.sqrt, "float", "tl.sqrt({0})"),
-    ("rsqrt", torch.rsqrt, "float", "libdevice.rsqrt({0})"),
-    ("sin", torch.sin, "float", "tl.sin({0})"),
-    ("cos", torch.cos, "float", "tl.cos({0})"),
-    ("tan", torch.tan, "float", "libdevice.tan({0})"),
-    ("tanh", torch.tanh, "float", "libdevice.tanh({0})"),
-    ("erf", torch.erf, "float", "libdevice.erf({0})"),
-    ("sigmoid", torch.sigmoid, "float", "tl.sigmoid({0})"),
-    ("silu", F.silu, "float", "{0} * tl.sigmoid({0})"),
-    ("gelu", F.gelu, "float", "0.5 * {0} * (1.0 + libdevice.erf({0} * 0.7071067811865476))"),
-    ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), "float",
-     "0.5 * {0} * (1.0 + libdevice.tanh(0.7978845608028654 * ({0} + 0.044715 * {0} * {0} * {0})))"),
-    ("reciprocal", torch.reciprocal, "float", "1.0 / {0}"),
-    ("abs", torch.abs, "same", "tl.abs({0})"),
-    ("relu", torch.relu, "same", "tl.maximum({0}, 0)"),
-    ("floor", torch.floor, "same", "tl.floor({0})"),
-    ("ceil", torch.ceil, "same", "tl.ceil({0})"),
-    ("round", torch.round, "same", "libdevice.nearbyint({0})"),
-    ("trunc", torch.trunc, "same", "libdevice.trunc({0})"),
-    ("sign", torch.sign, "same", "tl.where({0} > 0, 1, tl.where({0} < 0, -1, 0))"),
-    ("not", torch.logical_not, "bool", "{0} == 0"),
-    ("isnan", torch.isnan, "bool", "{0} != {0}"),
-    ("isinf", torch.isinf, "bool", "tl.abs({0}) == float('inf')"),
-    ("bitnot", torch.bitwise_not, "same", "~{0}"),
+for _name, _fn, _rule in [
+    ("exp", torch.exp, "float"),
+    ("exp2", torch.exp2, "float"),
+    ("log", torch.log, "float"),
+    ("log2", torch.log2, "float"),
+    ("log1p", torch.log1p, "float"),
+    ("expm1", torch.expm1, "float"),
+    ("sqrt", torch.sqrt, "float"),
+    ("rsqrt", torch.rsqrt, "float"),
+    ("sin", torch.sin, "float"),
+    ("cos", torch.cos, "float"),
+    ("tan", torch.tan, "float"),
+    ("tanh", torch.tanh, "float"),
+    ("erf", torch.erf, "float"),
+    ("sigmoid", torch.sigmoid, "float"),
+    ("silu", F.silu, "float"),
+    ("gelu", F.gelu, "float"),
+    ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), "float"),
+    ("reciprocal", torch.reciprocal, "float"),
+    ("abs", torch.abs, "same"),
+    ("relu", torch.relu, "same"),
+    ("floor", torch.floor, "same"),
+    ("ceil", torch.ceil, "same"),
+    ("round", torch.round, "same"),
+    ("trunc", torch.trunc, "same"),
+    ("sign", torch.sign, "same"),
+    ("not", torch.logical_not, "bool"),
+    ("isnan", torch.isnan, "bool"),
+    ("isinf", torch.isinf, "bool"),
+    ("bitnot", torch.bitwise_not, "same"),
 ]:
-    register_map_op(MapOp(_name, 1, _fn, _rule, triton=_tt))
+    register_map_op(MapOp(_name, 1, _fn, _rule))
 
-for _name, _fn, _rule, _tt in [
-    ("max", torch.maximum, "promote", "tl.maximum({0}, {1})"),
-    ("min", torch.minimum, "promote", "tl.minimum({0}, {1})"),
-    ("pow", torch.pow, "promote", "libdevice.pow({0}, {1})"),
-    ("atan2", torch.atan2, "float", "libdevice.atan2({0}, {1})"),
-    ("and", torch.logical_and, "bool", "({0} != 0) & ({1} != 0)"),
-    ("or", torch.logical_or, "bool", "({0} != 0) | ({1} != 0)"),
-    ("xor", torch.logical_xor, "bool", "({0} != 0) ^ ({1} != 0)"),
-    ("bitand", torch.bitwise_and, "promote", "{0} & {1}"),
-    ("bitor", torch.bitwise_or, "promote", "{0} | {1}"),
-    ("bitxor", torch.bitwise_xor, "promote", "{0} ^ {1}"),
-    ("shl", torch.bitwise_left_shift, "promote", "{0} << {1}"),
-    ("shr", torch.bitwise_right_shift, "promote", "{0} >> {1}"),
+for _name, _fn, _rule in [
+    ("max", torch.maximum, "promote"),
+    ("min", torch.minimum, "promote"),
+    ("pow", torch.pow, "promote"),
+    ("atan2", torch.atan2, "float"),
+    ("and", torch.logical_and, "bool"),
+    ("or", torch.logical_or, "bool"),
+    ("xor", torch.logical_xor, "bool"),
+    ("bitand", torch.bitwise_and, "promote"),
+    ("bitor", torch.bitwise_or, "promote"),
+    ("bitxor", torch.bitwise_xor, "promote"),
+    ("shl", torch.bitwise_left_shift, "promote"),
+    ("shr", torch.bitwise_right_shift, "promote"),
 ]:
-    register_map_op(MapOp(_name, 2, _fn, _rule, triton=_tt))
+    register_map_op(MapOp(_name, 2, _fn, _rule))
 
-register_map_op(MapOp("where", 3, torch.where, "where", triton="tl.where({0}, {1}, {2})"))
+register_map_op(MapOp("where", 3, torch.where, "where"))
 # `cast` prints as the target dtype's name: `f16(x)`; its torch meaning needs the dtype (see evaluator).
-register_map_op(MapOp("cast", 1, lambda x: x, "cast", triton="{0}.to({dtype})"))
+register_map_op(MapOp("cast", 1, lambda x: x, "cast"))
 
 
 def _amax(x, dims):
@@ -145,12 +142,12 @@ def _prod(x, dims):
 
 
 for _r in [
-    ReduceOp("sum", 0, lambda x, d: torch.sum(x, dim=d) if d else x, torch.add, "tl.sum({0}, axis={1})"),
-    ReduceOp("max", -math.inf, _amax, torch.maximum, "tl.max({0}, axis={1})"),
-    ReduceOp("min", math.inf, _amin, torch.minimum, "tl.min({0}, axis={1})"),
-    ReduceOp("prod", 1, _prod, torch.mul, None),
-    ReduceOp("any", False, lambda x, d: torch.any(x, dim=d) if d else x, torch.logical_or, "tl.max({0}, axis={1})"),
-    ReduceOp("all", True, lambda x, d: torch.all(x, dim=d) if d else x, torch.logical_and, "tl.min({0}, axis={1})"),
+    ReduceOp("sum", 0, lambda x, d: torch.sum(x, dim=d) if d else x, torch.add),
+    ReduceOp("max", -math.inf, _amax, torch.maximum),
+    ReduceOp("min", math.inf, _amin, torch.minimum),
+    ReduceOp("prod", 1, _prod, torch.mul),
+    ReduceOp("any", False, lambda x, d: torch.any(x, dim=d) if d else x, torch.logical_or),
+    ReduceOp("all", True, lambda x, d: torch.all(x, dim=d) if d else x, torch.logical_and),
 ]:
     register_reduce_op(_r)
 

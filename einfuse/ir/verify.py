@@ -79,7 +79,7 @@ def _guarded(p, lo, hi, ranges: dict):
 
 def _dead(ranges: dict) -> bool:
     """Guards narrowed some rank to an empty range: this branch of a where() never runs."""
-    return any(ix._truth(lo > hi) for lo, hi in ranges.values())
+    return any(ix.proven(lo > hi) for lo, hi in ranges.values())
 
 
 class _Checker:
@@ -223,7 +223,7 @@ class _Checker:
                 self._symbols(p, known)
                 self._divisors(p, rng)
                 lo, hi = _guarded(p, *ix.bounds(p, rng), rng)
-                if not _dead(rng) and (ix._truth(lo < 0) or ix._truth(hi > t.shape[d] - 1)):
+                if not _dead(rng) and (ix.proven(lo < 0) or ix.proven(hi > t.shape[d] - 1)):
                     raise _Problem(
                         f"index {d} of {e.tensor}, {ix.to_str(p)}, ranges over [{lo}, {hi}] "
                         f"outside [0, {ix.to_str(t.shape[d] - 1)}]")
@@ -247,7 +247,7 @@ class _Checker:
         """`//` and `%` in index arithmetic are defined for positive divisors only."""
         for node in sympy.sympify(p).atoms(ix.FloorDiv, ix.Mod):
             lo, _ = ix.bounds(node.args[1], rng)
-            if ix._truth(lo < 1):
+            if ix.proven(lo < 1):
                 raise _Problem(f"divisor {ix.to_str(node.args[1])} of {ix.to_str(node)} can be {lo}, not positive")
 
     def _is_int(self, e: Expr) -> bool:

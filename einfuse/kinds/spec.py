@@ -1,8 +1,8 @@
-"""What codegen hands the runtime: a kernel's source, its arguments and how to launch it."""
+"""What a kernel kind emits and the runtime launches: a kernel's source, its arguments, its mapping."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import sympy
 
@@ -21,10 +21,11 @@ class Arg:
 
 @dataclass(frozen=True)
 class Mapping:
-    """How a statement's ranks map onto a kernel (TeAAL's mapping, kept apart from the Einsum).
+    """How a kernel's ranks map onto programs and loops (TeAAL's mapping, kept apart from the Einsums).
 
-    kind: map (flat over output ranks), reduce (rows x looped reduction), dot (tiled M x N with a K
-    loop on tensor cores) or iterate (rows with a sequential loop over the iterative rank)."""
+    kind: the kernel kind that chose it (map: flat over output ranks; rows: rows x looped reductions;
+    dot: tiled M x N with a K loop on tensor cores; iterate: rows with a sequential loop over the
+    iterative rank; attention: query tiles streaming key tiles; or a kind a user registered)."""
 
     kind: str
     rows: tuple = ()  # ranks flattened onto the row axis (map: all output ranks; dot: M ranks)
@@ -61,6 +62,17 @@ class KernelSpec:
     mapping: Mapping
     flops: int | str = 0  # from the IR (an expression string when sizes are symbolic)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """The kernel kind that emitted it."""
+        return self.mapping.kind
+
+    def instance(self, statements: tuple, outputs: tuple, refs: dict) -> "KernelSpec":
+        """The same kernel (source, tiling) launched for another group of identical structure: its
+        statements and outputs, and every argument bound to the tensor `refs` maps it to."""
+        args = [Arg(a.name, a.kind, refs.get(a.ref, a.ref), a.dtype) for a in self.args]
+        return replace(self, statements=tuple(statements), outputs=tuple(outputs), args=args)
 
     @property
     def key(self) -> str:

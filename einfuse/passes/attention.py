@@ -21,17 +21,17 @@ from dataclasses import dataclass
 import sympy
 
 from ..ir import index as ix
-from ..ir.contraction import contraction
+from ..ir.contraction import contraction, flat_identity
 from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, index_symbols, map_indices, rewrite,
                        substitute)
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
+from ..kinds.attention import CHUNK_ROLES, STEP_ROLES
 from .base import Pass
 from .cascade import is_map, monomial, passes_over, read_through
+from .instruments import register_dump_note
 
 NEG_INF = Const(-math.inf)
-STEP_ROLES = ("qk", "lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")  # the 1-pass cascade's steps, in order
-CHUNK_ROLES = ("part_max", "part_den", "part_num")  # what a split-KV chunk writes for the combine step
 
 
 @dataclass
@@ -354,6 +354,12 @@ def report(m: Module) -> list[tuple[str, int]]:
     return rows
 
 
+@register_dump_note
+def pass_counts(m: Module) -> list[str]:
+    """Dump header lines: how many passes each attention makes over its key rank (3, then 1 after fusion)."""
+    return [f"attention {name!r}: {n} pass{'es' if n != 1 else ''} over the key rank" for name, n in report(m)]
+
+
 def one_pass_from_group(m: Module, g) -> OnePass:
     """The statements of an attention kernel group, by the roles its `kernel` line names."""
     prod = m.producers()
@@ -397,8 +403,6 @@ def _into_copy(m: Module, c: Cascade) -> Module | None:
     a = cp.expr
     if not isinstance(a, Access) or a.tensor != c.av.name or cp.type.dtype != c.av.type.dtype:
         return None
-    from .fusion import flat_identity
-
     if not flat_identity(m.types(), a, cp):
         return None
     taken = set(cp.ranks()) | set(c.av.ranks())

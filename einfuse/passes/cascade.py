@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import sympy
 
+from ..ir.contraction import is_map
 from ..ir.expr import Access, Call, Expr, accesses, rewrite, substitute
 from ..ir.module import Module, Statement
 
-
-def is_map(s) -> bool:
-    """A statement computing each output point from its inputs alone (no reduction, no iteration)."""
-    return isinstance(s, Statement) and s.reduce is None and s.iterate is None
+__all__ = ["is_map", "monomial", "passes_over", "read_through"]
 
 
 def read_through(e: Expr, producers: dict, keep=frozenset()) -> Expr:

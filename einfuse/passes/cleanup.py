@@ -95,7 +95,7 @@ def _index_compare(e: Call, ctx: _Ctx):
     if diff is None:
         return None
     lo, hi = ix.bounds(diff, ctx.ranges)
-    t = ix._truth
+    t = ix.proven
     decided = {
         "lt": (t(hi < 0), t(lo >= 0)), "le": (t(hi <= 0), t(lo > 0)),
         "gt": (t(lo > 0), t(hi <= 0)), "ge": (t(lo >= 0), t(hi < 0)),

@@ -11,29 +11,14 @@ from typing import Callable
 import sympy
 
 from ..ir import index as ix
-from ..ir.contraction import contraction
+from ..ir.contraction import contraction, flat_identity, is_map, rank_ranges
 from ..ir.expr import Access, Call, Expr, accesses, index_symbols, map_indices, rewrite, substitute, walk
 from ..ir.module import Kernel, Module, Opaque, Statement
+from ..kinds import kind_named
+from ..kinds.dot import MAX_ACCUMULATORS, is_contraction, stat_binding
 from .base import Pass
-from .cascade import is_map
 
-MAX_ACCUMULATORS = 2  # contractions sharing a kernel: a third 64x64 f32 accumulator spills registers
 INLINE_LIMIT = 160  # expression nodes: beyond this an inlined chain is kept as its own statement
-
-
-def _ranges(s: Statement) -> dict:
-    return {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in s.ranks().items()}
-
-
-def flat_identity(m_types: dict, a: Access, reader: Statement) -> bool:
-    """Does `a` read its tensor at the same flat offset the reader writes (an identity up to views)?"""
-    t = m_types[a.tensor]
-    if any(isinstance(p, Expr) for p in a.indices) or reader.iterate is not None:
-        return False
-    if sympy.simplify(t.numel() - reader.type.numel()) != 0:
-        return False
-    src, dst = ix.flat_offset(a.indices, t.shape), ix.flat_offset(reader.index, reader.type.shape)
-    return ix.simplify(sympy.expand(src - dst), _ranges(reader)) == 0
 
 
 def _size(e: Expr) -> int:
@@ -48,7 +33,7 @@ def inline(m: Module, names: set) -> Module:
     body = []
     for op in m.body:
         if isinstance(op, Statement):
-            rng = _ranges(op)
+            rng = rank_ranges(op)
 
             def visit(n: Expr):
                 if not (isinstance(n, Access) and n.tensor in names) or any(isinstance(p, Expr) for p in n.indices):
@@ -145,47 +130,16 @@ class Rule:
     join: Callable  # (module, producer, reader, access) -> bool
 
 
-def _contraction(m: Module, s) -> bool:
-    types = m.types()
-    return isinstance(s, Statement) and contraction(s, lambda n: types[n].dtype) is not None
-
-
 def _epilogue(m: Module, p: Statement, c: Statement, a: Access) -> bool:
     return is_map(c) and flat_identity(m.types(), a, c)
 
 
 def _row_stats(m: Module, p: Statement, c: Statement, a: Access) -> bool:
-    if p.reduce is None or p.iterate is not None or _contraction(m, p) or c.iterate is not None:
+    if p.reduce is None or p.iterate is not None or is_contraction(m, p) or c.iterate is not None:
         return False
-    if _contraction(m, c) or sympy.simplify(p.type.numel() - c.type.numel()) != 0:
+    if is_contraction(m, c) or sympy.simplify(p.type.numel() - c.type.numel()) != 0:
         return False
     return flat_identity(m.types(), a, c)
-
-
-def stat_binding(m: Module, stat: Statement, reader: Statement) -> dict | None:
-    """How a row statistic (a reduction over one rank) is computed inside the contraction `reader`
-    (an RMSNorm's sum of squares feeding the projection it normalizes): its ranks in the reader's ranks
-    (output ranks through the reader's access, the reduced rank as the reader's K), when the
-    statistic reads only a row of what the contraction's own K loop walks over."""
-    types = m.types()
-    c = contraction(reader, lambda n: types[n].dtype)
-    if c is None or stat.reduce is None or stat.iterate is not None or len(stat.reduce.ranks) != 1 or len(c.k) != 1:
-        return None
-    if stat.reduce.op not in ("sum", "max", "min") or contraction(stat, lambda n: types[n].dtype) is not None:
-        return None
-    uses = [a for a in accesses(reader.expr) if a.tensor == stat.name]
-    if not uses or any(a.tensor == stat.name for f in (c.a, c.b) for a in accesses(f)):
-        return None  # read inside an operand: not a post factor of the contraction
-    pos = uses[0].indices
-    if any(u.indices != pos for u in uses) or any(isinstance(p, Expr) for p in pos):
-        return None
-    (r, n), = stat.reduce.ranks
-    if sympy.simplify(n - reader.ranks()[c.k[0]]) != 0:
-        return None
-    bind = {**dict(zip(stat.index, pos)), r: c.k[0]}
-    if index_symbols(substitute(stat.expr, bind)) - set(c.m) - set(c.k) - set(c.batch):
-        return None  # it would need the contraction's N ranks: not one row
-    return bind
 
 
 def _stat_prologue(m: Module, p: Statement, c: Statement, a: Access) -> bool:
@@ -197,53 +151,6 @@ RULES = [
     Rule("row statistic computed in the contraction's K loop (norm + projection)", "dot", _stat_prologue),
     Rule("row statistics computed together (norms, softmax)", "rows", _row_stats),
 ]
-
-
-def valid_group(m: Module, kind: str, members: list) -> bool:
-    """What the code generator of each kind can emit (checked before two groups merge)."""
-    prod, types = m.producers(), m.types()
-    dtype = lambda n: types[n].dtype  # noqa: E731
-    stmts = [prod[n] for n in members]
-    inside = set(members)
-    if kind == "dot":
-        dots = [s for s in stmts if contraction(s, dtype) is not None]
-        stats = [s for s in stmts if s.reduce is not None and s not in dots]
-        if not dots or len(dots) > MAX_ACCUMULATORS or any(not is_map(s) for s in stmts if s not in dots + stats):
-            return False
-        if any(not any(stat_binding(m, st, d) for d in dots) for st in stats):
-            return False
-        stmts = [s for s in stmts if s not in stats]
-        c0 = contraction(dots[0], dtype)
-        shape = lambda c, s, rs: sympy.Mul(*[s.ranks()[r] for r in rs])  # noqa: E731
-        for d in dots:
-            c = contraction(d, dtype)
-            if any(a.tensor in inside and prod[a.tensor] not in stats for a in accesses(d.expr)):
-                return False  # a contraction reads only tensors from outside its kernel (or its statistics)
-            if any(sympy.simplify(shape(c, d, getattr(c, x)) - shape(c0, dots[0], getattr(c0, x))) != 0
-                   for x in ("m", "n", "k", "batch")):
-                return False
-        numel = dots[0].type.numel()
-        for s in stmts:
-            if sympy.simplify(s.type.numel() - numel) != 0:
-                return False
-            if s not in dots and any(a.tensor in inside and not flat_identity(types, a, s) for a in accesses(s.expr)):
-                return False
-        return True
-    if kind == "rows":
-        rows = stmts[0].type.numel()
-        reds = [s for s in stmts if s.reduce is not None]
-        if not reds or any(s.iterate is not None or contraction(s, dtype) is not None for s in stmts):
-            return False
-        width = sympy.Mul(*[n for _, n in reds[0].reduce.ranks])
-        for s in stmts:
-            if sympy.simplify(s.type.numel() - rows) != 0:
-                return False
-            if s.reduce is not None and sympy.simplify(sympy.Mul(*[n for _, n in s.reduce.ranks]) - width) != 0:
-                return False
-            if any(a.tensor in inside and not flat_identity(types, a, s) for a in accesses(s.expr)):
-                return False
-        return True
-    return False
 
 
 def _acyclic(m: Module, members: set) -> bool:
@@ -288,7 +195,7 @@ class FuseKernels(Pass):
                 return False
             order = {op.outputs[0]: n for n, op in enumerate(m.body)}
             merged = sorted(set(ga) | set(gb), key=order.__getitem__)
-            if not valid_group(m, k, merged) or not _acyclic(m, set(merged)):
+            if kind_named(k).group_roles(m, merged) is None or not _acyclic(m, set(merged)):
                 return False
             for n in merged:
                 group[n] = merged
@@ -313,7 +220,8 @@ class FuseKernels(Pass):
             if id(members) in seen or len(members) < 2:
                 continue
             seen.add(id(members))
-            kernels.append(Kernel(f"k_{members[-1]}", kind[id(members)], tuple(members)))
+            k = kind[id(members)]
+            kernels.append(Kernel(f"k_{members[-1]}", k, tuple(members), (), kind_named(k).group_roles(m, members)))
         return schedule(m.replace(kernels=tuple(kernels)))
 
     @staticmethod

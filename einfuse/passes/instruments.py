@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ir.evaluator import evaluate, random_inputs
+from ..ir.evaluator import TOLERANCE, evaluate, max_rel_error, random_inputs
 from ..ir.module import Module
 from ..ir.verify import VerifyError, verify
 from .base import Instrument, Pass, PassError
@@ -38,13 +38,23 @@ class Verify(Instrument):
             raise PassError(p.pass_name, f"produced an invalid module: {e}") from None
 
 
-def dump_header(label: str, ms: float | None, module: Module) -> str:
-    """Which pass made the dump, how long it took, its size, and FuseMax's pass count of every attention."""
-    from .attention import report
+DUMP_NOTES: list = []  # functions module -> [line]: what analyses add to every dump's header
 
+
+def register_dump_note(fn):
+    """Add `fn(module) -> list[str]` to the header of every IR dump (e.g. the attention pass's count of
+    passes over the key rank). Keep it cheap: it runs after every pass when dumps are on."""
+    if fn not in DUMP_NOTES:
+        DUMP_NOTES.append(fn)
+    return fn
+
+
+def dump_header(label: str, ms: float | None, module: Module) -> str:
+    """Which pass made the dump, how long it took, its size, and what registered notes say about it."""
     timing = f" · {ms:.2f} ms" if ms is not None else ""
     lines = [f"# einfuse IR after {label}{timing} · {len(module.body)} statements"]
-    lines += [f"# attention {name!r}: {n} pass{'es' if n != 1 else ''} over the key rank" for name, n in report(module)]
+    for note in DUMP_NOTES:
+        lines += [f"# {line}" for line in note(module)]
     return "\n".join(lines) + "\n"
 
 
@@ -87,28 +97,6 @@ class PrintAfter(Instrument):
     def after(self, p, before, after, ms, index):
         if not self.names or p.pass_name in self.names:
             self.stream.write(dump_header(f"pass {p.pass_name!r}", ms, after) + str(after) + "\n")
-
-
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
-def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want| (NaNs must match; integers and bools must be equal)."""
-    if got.shape != want.shape:
-        return float("inf")
-    if not want.dtype.is_floating_point:
-        return 0.0 if torch.equal(got, want) else float("inf")
-    g, w = got.double(), want.double()
-    if not torch.equal(torch.isnan(g), torch.isnan(w)):
-        return float("inf")
-    finite = ~torch.isnan(w)
-    if not torch.equal(torch.isinf(g[finite]), torch.isinf(w[finite])):
-        return float("inf")
-    ok = finite & ~torch.isinf(w)
-    if not ok.any():
-        return 0.0
-    scale = w[ok].abs().max().clamp_min(1e-30)
-    return float((g[ok] - w[ok]).abs().max() / scale)
 
 
 class PassNumericsError(PassError):

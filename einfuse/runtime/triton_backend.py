@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -13,15 +14,15 @@ import numpy as np
 import sympy
 import torch
 
-from ..codegen import KernelSpec, generate
+from ..codegen import Arg, KernelSpec, Mapping, float32_precision, generate
 from ..codegen.cache import Cache, key_of
-from ..codegen.kernel import Arg, Mapping
-from ..codegen.mapping import float32_precision
 from ..ir import index as ix
 from ..ir.evaluator import bind_sizes, check_inputs, run_opaque
 from ..ir.module import Module, Opaque, Statement
 from ..ir.parser import parse_index
+from .autotune import Autotuner
 from .backends import register_backend
+from .graphs import GraphReplay
 from .memory import Pool
 from .traffic import Traffic, counting
 
@@ -131,52 +132,47 @@ class TritonRunner:
     cache_hit: bool = False
     measure: bool = False
     cuda_graphs: bool = False  # replay the whole launch sequence as one CUDA graph (no opaque calls)
+    autotuner: Autotuner | None = None  # set: contractions pick their tiling by timing candidates (CUDA default)
     steps: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     allocations: list = field(default_factory=list)  # the pool's log of the last call
     peak_bytes: int = 0  # bytes the pool held at the end of the last call (it only grows within a call)
-    _graph: object = None
+    graph: GraphReplay | None = None
 
     def __post_init__(self):
         by_stmt = {n: s for s in self.specs for n in s.statements}
-        launched: set = set()
         for op in self.module.body:
             if isinstance(op, Statement):
                 spec = by_stmt[op.name]
-                if spec.name in launched:  # a later member of a kernel group: it ran with the first
+                if spec.statements[0] != op.name:  # a later member of a kernel group: it ran with the first
                     self.steps.append(Step(op, None, None, skip=True))
-                    continue
-                launched.add(spec.name)
-                self.steps.append(Step(op, spec, load_kernel(spec, self.directory)))
+                else:
+                    self.steps.append(Step(op, spec, self.load(spec)))
             else:
                 self.steps.append(Step(op))
         self._types = self.module.types()
         self._last = self.module.last_uses()
+        if self.cuda_graphs:
+            stable = [i.name for i in self.module.inputs if i.kind != "in"]
+            self.graph = GraphReplay(self._run, stable)
+
+    def load(self, spec: KernelSpec):
+        """The launchable @triton.jit function of a spec (its source written to the kernel cache first)."""
+        directory = self.directory
+        if not os.path.exists(os.path.join(directory, f"{spec.name}.py")):
+            directory = Cache("kernels").put(key_of(spec.source), {f"{spec.name}.py": spec.source})
+        return load_kernel(spec, directory)
 
     def __call__(self, inputs: dict) -> dict:
         first = next(iter(inputs.values()), None)
-        if self.cuda_graphs and first is not None and first.is_cuda and not self.measure:
-            return self._replay(inputs)
+        if self.graph is not None and not self.measure:
+            if first is not None and not first.is_cuda:
+                raise RuntimeError("einfuse: cuda_graphs=True replays CUDA graphs, but this call's inputs are on "
+                                   f"{first.device}; compile with cuda_graphs=False for CPU tensors")
+            if any(s.spec is None and not s.skip for s in self.steps):
+                return self._run(inputs)  # opaque calls may synchronize or allocate: no capture
+            return self.graph(inputs)
         return self._run(inputs)
-
-    def _replay(self, inputs: dict) -> dict:
-        """CUDA-graph mode: the first call runs (and autotunes) eagerly, the second captures the launch
-        sequence on static buffers, later calls copy changed inputs in and replay. (Written for CUDA;
-        this project's machines have no GPU, so it is exercised only there.)"""
-        if any(s.spec is None and not s.skip for s in self.steps):
-            return self._run(inputs)  # opaque calls may synchronize or allocate: no capture
-        if self._graph is None:
-            self._static = {k: v.contiguous().clone() for k, v in inputs.items()}
-            self._run(self._static)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._static_out = self._run(self._static)
-            self._graph = graph
-        for k, v in inputs.items():
-            if v.data_ptr() != self._static[k].data_ptr():
-                self._static[k].copy_(v)
-        self._graph.replay()
-        return {k: v.clone() for k, v in self._static_out.items()}
 
     def _run(self, inputs: dict) -> dict:
         m = self.module
@@ -221,6 +217,12 @@ class TritonRunner:
                 env[name] = torch.empty(shape, dtype=t.dtype.storage, device=device)
             else:
                 env[name], holders[name] = pool.take(name, shape, t.dtype.storage)
+        if self.autotuner is not None and not step.tuned and not self.measure:
+            step.tuned = True
+            best = self.autotuner.choose(spec, env, sizes)
+            if best is not spec:
+                step.spec, step.fn = best, self.load(best)
+                spec = best
         args = [env[a.ref] if a.kind == "ptr" else sizes[ix.size(a.ref)] for a in spec.args]
         grid = spec.grid_for(sizes)
         launch = step.fn[grid]
@@ -237,43 +239,18 @@ class TritonRunner:
         elif interpreting():
             launch(*args, **spec.constexprs)
         else:
-            if step.spec.mapping.kind == "dot" and not step.tuned:
-                self._autotune(step, args, sizes)
-            step.fn[step.spec.grid_for(sizes)](*args, **step.spec.constexprs, num_warps=step.spec.mapping.num_warps)
-
-    def _autotune(self, step: Step, args, sizes) -> None:
-        """On CUDA, time the candidate tilings of a contraction on the real buffers, keep the fastest
-        (remembered on disk per device), and use it from then on."""
-        import triton.testing
-
-        from ..codegen.mapping import candidates
-        from ..codegen.triton_gen import KernelGen
-
-        cache = Cache("autotune")
-        key = key_of(step.spec.key, torch.cuda.get_device_name())
-        hit = cache.get(key)
-        options = [step.spec] + [KernelGen(self.module, step.op, step.spec.name, 0).generate(mp)
-                                 for mp in candidates(self.module, step.op)[1:]]
-        if hit is not None:
-            best = options[min(int(hit["choice"]), len(options) - 1)]
-        else:
-            times = []
-            for spec in options:
-                d = Cache("kernels").put(key_of(spec.source), {f"{spec.name}.py": spec.source})
-                fn = load_kernel(spec, d)
-                run = lambda: fn[spec.grid_for(sizes)](*args, **spec.constexprs, num_warps=spec.mapping.num_warps)  # noqa: E731
-                times.append(triton.testing.do_bench(run, warmup=5, rep=20))
-            choice = min(range(len(options)), key=times.__getitem__)
-            cache.put(key, {"choice": str(choice)})
-            best = options[choice]
-        if best is not step.spec:
-            d = Cache("kernels").put(key_of(best.source), {f"{best.name}.py": best.source})
-            step.spec, step.fn = best, load_kernel(best, d)
-        step.tuned = True
+            launch(*args, **spec.constexprs, num_warps=spec.mapping.num_warps)
 
 
 @register_backend("triton")
-def triton_backend(module: Module, cuda_graphs: bool = False):
-    """Kernels generated (or loaded from the disk cache) and launched in body order."""
+def triton_backend(module: Module, cuda_graphs: bool = False, autotune: bool | None = None):
+    """Kernels generated (or loaded from the disk cache) and launched in body order. `autotune` (default:
+    on a CUDA device) times each contraction's candidates on the first call and keeps the fastest."""
     specs, directory, hit = kernels_for(module, Cache("kernels"))
-    return TritonRunner(module, specs, directory, hit, cuda_graphs=cuda_graphs)
+    runner = TritonRunner(module, specs, directory, hit, cuda_graphs=cuda_graphs)
+    if autotune if autotune is not None else not interpreting():
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        runner.autotuner = Autotuner(module, runner.load, device=device)
+    return runner

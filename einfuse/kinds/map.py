@@ -1,0 +1,56 @@
+"""The map kind: an elementwise statement, one program per BLOCK output elements, flat over its ranks."""
+from __future__ import annotations
+
+import sympy
+
+from ..ir import index as ix
+from ..ir.contraction import is_map
+from ..ir.module import Module, Statement
+from .base import Group, KernelKind, register_kind
+from .emit import Emitter
+from .spec import KernelSpec, Mapping
+from .tile import Tile, next_pow2
+
+
+class MapKind(KernelKind):
+    name = "map"
+    roles = ("map",)
+    priority = 0
+
+    def claims(self, m: Module, s: Statement) -> bool:
+        return is_map(s)
+
+    def group_roles(self, m: Module, members: list) -> tuple | None:
+        return ("map",) if len(members) == 1 and is_map(m.producers()[members[0]]) else None
+
+    def mapping(self, g: Group, cap: int = 1024) -> Mapping:
+        (s,) = g.statements
+        out = [p for p in s.index if isinstance(p, sympy.Symbol)]
+        numel = g.info.hint(sympy.Mul(*[s.ranks()[r] for r in out]) if out else 1)
+        return Mapping("map", rows=tuple(out), tiles=(("BLOCK", max(16, min(cap, next_pow2(numel)))),))
+
+    def candidates(self, g: Group) -> list[Mapping]:
+        return list(dict.fromkeys(self.mapping(g, cap) for cap in (1024, 256)))
+
+    def emit(self, g: Group, mp: Mapping) -> KernelSpec:
+        (s,) = g.statements
+        em = Emitter(g, s.ranks())
+        kb = em.kb
+        ranks = list(mp.rows)
+        names = em.rank_names(ranks)
+        block = dict(mp.tiles)["BLOCK"]
+        total = em.numel(ranks)
+        ragged = em.ragged(ranks, block)
+        kb.assign("pid", "tl.program_id(0)")
+        kb.assign("offs", "pid * BLOCK + tl.arange(0, BLOCK)")
+        if ragged:
+            kb.assign("valid", f"offs < {em.ext(total)}")
+        em.delinearize("offs", ranks, names)
+        t = Tile(em, names, {r: "valid" for r in ranks} if ragged else {}, flats=em.flats("offs", ranks, names))
+        code, d = t.value(s.expr, s.name)
+        kb.place(t.block)
+        em.store(s, "offs", code, d, "valid" if ragged else None)
+        return em.finish(mp, [ix.FloorDiv(total + block - 1, block)])
+
+
+MAP = register_kind(MapKind())
