@@ -382,7 +382,7 @@ def _cat(lw, node):
     expr = None
     for p, off in reversed(list(zip(parts, offsets))):
         idx = list(ph)
-        idx[d] = ph[d] - off
+        idx[d] = sympy.Integer(0) if p.shape[d] == 1 else ph[d] - off  # a size-1 part is read at 0 in its branch
         here = lw.cast(lw.at(p, idx), out)
         expr = here if expr is None else Call("where", (Call("lt", (IndexValue(ph[d]), IndexValue(off + p.shape[d]))),
                                                           here, expr))
@@ -433,31 +433,26 @@ def _arange(lw, node):
     return Tmpl(Call("cast", (e,), out), lw.shape(node), out)
 
 
-def _const_tmpl(value, shape, out) -> Tmpl:
-    c = Const(value)
-    return Tmpl(c if dt.DEFAULT_FOR_CATEGORY[c.category] == out else Call("cast", (c,), out), tuple(shape), out)
-
-
 @rule("aten.full.default", "aten.new_full.default")
 def _full(lw, node):
     value = node.args[-1] if str(node.target).startswith("aten.full") else node.args[2]
-    return _const_tmpl(value, lw.shape(node), _factory_dtype(node))
+    return lw.constant(value, lw.shape(node), _factory_dtype(node))
 
 
 @rule("aten.full_like.default", "aten.fill.Scalar")
 def _full_like(lw, node):
-    return _const_tmpl(node.args[1], lw.shape(node), _factory_dtype(node))
+    return lw.constant(node.args[1], lw.shape(node), _factory_dtype(node))
 
 
 @rule("aten.scalar_tensor.default")
 def _scalar_tensor(lw, node):
-    return _const_tmpl(node.args[0], (), _factory_dtype(node))
+    return lw.constant(node.args[0], (), _factory_dtype(node))
 
 
 @rule("aten.zeros.default", "aten.zeros_like.default", "aten.new_zeros.default")
 def _zeros(lw, node):
     out = _factory_dtype(node)
-    return _const_tmpl(False if out == dt.bool_ else (0.0 if out.is_float else 0), lw.shape(node), out)
+    return lw.constant(False if out == dt.bool_ else (0.0 if out.is_float else 0), lw.shape(node), out)
 
 
 @rule("aten.empty.memory_format", "aten.empty_like.default", "aten.new_empty.default",
@@ -470,7 +465,7 @@ def _empty(lw, node):
 @rule("aten.ones.default", "aten.ones_like.default", "aten.new_ones.default")
 def _ones(lw, node):
     out = _factory_dtype(node)
-    return _const_tmpl(True if out == dt.bool_ else (1.0 if out.is_float else 1), lw.shape(node), out)
+    return lw.constant(True if out == dt.bool_ else (1.0 if out.is_float else 1), lw.shape(node), out)
 
 
 # ---------------------------------------------------------------- gathers

@@ -23,6 +23,9 @@ from ..ir.ops import infer
 
 OUT_RANKS = "ijklmnoq"
 RED_RANKS = "rstuvw"
+SMALL_CONSTANT = 8  # a constant tensor with at most this many elements becomes literals in the IR
+_LITERAL_DTYPES = (torch.bool, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64,
+                   torch.float32)  # those whose every value a literal holds exactly
 SKIPPED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
            "aten.sym_constrain_range_for_size.default", "aten._assert_async.msg"}
 
@@ -244,6 +247,24 @@ class Lowerer:
         return self.named(name, shape, dtype)
 
     @staticmethod
+    def constant(value, shape: tuple, dtype: dt.DType) -> Tmpl:
+        """`value` everywhere in a tensor of `shape` and `dtype` (a literal, cast when its own type differs)."""
+        c = Const(value)
+        expr = c if dt.DEFAULT_FOR_CATEGORY[c.category] == dtype else Call("cast", (c,), dtype)
+        return Tmpl(expr, tuple(shape), dtype)
+
+    def literal(self, val: torch.Tensor) -> Tmpl:
+        """A small constant tensor as an index map: its values chosen by flat position, no input to bind."""
+        shape = tuple(sympy.Integer(n) for n in val.shape)
+        dtype = dt.from_torch(val.dtype)
+        values = val.detach().cpu().flatten().tolist()
+        pos = IndexValue(ix.flat_offset([placeholder(d) for d in range(val.dim())], shape))
+        expr = self.constant(values[-1], shape, dtype).expr
+        for k in reversed(range(len(values) - 1)):
+            expr = Call("where", (Call("eq", (pos, Const(k))), self.constant(values[k], shape, dtype).expr, expr))
+        return Tmpl(expr, shape, dtype)
+
+    @staticmethod
     def named(name: str, shape: tuple, dtype: dt.DType) -> Tmpl:
         return Tmpl(Access(name, tuple(placeholder(d) for d in range(len(shape)))), tuple(shape), dtype)
 
@@ -311,6 +332,9 @@ class Lowerer:
         val = getattr(self.gm, node.target)
         if not isinstance(val, torch.Tensor):
             raise Unsupported(f"attribute {node.target} is not a tensor")
+        if 0 < val.numel() <= SMALL_CONSTANT and val.dtype in _LITERAL_DTYPES:
+            self.values[node] = self.literal(val)  # `x[..., [-2], :]` in forward: torch.compile's get_attr
+            return
         node.meta.setdefault("val", val)
         self.kinds[node.name] = "const"
         self.placeholder(node)
