@@ -60,6 +60,13 @@ def write_kernels(specs, directory: str) -> None:
             f.write(spec.source)
 
 
+def write_program(run, directory: str) -> None:
+    """The torch backend's generated program, `<module>.py`, beside the IR dumps."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{run.name}.py"), "w") as f:
+        f.write(run.source)
+
+
 @dataclass
 class Driver:
     """The one compile driver: a captured graph -> lowered IR -> the pipeline (with dumps, numeric check
@@ -92,6 +99,8 @@ class Driver:
         run = backends.build(self.backend, final, **self.backend_options)
         if out_dir and hasattr(run, "specs"):
             write_kernels(run.specs, os.path.join(out_dir, "kernels"))
+        if out_dir and hasattr(run, "source"):
+            write_program(run, os.path.join(out_dir, "torch"))
         user = [n if n in {i.name for i in final.inputs} else None for n in cap.user_inputs]
         return Variant(final, run, dict(cap.bindings), user, out_leaves, cap.out_spec, report, timings, self.backend,
                        None, out_dir)

@@ -31,6 +31,7 @@ program's `consts(device)` returns (aranges and constant tensors), made once per
 from __future__ import annotations
 
 import keyword
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -48,12 +49,22 @@ from ..ir.ops import MAP_OPS, REDUCE_OPS, infer
 from ..ir.printer import fmt_statement
 
 NEG_INF = Const(-math.inf)
+log = logging.getLogger("einfuse")
 WEAK_DTYPE = {"bool": dt.bool_, "int": dt.i64, "float": dt.f64}  # what a literal-only value computes in
 STEP_ROLES = ("qk", "lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")
 
 
 class Unsupported(Exception):
     """What this generator does not emit; the statement runs through the reference evaluator instead."""
+
+
+def _reason(exc: Exception) -> str:
+    """Why a statement was not generated: the Unsupported message, or the unexpected error (a generator
+    bug: logged, and the statement still runs, through the evaluator)."""
+    if isinstance(exc, Unsupported):
+        return str(exc)
+    log.warning("einfuse: torch program generator error (the evaluator runs the statement): %r", exc)
+    return f"generator error: {type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -189,7 +200,7 @@ def _func_callable(name: str):
 def _dummy(v: Val, nd: int):
     if v.is_scalar:
         return v.scalar
-    return torch.zeros((1,) * nd, dtype=v.dtype.torch)
+    return torch.ones((1,) * nd, dtype=v.dtype.torch)
 
 
 def _result_dtype(fn, vals: list, nd: int) -> dt.DType:
@@ -785,8 +796,8 @@ def plan_attention(m: Module, g: Kernel) -> AttnPlan:
     plan = AttnPlan(g, list(g.members), lead, p, key, f, ext, S, V, qk, out, out_expr, safe, acc)
     try:
         plan.sdpa = _sdpa_parts(plan, types)
-    except Unsupported as why:
-        plan.why_not_sdpa = str(why)
+    except Exception as why:  # noqa: BLE001
+        plan.why_not_sdpa = _reason(why)
     return plan
 
 
@@ -886,13 +897,13 @@ def _sdpa_parts(plan: AttnPlan, types: dict) -> dict:
     causal = False
     if len(conds) == 1 and not biases:
         diff = index_difference(conds[0])
-        op = conds[0].op
         if diff is not None:
-            d = sympy.expand(diff if op in ("le", "lt") else -diff)
-            opn = op if op in ("le", "lt") else {"ge": "le", "gt": "lt"}[op]
-            if opn == "lt":
-                d = d + 1  # m - p < 1  <=>  m - p <= 0
-            causal = _same(d, plan.m - plan.p)
+            op = conds[0].op
+            if op in ("le", "lt", "ge", "gt"):
+                d = sympy.expand(diff if op in ("le", "lt") else -diff)
+                if op in ("lt", "gt"):
+                    d = d + 1  # m - p < 1  <=>  m - p <= 0
+                causal = _same(d, plan.m - plan.p)
     mask = None
     if not causal and (conds or biases):
         if biases:
@@ -1130,11 +1141,10 @@ class TorchGen:
             if g.kind != "attention":
                 continue
             try:
-                plans[g.name] = plan_attention(m, g)
-                plan = plans[g.name]
+                plans[g.name] = plan = plan_attention(m, g)
                 self.attention.append((g.name, "sdpa" if plan.sdpa else f"3-pass ({plan.why_not_sdpa})"))
-            except Unsupported as why:
-                self.attention.append((g.name, f"statements ({why})"))
+            except Exception as why:  # noqa: BLE001 (anything unexpected: the statements run one by one)
+                self.attention.append((g.name, f"statements ({_reason(why)})"))
         skip, at_end = set(), {}
         users = m.users()
         for gname, plan in plans.items():
@@ -1166,9 +1176,9 @@ class TorchGen:
         self.begin(self._comment(s))
         try:
             self.statement(s)
-        except Unsupported as why:
+        except Exception as why:  # noqa: BLE001 (never a wrong or missing result: the evaluator runs it)
             self.begin(self._comment(s))
-            self.fallback(s, str(why))
+            self.fallback(s, _reason(why))
         self.end([s.name])
 
     def fallback(self, s: Statement, why: str) -> None:
@@ -1453,9 +1463,9 @@ class TorchGen:
             v = ctx.value(plan.out_expr, out.type.dtype)
             self.reads.discard("__O")
             self.assign(out, ctx, v)
-        except Unsupported as why:  # run the members it would have replaced as statements instead
+        except Exception as why:  # noqa: BLE001 (run the members it would have replaced one by one)
             self.lines = None
-            self.attention[:] = [(g, f"statements ({why})" if g == plan.group.name else how)
+            self.attention[:] = [(g, f"statements ({_reason(why)})" if g == plan.group.name else how)
                                  for g, how in self.attention]
             for op in self.m.body:
                 if isinstance(op, Statement) and op.name in plan.skipped:
