@@ -8,9 +8,20 @@ import sys
 import warnings
 
 
+class UsageError(Exception):
+    """A mistake in how the command was called (a missing file): one line on stderr, exit code 2."""
+
+
+def _readable(path: str) -> None:
+    if path != "-" and not os.path.isfile(path):
+        why = "is a directory" if os.path.isdir(path) else "no such file"
+        raise UsageError(f"einfuse: cannot read {path}: {why}")
+
+
 def _load_model_file(path: str):
     """A Python file defining `model` and `example_inputs` (a tuple), optionally `example_kwargs`;
     or `get_model()` returning (model, args) or (model, args, kwargs)."""
+    _readable(path)
     spec = importlib.util.spec_from_file_location("einfuse_user_model", path)
     if spec is None:
         raise SystemExit(f"einfuse: cannot import {path}")
@@ -37,16 +48,43 @@ def _compile_file(ns):
                                check=getattr(ns, "check", False))
 
 
+def _eager_only(cm, what: str) -> int | None:
+    """When the model runs in eager PyTorch there is nothing to report or check: say so and why (exit 1)."""
+    if cm.variant.fallback is None:
+        return None
+    print(f"einfuse: no {what}: {cm.variant.fallback.splitlines()[0]} — the model runs in eager PyTorch",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_compile(ns) -> int:
-    cm = _compile_file(ns)
+    from einfuse.passes import PassNumericsError
+
+    try:
+        cm = _compile_file(ns)
+    except PassNumericsError as e:
+        print(f"einfuse: numeric check failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     cm.explain()
+    if ns.check and cm.variant.fallback is None:
+        checked = [t["max_rel_error"] for t in cm.variant.timings if t.get("max_rel_error") is not None]
+        if checked:
+            print(f"numeric check: ran after each of {len(checked)} passes on random inputs, passed "
+                  f"(largest relative change {max(checked):.1e})")
+        else:
+            print("numeric check: not run (the pipeline came from the cache)")
     if ns.print_ir:
+        if cm.variant.fallback is not None:
+            return _eager_only(cm, "IR")
         print(cm.ir)
     return 0
 
 
 def cmd_report(ns) -> int:
     cm = _compile_file(ns)
+    failed = _eager_only(cm, "report")
+    if failed is not None:
+        return failed
     print(cm.report().text(top=ns.top))
     print(f"report.json and roofline.png in {ns.dump_dir}/")
     return 0
@@ -68,6 +106,9 @@ def print_gpu_checks(records) -> bool:
 
 def cmd_check_gpu(ns) -> int:
     cm = _compile_file(ns)
+    failed = _eager_only(cm, "GPU check")
+    if failed is not None:
+        return failed
     return 0 if print_gpu_checks(cm.check_gpu(archs=tuple(ns.arch))) else 1
 
 
@@ -75,6 +116,7 @@ def cmd_parse(ns) -> int:
     from einfuse.ir import ParseError, parse
     from einfuse.ir.verify import VerifyError, verify
 
+    _readable(ns.file)
     text = sys.stdin.read() if ns.file == "-" else open(ns.file).read()
     try:
         m = parse(text)
@@ -141,7 +183,11 @@ def main(argv=None) -> int:
         ns.arch = [80, 90]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/transformers deprecation noise
-    return ns.fn(ns)
+    try:
+        return ns.fn(ns)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
