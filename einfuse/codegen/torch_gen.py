@@ -1091,7 +1091,7 @@ class TorchGen:
                 used.add(hit)
             if self._dense_pairs(lay.shape, lay.strides) and self._dense_pairs(sizes, strides) and \
                     _same(sympy.Mul(*lay.shape), sympy.Mul(*sizes)) and len(perm) != len(tgt):
-                return f"{src}.view{self.tuple_code(sizes)}"  # a reshape of a contiguous tensor
+                return f"{src}.view({self.tuple_code(sizes)})"  # a reshape of a contiguous tensor
             if len(perm) == len(tgt) == len(have):
                 code, cur = src, list(lay.shape)
                 if perm != sorted(perm):
@@ -1099,7 +1099,7 @@ class TorchGen:
                     code = f"{src}.permute({', '.join(map(str, full))})"
                     cur = [lay.shape[i] for i in full]
                 if not (len(cur) == len(sizes) and all(_same(a, b) for a, b in zip(cur, sizes))):
-                    code += f".view{self.tuple_code(sizes)}"
+                    code += f".view({self.tuple_code(sizes)})"
                 return code
         return f"{src}.as_strided({self.tuple_code(sizes)}, {self.tuple_code(strides)}, {self.int_code(off)})"
 
