@@ -469,6 +469,15 @@ class CompiledModule(torch.nn.Module):
                                f"{w.tensor.device}, the variant assumed {w.describe()}")
         return out or ["no variant's guards hold"]
 
+    def variant_for(self, *args, **kwargs) -> Variant | None:
+        """The variant a call with these arguments would run, found by the same guard checks a call makes
+        (compiling one when no variant's guards hold); None when the call would run in eager PyTorch because
+        it needs autograd. Nothing runs: this is a call's overhead before its kernels."""
+        if kwargs:
+            kwargs = dict(sorted(kwargs.items()))
+        flat, structure = flatten_call(args, kwargs)
+        return self._select(args, kwargs, flat, structure)
+
     # ---- inspection
     @property
     def variant(self) -> Variant:
