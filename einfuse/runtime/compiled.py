@@ -107,8 +107,9 @@ def _value_check(var: str, v, consts: dict, n: int) -> tuple[str, str]:
     """(condition that fails the guard, readable text) for a non-tensor leaf."""
     if v is None or isinstance(v, bool):
         return f"{var} is not {v!r}", f"is {v!r}"
-    if type(v) in (int, str) or (type(v) is float and v == v):
-        return f"type({var}) is not {type(v).__name__} or {var} != {v!r}", f"== {v!r} ({type(v).__name__})"
+    if type(v) in (int, str) or (type(v) is float and v == v):  # (nan equals nothing: compared by repr below)
+        consts[f"c{n}"], consts[f"t{n}"] = v, type(v)
+        return f"type({var}) is not t{n} or {var} != c{n}", f"== {v!r} ({type(v).__name__})"
     consts[f"r{n}"] = repr(v)
     return f"repr({var}) != r{n}", f"has repr {repr(v)[:60]}"
 
@@ -155,11 +156,11 @@ class Guards:
                     elif name is not None and name in bound:
                         body.append(f"if s[{j}] != {bound[name]}: return False")
                     elif name is not None:
-                        bound[name] = f"v_{name}"
+                        v = bound[name] = f"v{len(bound)}"
                         lo, hi = ranges.get(name, (0, None))
                         # a size-0 call runs in eager PyTorch (no kernel has work to do; eager's errors stay its own)
-                        body.append(f"v_{name} = s[{j}]")
-                        body.append(f"if v_{name} < {max(lo, 1)}" + (f" or v_{name} > {hi}" if hi is not None else "")
+                        body.append(f"{v} = s[{j}]")
+                        body.append(f"if {v} < {max(lo, 1)}" + (f" or {v} > {hi}" if hi is not None else "")
                                     + ": return False")
                     else:
                         exprs.append((f"{var}.shape[{j}]", d))
