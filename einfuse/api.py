@@ -19,10 +19,11 @@ from .frontend.dynamo import COMPILED, as_captured
 from .frontend.lower import LoweringReport, lower_graph
 from .ir import parse
 from .passes import Dump, NumericCheck, Timing, Verify, default_pipeline, run_pipeline
+from .passes.regions import run_regional
 from .runtime import backends
 from .runtime.compiled import CompiledModule, Variant
 
-DEFAULT_BACKEND = "triton"
+DEFAULT_BACKEND = None  # None: per call, "triton" for CUDA inputs, "torch" otherwise (see default_backend)
 log = logging.getLogger("einfuse")
 
 
@@ -31,8 +32,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def optimize(module, passes=None, dump_dir=None, like=None, check=False, first_ms=None):
-    """Run a pipeline over an IR module with the standard instruments; returns (module, timings)."""
+def optimize(module, passes=None, dump_dir=None, like=None, check=False, first_ms=None, instances=()):
+    """Run a pipeline over an IR module with the standard instruments; returns (module, timings). With
+    lowering's repeated-block `instances`, the pipeline runs once per distinct layer (passes.regions)."""
+    passes = default_pipeline() if passes is None else list(passes)
+    if instances:
+        done = run_regional(module, instances, passes, dump_dir, like, check, first_ms)
+        if done is not None:
+            return done
     timing = Timing()
     instruments = [Verify(), timing]
     if dump_dir:
@@ -93,7 +100,7 @@ class Driver:
             lowered.report.capture = report.capture
             ms = round((time.perf_counter() - t0) * 1e3, 3)
             like = {**cap.bindings, **{k: v for k, v in like.items() if k in {i.name for i in lowered.module.inputs}}}
-            final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms)
+            final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms, lowered.instances)
             report, out_leaves = lowered.report, lowered.out_leaves
             self._store(cap, name, final, report, out_leaves, timings)
         run = backends.build(self.backend, final, **self.backend_options)

@@ -20,6 +20,7 @@ from ..ir import index as ix
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, map_indices, substitute, walk
 from ..ir.module import Input, Module, Opaque, Reduce, Statement, TensorRef, TensorType
 from ..ir.ops import infer
+from .blocks import Instantiator
 
 OUT_RANKS = "ijklmnoq"
 RED_RANKS = "rstuvw"
@@ -141,6 +142,7 @@ class Lowerer:
         self.sizes: dict = {}
         self.report = LoweringReport()
         self.loc: str | None = None
+        self.instantiate = True
 
     # ---------------------------------------------------------------- helpers for rules
     def fresh(self, base: str) -> str:
@@ -293,7 +295,11 @@ class Lowerer:
 
         self._types = {}
         leaves: list = []
+        blocks = Instantiator(self.gm) if self.instantiate else None
+        skip: set = set()
         for node in self.gm.graph.nodes:
+            if node in skip:
+                continue
             self.loc = source_loc(node)
             if node.op == "placeholder":
                 self.placeholder(node)
@@ -302,14 +308,24 @@ class Lowerer:
             elif node.op == "output":
                 leaves = self.outputs(node)
             elif node.op == "call_function":
+                if blocks is not None and blocks.before(self, node):  # a repeated layer: its template, renamed
+                    skip |= set(blocks.start[node].nodes)
+                    continue
+                position = len(self.body)
                 self.call(node, RULES)
+                if blocks is not None:
+                    blocks.after(self, node, position)
             else:
                 raise Unsupported(f"FX node kind {node.op!r} ({node.name})")
         size_syms = sorted(self.sizes, key=str)
         hints = tuple((s, self.sizes[s]) for s in size_syms if self.sizes[s] is not None)
         names = tuple(dict.fromkeys(v for k, v in leaves if k == "tensor"))
         m = Module(self.name, self.inputs, self.body, names, tuple(size_syms), hints)
-        return Lowered(m, self.report, leaves)
+        return Lowered(m, self.report, leaves, blocks.instances if blocks is not None else [])
+
+    def note_type(self, name: str, t: TensorType) -> None:
+        """A tensor defined outside a rule (an instantiated layer's statement)."""
+        self._types[name] = t
 
     def placeholder(self, node: fx.Node):
         val = node.meta.get("val")
@@ -458,8 +474,12 @@ class Lowered:
     module: Module
     report: LoweringReport
     out_leaves: list
+    instances: list = field(default_factory=list)  # blocks.Instance per repeated layer (templates included)
 
 
-def lower_graph(gm: fx.GraphModule, kinds: dict, name: str) -> Lowered:
-    """Lower an ATen FX graph; `kinds` maps placeholder names to in|param|buffer|const."""
-    return Lowerer(gm, dict(kinds), name).run()
+def lower_graph(gm: fx.GraphModule, kinds: dict, name: str, instantiate: bool = True) -> Lowered:
+    """Lower an ATen FX graph; `kinds` maps placeholder names to in|param|buffer|const. With `instantiate`,
+    a repeated layer is lowered once and renamed for every other layer of the same structure."""
+    lw = Lowerer(gm, dict(kinds), name)
+    lw.instantiate = instantiate
+    return lw.run()

@@ -184,6 +184,16 @@ def rename_tensors(e: Expr, mapping: dict) -> Expr:
                    if isinstance(n, Access) and n.tensor in mapping else None)
 
 
+def rename_fast(e: Expr, mapping: dict) -> Expr:
+    """`rename_tensors` without re-canonicalizing (renaming cannot change the canonical form)."""
+    if isinstance(e, Access):
+        idx = tuple(rename_fast(p, mapping) if isinstance(p, Expr) else p for p in e.indices)
+        return Access(mapping.get(e.tensor, e.tensor), idx)
+    if isinstance(e, Call):
+        return Call(e.op, tuple(rename_fast(a, mapping) for a in e.args), e.attr)
+    return e
+
+
 def accesses(e: Expr) -> Iterator[Access]:
     return (n for n in walk(e) if isinstance(n, Access))
 

@@ -8,7 +8,7 @@ from typing import Iterator, Union
 
 import sympy
 from .dtypes import DType
-from .expr import Const, Expr, canonical, rename_tensors, rewrite, tensors_read
+from .expr import Const, Expr, canonical, rename_fast, rename_tensors, rewrite, tensors_read
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,17 @@ class Statement:
     def rename_reads(self, mapping: dict) -> "Statement":
         return self.replace(expr=rename_tensors(self.expr, mapping))
 
+    def renamed(self, mapping: dict) -> "Statement":
+        """The same statement with its name and every tensor it reads renamed by `mapping` (names not in it
+        stay). Renaming keeps an expression canonical, so this skips re-canonicalizing: it is the fast
+        path for instantiating a repeated layer."""
+        out = object.__new__(Statement)
+        for f in dataclasses.fields(self):
+            object.__setattr__(out, f.name, getattr(self, f.name))
+        object.__setattr__(out, "name", mapping.get(self.name, self.name))
+        object.__setattr__(out, "expr", rename_fast(self.expr, mapping))
+        return out
+
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -175,6 +186,11 @@ class Opaque:
             return v
 
         return self.replace(args=ren(self.args), kwargs=tuple((k, ren(v)) for k, v in self.kwargs))
+
+    def renamed(self, mapping: dict) -> "Opaque":
+        """Outputs and tensor arguments renamed by `mapping`."""
+        out = self.rename_reads(mapping)
+        return out.replace(outputs_typed=tuple((mapping.get(n, n), t) for n, t in self.outputs_typed))
 
 
 def iter_refs(value) -> Iterator[TensorRef]:
@@ -245,37 +261,51 @@ class Module:
         for f in ("inputs", "body", "outputs", "sizes", "size_hints", "kernels"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
 
-    # ---- queries
+    # ---- queries (a module is immutable: each is computed once and shared; callers must not mutate them)
+    def _cached(self, key: str, compute):
+        value = self.__dict__.get(key)
+        if value is None:
+            value = compute()
+            object.__setattr__(self, key, value)
+        return value
+
     @property
     def statements(self) -> list[Statement]:
-        return [op for op in self.body if isinstance(op, Statement)]
+        return self._cached("_statements", lambda: [op for op in self.body if isinstance(op, Statement)])
 
     def types(self) -> dict[str, TensorType]:
         """Every tensor name the module defines or reads, with its type."""
-        out = {i.name: i.type for i in self.inputs}
-        for op in self.body:
-            if isinstance(op, Statement):
-                out[op.name] = op.type
-            else:
-                out.update(dict(op.outputs_typed))
-        return out
+
+        def compute():
+            out = {i.name: i.type for i in self.inputs}
+            for op in self.body:
+                if isinstance(op, Statement):
+                    out[op.name] = op.type
+                else:
+                    out.update(dict(op.outputs_typed))
+            return out
+
+        return self._cached("_types", compute)
 
     def producers(self) -> dict[str, Op]:
-        return {name: op for op in self.body for name in op.outputs}
+        return self._cached("_producers", lambda: {name: op for op in self.body for name in op.outputs})
 
     def users(self) -> dict[str, list[Op]]:
-        out: dict[str, list[Op]] = {}
-        for op in self.body:
-            for r in op.reads():
-                out.setdefault(r, []).append(op)
-        return out
+        def compute():
+            out: dict[str, list[Op]] = {}
+            for op in self.body:
+                for r in op.reads():
+                    out.setdefault(r, []).append(op)
+            return out
+
+        return self._cached("_users", compute)
 
     def replace(self, **kw) -> "Module":
         return dataclasses.replace(self, **kw)
 
     def group_of(self) -> dict:
         """Statement name -> the Kernel group it belongs to."""
-        return {n: k for k in self.kernels for n in k.members}
+        return self._cached("_group_of", lambda: {n: k for k in self.kernels for n in k.members})
 
     def last_uses(self) -> dict:
         """Body position -> tensors no later op reads (an executor frees them there); outputs live on."""
@@ -303,7 +333,13 @@ class Module:
     def __str__(self) -> str:
         from .printer import print_module
 
-        return print_module(self)
+        return self._cached("_text", lambda: print_module(self))
+
+    def with_text(self, text: str) -> "Module":
+        """Record this module's printed text when whoever built it already has it (a stitched module's
+        text is assembled from its regions' lines); `str` then costs nothing. The text must be exact."""
+        object.__setattr__(self, "_text", text)
+        return self
 
     def fingerprint(self) -> str:
         """A stable hash of the module's text: the cache key of everything compiled from it."""

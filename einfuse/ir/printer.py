@@ -39,36 +39,41 @@ def _prec(e: Expr) -> int:
     return PREC_ATOM
 
 
-def fmt_expr(e: Expr) -> str:
-    """An expression as text, with the fewest parentheses that parse back to the same tree."""
+def _same(name: str) -> str:
+    return name
+
+
+def fmt_expr(e: Expr, rename=_same) -> str:
+    """An expression as text, with the fewest parentheses that parse back to the same tree; tensor names
+    written as `rename(name)`."""
     if isinstance(e, Const):
         return fmt_const(e.value)
     if isinstance(e, IndexValue):
         return ix.to_str(e.expr)
     if isinstance(e, Access):
-        return f"{e.tensor}[{', '.join(fmt_pos(p) for p in e.indices)}]"
+        return f"{rename(e.tensor)}[{', '.join(fmt_pos(p, rename) for p in e.indices)}]"
     if isinstance(e, Call):
         op = MAP_OPS.get(e.op)
         if e.op == "cast":
-            return f"{e.attr.name}({fmt_expr(e.args[0])})"
+            return f"{e.attr.name}({fmt_expr(e.args[0], rename)})"
         if op is not None and op.infix and op.arity == 2:
             left, right = e.args
-            ls = fmt_expr(left)
-            rs = fmt_expr(right)
+            ls = fmt_expr(left, rename)
+            rs = fmt_expr(right, rename)
             if _prec(left) < op.prec:
                 ls = f"({ls})"
             if _prec(right) <= op.prec:
                 rs = f"({rs})"
             return f"{ls} {op.infix} {rs}"
         if op is not None and op.infix and op.arity == 1:
-            s = fmt_expr(e.args[0])
+            s = fmt_expr(e.args[0], rename)
             return f"{op.infix}({s})" if _prec(e.args[0]) < PREC_UNARY or s.startswith("-") else f"{op.infix}{s}"
-        return f"{e.op}({', '.join(fmt_expr(a) for a in e.args)})"
+        return f"{e.op}({', '.join(fmt_expr(a, rename) for a in e.args)})"
     raise TypeError(f"cannot print {e!r}")
 
 
-def fmt_pos(p) -> str:
-    return fmt_expr(p) if isinstance(p, Expr) else ix.to_str(p)
+def fmt_pos(p, rename=_same) -> str:
+    return fmt_expr(p, rename) if isinstance(p, Expr) else ix.to_str(p)
 
 
 def fmt_type(t: TensorType) -> str:
@@ -83,10 +88,10 @@ def fmt_iterate(it: Iterate) -> str:
     return f"iterate[{it.rank}:{ix.to_str(it.extent)}, init={fmt_const(it.init.value)}] "
 
 
-def fmt_statement(s: Statement) -> str:
-    head = f"{s.name}[{', '.join(ix.to_str(p) for p in s.index)}]: {fmt_type(s.type)} = "
+def fmt_statement(s: Statement, rename=_same) -> str:
+    head = f"{rename(s.name)}[{', '.join(ix.to_str(p) for p in s.index)}]: {fmt_type(s.type)} = "
     prefix = (fmt_reduce(s.reduce) if s.reduce else "") + (fmt_iterate(s.iterate) if s.iterate else "")
-    return head + prefix + fmt_expr(s.expr) + _fmt_loc(s.loc)
+    return head + prefix + fmt_expr(s.expr, rename) + _fmt_loc(s.loc)
 
 
 def _fmt_loc(loc: str | None) -> str:
@@ -117,10 +122,10 @@ def fmt_target(target: str) -> str:
     return target if _PLAIN_TARGET.fullmatch(target) else fmt_string(target)
 
 
-def fmt_arg(v) -> str:
+def fmt_arg(v, rename=_same) -> str:
     """Opaque-call arguments: literals, tensor names, lists, and torch enum values by qualified name."""
     if isinstance(v, TensorRef):
-        return v.name
+        return rename(v.name)
     if v is None:
         return "none"
     if isinstance(v, (bool, int, float)):
@@ -128,7 +133,7 @@ def fmt_arg(v) -> str:
     if isinstance(v, str):
         return fmt_string(v)
     if isinstance(v, (tuple, list)):
-        return "[" + ", ".join(fmt_arg(x) for x in v) + "]"
+        return "[" + ", ".join(fmt_arg(x, rename) for x in v) + "]"
     if isinstance(v, torch.device):
         return f'device("{v}")'
     if isinstance(v, (torch.dtype, torch.layout, torch.memory_format)):
@@ -138,30 +143,39 @@ def fmt_arg(v) -> str:
     raise TypeError(f"opaque argument {v!r} of type {type(v).__name__} has no text form")
 
 
-def fmt_opaque(o: Opaque) -> str:
-    outs = ", ".join(f"{n}: {fmt_type(t)}" for n, t in o.outputs_typed)
-    args = [fmt_arg(a) for a in o.args] + [f"{k}={fmt_arg(v)}" for k, v in o.kwargs]
+def fmt_opaque(o: Opaque, rename=_same) -> str:
+    outs = ", ".join(f"{rename(n)}: {fmt_type(t)}" for n, t in o.outputs_typed)
+    args = [fmt_arg(a, rename) for a in o.args] + [f"{k}={fmt_arg(v, rename)}" for k, v in o.kwargs]
     return f"{outs} = opaque {fmt_target(o.target)}({', '.join(args)})" + _fmt_loc(o.loc)
 
 
-def fmt_kernel(k: Kernel) -> str:
+def fmt_op(op, rename=_same) -> str:
+    """A body entry (statement or opaque call) as its line, without indentation."""
+    return fmt_statement(op, rename) if isinstance(op, Statement) else fmt_opaque(op, rename)
+
+
+def fmt_kernel(k: Kernel, rename=_same) -> str:
     attrs = "".join(f" {key}={fmt_arg(v)}" for key, v in k.attrs)
-    members = [f"{r}={n}" if r else n for n, r in zip(k.members, k.roles or ("",) * len(k.members))]
-    return f"kernel {k.name} {k.kind} {{{', '.join(members)}}}{attrs}"
+    members = [f"{r}={rename(n)}" if r else rename(n) for n, r in zip(k.members, k.roles or ("",) * len(k.members))]
+    return f"kernel {rename(k.name)} {k.kind} {{{', '.join(members)}}}{attrs}"
 
 
 def fmt_input(i: Input) -> str:
     return f"{i.kind} {i.name}: {fmt_type(i.type)}"
 
 
-def print_module(m: Module) -> str:
+def header_lines(m: Module) -> list:
+    """The module line, sizes and inputs."""
     lines = [f"module {m.name}"]
     hints = dict(m.size_hints)
     for s in m.sizes:
         lines.append(f"  size {s}" + (f" hint {hints[s]}" if s in hints else ""))
-    lines += [f"  {fmt_input(i)}" for i in m.inputs]
-    for op in m.body:
-        lines.append("  " + (fmt_statement(op) if isinstance(op, Statement) else fmt_opaque(op)))
+    return lines + [f"  {fmt_input(i)}" for i in m.inputs]
+
+
+def print_module(m: Module) -> str:
+    lines = header_lines(m)
+    lines += ["  " + fmt_op(op) for op in m.body]
     lines += [f"  {fmt_kernel(k)}" for k in m.kernels]
     lines.append(f"  out {', '.join(m.outputs)}")
     return "\n".join(lines) + "\n"

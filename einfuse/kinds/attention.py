@@ -132,7 +132,7 @@ def _register(r: Steps, held: dict):
         if isinstance(v, dict):
             s = carried[a.tensor]
             d = next(k for k, p in enumerate(s.index) if not isinstance(p, sympy.Symbol))
-            step = sympy.simplify(sympy.sympify(a.indices[d]) - r.m1)
+            step = sympy.expand(sympy.sympify(a.indices[d]) - r.m1)
             return v["next"] if step == 1 and "next" in v else v["carry"]
         return v
 

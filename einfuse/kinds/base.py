@@ -144,6 +144,10 @@ class KernelKind:
             nbytes += (int(numel) * t.dtype.bits + 7) // 8 if numel.is_Integer else 0
         return Cost(flops, nbytes)
 
+    def single_role(self, s: Statement) -> str:
+        """The role of a statement that forms a kernel of this kind by itself."""
+        return self.roles[0] if self.roles else ""
+
     def describe(self, m: Module, kernel: Kernel) -> str | None:
         """A line about a kernel of this kind for the IR dumps' header, or None."""
         return None
@@ -190,5 +194,5 @@ def rename_ranks(s: Statement, suffix: str) -> Statement:
 
 def single(m: Module, s: Statement, kind: KernelKind) -> Kernel:
     """The group of one a statement in no kernel group forms."""
-    roles = kind.group_roles(m, [s.name]) or ()
-    return Kernel(s.name, kind.name, (s.name,), (), tuple(roles))
+    role = kind.single_role(s)
+    return Kernel(s.name, kind.name, (s.name,), (), (role,) if role else ())

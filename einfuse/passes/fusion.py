@@ -84,7 +84,7 @@ TRANSCENDENTAL = {"exp", "exp2", "log", "log2", "log1p", "expm1", "sin", "cos", 
                   "silu", "gelu", "gelu_tanh", "atan2", "pow", "rsqrt", "sqrt"}
 
 
-def _table(s: Statement) -> bool:
+def transcendental_table(s: Statement) -> bool:
     """A transcendental function of two or more ranks: a table (RoPE's cos over positions x frequencies),
     not a per-row scalar like RMSNorm's rsqrt, which a contraction hoists out of its loop anyway."""
     wide = {r for r, n in s.ranks().items() if n != 1}
@@ -100,7 +100,7 @@ def shared_and_costly(m: Module, inlinable: set) -> set:
     costly: dict = {}
     for s in m.statements:
         if s.name in inlinable:
-            costly[s.name] = _table(s) or any(
+            costly[s.name] = transcendental_table(s) or any(
                 costly.get(a.tensor, False) for a in accesses(s.expr) if a.tensor in inlinable)
     return {n for n, c in costly.items() if c and len(users.get(n, [])) > 1 and isinstance(prod[n], Statement)}
 

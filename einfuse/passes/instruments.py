@@ -49,13 +49,15 @@ def register_dump_note(fn):
     return fn
 
 
-def dump_header(label: str, ms: float | None, module: Module) -> str:
+def dump_header(label: str, ms: float | None, statements: int, notes: list) -> str:
     """Which pass made the dump, how long it took, its size, and what registered notes say about it."""
     timing = f" · {ms:.2f} ms" if ms is not None else ""
-    lines = [f"# einfuse IR after {label}{timing} · {len(module.body)} statements"]
-    for note in DUMP_NOTES:
-        lines += [f"# {line}" for line in note(module)]
+    lines = [f"# einfuse IR after {label}{timing} · {statements} statements"] + [f"# {line}" for line in notes]
     return "\n".join(lines) + "\n"
+
+
+def module_notes(module: Module) -> list:
+    return [line for note in DUMP_NOTES for line in note(module)]
 
 
 class Dump(Instrument):
@@ -69,7 +71,8 @@ class Dump(Instrument):
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, f"{index:02d}_{label}.ir")
         with open(path, "w") as f:
-            f.write(dump_header(f"pass {label!r}" if index else label, ms, module) + str(module))
+            f.write(dump_header(f"pass {label!r}" if index else label, ms, len(module.body), module_notes(module))
+                    + str(module))
 
     def start(self, module):
         if os.path.isdir(self.dir):  # stale dumps from an earlier pipeline would mislead
@@ -96,7 +99,8 @@ class PrintAfter(Instrument):
 
     def after(self, p, before, after, ms, index):
         if not self.names or p.pass_name in self.names:
-            self.stream.write(dump_header(f"pass {p.pass_name!r}", ms, after) + str(after) + "\n")
+            self.stream.write(dump_header(f"pass {p.pass_name!r}", ms, len(after.body), module_notes(after)) + str(after)
+                              + "\n")
 
 
 class PassNumericsError(PassError):

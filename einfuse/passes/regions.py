@@ -1,0 +1,314 @@
+"""Pipelines over regions: a model's repeated layers are optimized once and instantiated per layer.
+
+Lowering found the blocks of identical structure (frontend.blocks) and which tensors each block's
+statements correspond to in the first block. Here the module is cut into regions: one *template* module
+per structure (the first block's statements; its inputs are what they read from outside, its outputs
+what is read outside the block in any instance) and one *outer* module (everything else: embedding, RoPE
+tables, masks, the final norm and head). The pipeline runs on each region; the whole module is the outer
+region's statements and every block's instance — the template's result, renamed — in dependency order.
+
+Fusion on the whole module would have inlined cheap maps the layers share (a causal mask's index
+condition) into every layer; such maps are copied into the template first, so it still does. When the
+pieces do not fit back together (an output renamed onto another), `stitch` returns None and the caller
+runs the pipeline on the whole module instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..ir.contraction import is_map
+from ..ir.module import Input, Kernel, Module, Statement
+from ..ir.printer import fmt_kernel, fmt_op, header_lines
+from .base import Instrument, run_pipeline
+from .fusion import transcendental_table
+from .instruments import NumericCheck, Verify, dump_header, module_notes
+
+
+@dataclass
+class Region:
+    """A module of its own. A template region has `instances`: for each block of its structure, the
+    names its lowered statements had (template name -> block's name) and the block's first body position."""
+
+    module: Module
+    instances: list | None = None
+    internal: frozenset = frozenset()  # the template's statements as lowered (the others were copied in or made)
+
+
+@dataclass
+class Partition:
+    lowered: Module
+    regions: list  # the outer region (if any) first
+    positions: dict = field(default_factory=dict)  # lowered op output name -> body position
+
+    def stitch(self, finals: list[Module]) -> Module | None:
+        """The whole module from each region's module after the pipeline (None: cannot be stitched)."""
+        plan = self._plan(finals)
+        if plan is None:
+            return None
+        units, outputs = plan
+        body, kernels = [], []
+        for unit, rename in units:
+            if isinstance(unit, Kernel):
+                kernels.append(_rename_kernel(unit, rename))
+            else:
+                body.append(unit.renamed(rename) if rename else unit)
+        return self.lowered.replace(body=tuple(body), kernels=tuple(kernels), outputs=outputs)
+
+    def stitch_text(self, modules: list[Module], cache: dict) -> str:
+        """The whole module's text (for per-pass dumps) without building it: each region's lines are
+        printed once with their tensor names as slots (cached per op) and filled in per instance."""
+        plan = self._plan(modules)
+        if plan is None:
+            return ""
+        units, outputs = plan
+        lines, kernel_lines = header_lines(self.lowered), []
+        for unit, rename in units:
+            hit = cache.get(id(unit))
+            if hit is None or hit[0] is not unit:
+                text = (fmt_kernel if isinstance(unit, Kernel) else fmt_op)(unit, lambda n: f"\0{n}\0")
+                hit = cache[id(unit)] = (unit, text.split("\0"))
+            line = "".join(p if i % 2 == 0 or not rename else rename.get(p, p) for i, p in enumerate(hit[1]))
+            (kernel_lines if isinstance(unit, Kernel) else lines).append("  " + line)
+        return "\n".join(lines + kernel_lines + [f"  out {', '.join(outputs)}"]) + "\n"
+
+    def _plan(self, finals: list[Module]):
+        """(units in body order as (op or kernel, rename or None), the module's outputs), or None."""
+        entries = []  # (position, ops, kernels, rename): what must stay together, and its names
+        used = set(self.positions)  # every lowered name: a name made for an instance must be new
+        outputs = dict(zip(self.lowered.outputs, self.lowered.outputs))
+        for region, final in zip(self.regions, finals):
+            out_map = dict(zip(region.module.outputs, final.outputs))
+            if len(set(final.outputs)) < len(final.outputs):
+                return None
+            if region.instances is None:  # the outer region keeps its names; its kernel groups stay whole
+                outputs.update({o: out_map[o] for o in outputs if o in out_map})
+                grouped = final.group_of()
+                last = 0
+                for op in final.body:
+                    last = self.positions.get(op.outputs[0], last)
+                    k = grouped.get(op.outputs[0])
+                    if k is None:
+                        entries.append((last, [op], [], None))
+                    elif op.outputs[0] == k.members[0]:
+                        members = set(k.members)
+                        entries.append((last, [o for o in final.body if o.outputs[0] in members], [k], None))
+                    used.update(op.outputs)
+                continue
+            for n, (names, first) in enumerate(region.instances):
+                rename = _instance_names(final, names, region.internal, out_map, n, used)
+                if rename is None:
+                    return None
+                entries.append((first, list(final.body), list(final.kernels), rename))
+        defined = {}
+        for n, (_, ops, _, rename) in enumerate(entries):
+            for op in ops:
+                for o in op.outputs:
+                    defined[rename.get(o, o) if rename else o] = n
+        deps = []
+        for n, (_, ops, _, rename) in enumerate(entries):
+            reads = {rename.get(r, r) if rename else r for op in ops for r in op.reads()}
+            deps.append({defined[r] for r in reads if r in defined} - {n})
+        done, units = set(), []
+        while len(done) < len(entries):  # a topological order, earliest lowered position first
+            ready = [n for n in range(len(entries)) if n not in done and deps[n] <= done]
+            if not ready:
+                return None
+            n = min(ready, key=lambda i: (entries[i][0], i))
+            done.add(n)
+            _, ops, kernels, rename = entries[n]
+            units += [(op, rename) for op in ops] + [(k, rename) for k in kernels]
+        return units, tuple(outputs[o] for o in self.lowered.outputs)
+
+
+def _rename_kernel(k: Kernel, rename: dict | None) -> Kernel:
+    if not rename:
+        return k
+    return Kernel(rename.get(k.name, k.name), k.kind, tuple(rename.get(n, n) for n in k.members), k.attrs, k.roles)
+
+
+def _instance_names(final: Module, names: dict, internal: frozenset, out_map: dict, n: int, used: set) -> dict | None:
+    """Template name -> whole-module name for instance `n`: statements the lowered template had keep this
+    block's names; statements passes made (attention's running max, ...) or copied in, and kernel groups,
+    are named after the statement whose name they extend; an output a pass renamed keeps the name its
+    readers use. Tensors the template reads from outside map to this block's."""
+    defined = {o for op in final.body for o in op.outputs}
+    out = {k: v for k, v in names.items() if k in internal or k not in defined}
+    for before, after in out_map.items():
+        if after != before:
+            if after in names and names[after] != names[before]:
+                return None
+            out[after] = names[before]
+    by_length = sorted((k for k in names if k in internal), key=len, reverse=True)
+
+    def derived(name: str, prefix: str = "") -> str:
+        base = next((b for b in by_length if name.startswith(prefix + b)), None)
+        new = (prefix + names[base] + name[len(prefix + base):]) if base is not None else f"{name}_{n}"
+        while new in used:
+            new += f"_{n}"
+        used.add(new)
+        return new
+
+    for op in final.body:
+        for o in op.outputs:
+            if o not in out:
+                out[o] = derived(o)
+            used.add(out[o])
+    for k in final.kernels:
+        prefix = k.name[:len(k.name) - len(k.members[-1])] if k.name.endswith(k.members[-1]) else ""
+        out[k.name] = prefix + out[k.members[-1]] if prefix else derived(k.name)
+    return out
+
+
+def partition(m: Module, instances: list, inlinable=None) -> Partition | None:
+    """Regions of `m` from lowering's block instances (frontend.blocks.Instance), or None when no structure
+    repeats. `inlinable(statement)` says whether a map of the outer region that every instance reads the
+    same may be copied into the template (default: any map)."""
+    by_template: dict = {}
+    for inst in instances:
+        by_template.setdefault(inst.template, []).append(inst)
+    by_template = {t: insts for t, insts in by_template.items() if len(insts) > 1}
+    if not by_template:
+        return None
+    prod, users, types = m.producers(), m.users(), m.types()
+    positions = {o: n for n, op in enumerate(m.body) for o in op.outputs}
+    module_inputs = {i.name: i for i in m.inputs}
+    block_of = {name: (t, k) for t, insts in by_template.items() for k, inst in enumerate(insts)
+                for name in inst.statements}
+    inlinable = inlinable or (lambda s: True)
+    regions, outer_read = [], set()
+    for t, insts in by_template.items():
+        template = insts[0]
+        inside = set(template.statements)
+        ops = list({id(op): op for op in (prod[n] for n in template.statements)}.values())
+        escapes: set = set()
+        for inst in insts:
+            back = {v: k for k, v in inst.names.items() if k in inside}
+            for name in inst.statements:
+                if name in m.outputs or any(block_of.get(u.outputs[0]) != block_of[name] for u in users.get(name, [])):
+                    escapes.add(back[name])
+        imported = _shared_maps(ops, inside, insts, prod, block_of, inlinable)
+        local = inside | {s.name for s in imported}
+        body = sorted(imported, key=lambda s: positions[s.name]) + ops
+        reads = list(dict.fromkeys(r for op in body for r in sorted(op.reads()) if r not in local))
+        outputs = tuple(n for n in dict.fromkeys(template.statements) if n in escapes)
+        if not outputs:
+            return None
+        inputs = [Input(r, types[r], module_inputs[r].kind if r in module_inputs else "in") for r in reads]
+        outer_read |= {inst.names.get(r, r) for inst in insts for r in reads}
+        module = Module(f"{m.name}_{_path(template.layer)}", tuple(inputs), tuple(body), outputs, m.sizes,
+                        m.size_hints)
+        regions.append(Region(module, [(inst.names, positions[inst.statements[0]]) for inst in insts],
+                              frozenset(inside)))
+    outer_ops = [op for op in m.body if op.outputs[0] not in block_of]
+    if outer_ops:
+        defined = {o for op in outer_ops for o in op.outputs}
+        reads = list(dict.fromkeys(r for op in outer_ops for r in sorted(op.reads()) if r not in defined))
+        inputs = [module_inputs[r] if r in module_inputs else Input(r, types[r], "in") for r in reads]
+        outputs = tuple(o for o in sorted(defined, key=positions.__getitem__) if o in m.outputs or o in outer_read)
+        if outputs:
+            regions.insert(0, Region(Module(m.name, tuple(inputs), tuple(outer_ops), outputs, m.sizes,
+                                            m.size_hints)))
+    return Partition(m, regions, positions)
+
+
+def _shared_maps(ops: list, inside: set, insts: list, prod: dict, block_of: dict, inlinable) -> list:
+    """Maps of the outer region the template reads (directly or through other such maps) that every
+    instance reads under the same name: the layers share them, so each may compute them itself."""
+    out, seen = [], set()
+    frontier = [r for op in ops for r in op.reads() if r not in inside]
+    while frontier:
+        r = frontier.pop()
+        if r in seen or r in block_of:
+            continue
+        seen.add(r)
+        src = prod.get(r)
+        if (isinstance(src, Statement) and is_map(src) and inlinable(src)
+                and all(inst.names.get(r, r) == r for inst in insts)):
+            out.append(src)
+            frontier += list(src.reads())
+    return out
+
+
+def _path(layer: tuple) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in layer[0]).strip("_") or "block"
+
+
+# ---------------------------------------------------------------- running a pipeline over the regions
+
+class _Snapshots(Instrument):
+    """Keeps the module after every pass (references, no copies) and each pass's time."""
+
+    def __init__(self):
+        self.modules: list = []
+        self.ms: list = []
+
+    def start(self, module):
+        self.modules.append(module)
+
+    def after(self, p, before, after, ms, index):
+        self.modules.append(after)
+        self.ms.append(ms)
+
+
+def run_regional(m: Module, instances: list, passes: list, dump_dir: str | None = None, like: dict | None = None,
+                 check: bool = False, first_ms: float | None = None, inlinable=None):
+    """The pipeline over `m`'s regions, stitched: (module, timings), or None when `m` has no repeated
+    blocks (or they do not stitch back). Dumps and timings describe the whole module after each pass."""
+    part = partition(m, instances, inlinable or (lambda s: not transcendental_table(s)))
+    if part is None:
+        return None
+    snaps, checks = [], []
+    for region in part.regions:
+        snap = _Snapshots()
+        instruments = [Verify(), snap]
+        if check:
+            checks.append(NumericCheck(like))
+            instruments.append(checks[-1])
+        run_pipeline(region.module, passes, instruments)
+        snaps.append(snap)
+    final = part.stitch([s.modules[-1] for s in snaps])
+    if final is None:
+        return None
+    cache: dict = {}
+    final.with_text(part.stitch_text([s.modules[-1] for s in snaps], cache))
+    timings = [{"index": 0, "pass": "lower", "ms": first_ms, "statements": len(m.body),
+                "regions": len(part.regions)}]
+    for n, p in enumerate(passes, 1):
+        record = {"index": n, "pass": p.pass_name, "ms": round(sum(s.ms[n - 1] for s in snaps), 3)}
+        if check:
+            record["max_rel_error"] = max(c.errors[n - 1]["max_rel_error"] for c in checks)
+        timings.append(record)
+    if dump_dir:
+        _dump(part, snaps, passes, timings, dump_dir, cache)
+    for n, t in enumerate(timings[1:], 1):
+        t["statements"] = sum(len(s.modules[n].body) * len(r.instances or [None])
+                              for s, r in zip(snaps, part.regions))
+    return final, timings
+
+
+def _dump(part: Partition, snaps: list, passes: list, timings: list, directory: str, cache: dict) -> None:
+    """`NN_<pass>.ir` of the whole module after every pass, as the Dump instrument writes them; each
+    region's notes once in the header (a layer's apply to every instance)."""
+    os.makedirs(directory, exist_ok=True)
+    for f in os.listdir(directory):
+        if f.endswith(".ir") and f[:2].isdigit():
+            os.remove(os.path.join(directory, f))
+    labels = ["lower"] + [p.pass_name for p in passes]
+    for n, label in enumerate(labels):
+        modules = [s.modules[n] for s in snaps]
+        text = part.stitch_text(modules, cache)
+        body = sum(len(mod.body) * len(r.instances or [None]) for mod, r in zip(modules, part.regions))
+        notes = []
+        for mod, region in zip(modules, part.regions):
+            lines = module_notes(mod)
+            if region.instances is not None and lines:
+                notes.append(f"layer block {mod.name}, {len(region.instances)} instances, each:")
+            notes += lines
+        what = f"pass {label!r}" if n else label
+        header = dump_header(what, timings[n]["ms"], body, notes)
+        with open(os.path.join(directory, f"{n:02d}_{label}.ir"), "w") as f:
+            f.write(header + text)
+    with open(os.path.join(directory, "timings.json"), "w") as f:
+        json.dump(timings, f, indent=1)
