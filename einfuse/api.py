@@ -214,11 +214,21 @@ def _assumption(val, leaf) -> tuple:
     return ("value", leaf)
 
 
-def _settings(dump_dir, check, backend) -> tuple:
+def default_backend(tensors=()) -> str:
+    """DEFAULT_BACKEND when set; else "triton" when the inputs are on CUDA (or, without tensor inputs, a
+    CUDA device is available): native kernels; else "torch": the generated torch program, eager's speed on
+    CPU, where Triton only interprets (`backend="triton"` still picks the interpreter)."""
+    if DEFAULT_BACKEND:
+        return DEFAULT_BACKEND
+    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    return "triton" if "cuda" in devices or (not devices and torch.cuda.is_available()) else "torch"
+
+
+def _settings(dump_dir, check, backend, tensors=()) -> tuple:
     """Options with their environment defaults: EINFUSE_DUMP_DIR, EINFUSE_CHECK, EINFUSE_BACKEND."""
     dump_dir = dump_dir or os.environ.get("EINFUSE_DUMP_DIR") or None
     check = bool(int(os.environ.get("EINFUSE_CHECK", "0"))) if check is None else check
-    backend = backend or os.environ.get("EINFUSE_BACKEND") or DEFAULT_BACKEND
+    backend = backend or os.environ.get("EINFUSE_BACKEND") or default_backend(tensors)
     if backend not in backends.BACKENDS:
         raise ValueError(f"einfuse: unknown backend {backend!r}; available: {', '.join(sorted(backends.BACKENDS))}")
     return dump_dir, check, backend
@@ -229,15 +239,16 @@ def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_d
     """Compile `model` for inputs like `args`/`kwargs`; the result is called like `model`.
 
     passes: the pipeline (default `einfuse.passes.default_pipeline()`); dump_dir (or $EINFUSE_DUMP_DIR):
-    write the IR after every pass and the Triton kernels; backend: "triton" (default: generated kernels,
-    natively on CUDA, under Triton's interpreter on CPU) or "reference" (the IR evaluated with torch ops);
+    write the IR after every pass and the generated kernels or program; backend: "triton" (generated
+    kernels, natively on CUDA, under Triton's interpreter on CPU), "torch" (a generated torch program) or
+    "reference" (the IR evaluated with torch ops); the default is "triton" for CUDA inputs, else "torch";
     check (or $EINFUSE_CHECK=1): compare every pass's numerics with the one before on random inputs;
     dynamic_shapes: as for torch.export (those sizes stay symbolic); cuda_graphs: on CUDA, replay the
     kernels of a call as one CUDA graph.
     """
     kwargs = dict(kwargs or {})
     args = args if isinstance(args, tuple) else (args,)
-    dump_dir, check, backend = _settings(dump_dir, check, backend)
+    dump_dir, check, backend = _settings(dump_dir, check, backend, torch.utils._pytree.tree_leaves((args, kwargs)))
     options = {"cuda_graphs": True} if cuda_graphs and backend == "triton" else {}
     driver = Driver(None if passes is None else list(passes), dump_dir, backend, check, options)
     return CompiledModule(model, _Compiler(model, driver, dynamic_shapes), args, kwargs)
@@ -247,7 +258,7 @@ def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_d
 
 def _forward_compiler(gm: torch.fx.GraphModule, example_inputs):
     """AOTAutograd's forward compiler: the graph goes through the same driver as `einfuse.compile`."""
-    dump_dir, check, backend = _settings(None, None, None)
+    dump_dir, check, backend = _settings(None, None, None, example_inputs)
     out_dir = os.path.join(dump_dir, f"dynamo_{len(COMPILED)}") if dump_dir else None
     cap = as_captured(gm)
     report = LoweringReport(capture="torch.compile (dynamo + AOTAutograd)")

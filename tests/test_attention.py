@@ -125,7 +125,7 @@ def compile_attention(model, example, dtype, dump_dir=None, precision: str | Non
     """einfuse.compile with the default pipeline; f32 under matmul precision "high" unless told."""
     precision = precision or ("high" if dtype == torch.float32 else "highest")
     with float32_matmul_precision(precision):
-        return einfuse.compile(model, example, dump_dir=dump_dir)
+        return einfuse.compile(model, example, dump_dir=dump_dir, backend="triton")
 
 
 def attention_specs(cm) -> list:
@@ -288,7 +288,7 @@ def test_decode_split_kv(kv_heads, record_property):
     move little more than K and V once."""
     n, d, dtype = 4096, 128, torch.float32
     model = SDPA(gqa=kv_heads != H)
-    cm = einfuse.compile(model, qkv(n, d, H, kv_heads, dtype, seed=0, queries=1))
+    cm = einfuse.compile(model, qkv(n, d, H, kv_heads, dtype, seed=0, queries=1), backend="triton")
     groups = [g for g in cm.ir.kernels if g.kind == "attention"]
     assert len(groups) == 1
     one = one_pass_from_group(cm.ir, groups[0])
@@ -331,12 +331,13 @@ def test_llama_layer_fusion(seq, record_property):
     one, two = llama(1), llama(2)
     ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(0))
     fresh = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(1))
-    per_layer = len(einfuse.compile(two, (ids,)).variant.run.specs) - len(einfuse.compile(one, (ids,)).variant.run.specs)
+    per_layer = (len(einfuse.compile(two, (ids,), backend="triton").variant.run.specs)
+                 - len(einfuse.compile(one, (ids,), backend="triton").variant.run.specs))
     numbers = {"kernels_per_layer": per_layer}
     with torch.no_grad():
         want = one(fresh).logits
     for label, passes in (("fused", None), ("unfused", einfuse.passes.cleanup_passes())):
-        cm = einfuse.compile(one, (ids,), passes=passes)
+        cm = einfuse.compile(one, (ids,), passes=passes, backend="triton")
         got = cm(fresh).logits
         rep = cm.report(fresh)
         heads_scores = 4 * seq * seq * 4

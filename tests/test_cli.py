@@ -45,7 +45,7 @@ def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "tiny.py").write_text(MODEL_FILE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EINFUSE_")}
-    env.update(EINFUSE_CACHE_DIR=str(tmp / "cache"), HF_HUB_OFFLINE="1")
+    env.update(EINFUSE_CACHE_DIR=str(tmp / "cache"), HF_HUB_OFFLINE="1", EINFUSE_BACKEND="triton")
     commands = {
         "report": ["report", str(tmp / "tiny.py"), "--dump-dir", str(tmp / "report_dump")],
         "check-gpu": ["check-gpu", str(tmp / "tiny.py")],

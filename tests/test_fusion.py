@@ -205,7 +205,7 @@ def test_custom_rule_changes_the_kernel_lines(tmp_path):
     x = torch.randn(32, 64)
     lines, kernels = {}, {}
     for label, passes in (("default", None), ("custom", custom)):
-        cm = einfuse.compile(Block(), (x,), passes=passes, dump_dir=str(tmp_path / label))
+        cm = einfuse.compile(Block(), (x,), passes=passes, dump_dir=str(tmp_path / label), backend="triton")
         lines[label] = kernel_lines(tmp_path / label)
         kernels[label] = len(cm.variant.run.specs)
         with torch.no_grad():
@@ -222,7 +222,7 @@ def test_custom_rule_changes_the_kernel_lines(tmp_path):
 
 def test_custom_fusion_rule_example_runs():
     """examples/custom_fusion_rule.py prints the kernel lines under the default rules and its own."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EINFUSE_BACKEND": "triton"}  # it prints the Triton kernels
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_fusion_rule.py")], capture_output=True,
                          text=True, timeout=300, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -178,7 +178,7 @@ VIEWS = """module views
 def test_views_reshapes_slices_and_rank_splits():
     r = check(VIEWS)
     src = body(r)
-    assert "a.view(2, 13, 4)" in src  # a reshape is a view
+    assert "a.view((2, 13, 4))" in src  # a reshape is a view
     assert "x.permute(1, 0)" in src  # a transpose is a view
     assert "rt.cat(1" in src  # where(j < 13, ...) evaluates each half on its own rows: no clamped reads
     # an output that is a view of something else is handed out as its own tensor

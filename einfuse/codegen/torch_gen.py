@@ -983,6 +983,7 @@ class TorchGen:
         self.fallbacks: list = []
         self.attention: list = []
         self.views: set = set()  # names bound as views of other tensors
+        self.plain_mm = None
         self._n = 0
         for s in m.sizes:
             self.size_syms[s] = self._unique(f"n_{s}")
@@ -1163,12 +1164,16 @@ class TorchGen:
             plan.skipped = members - needed - {plan.out.name}
             skip |= plan.skipped
             at_end[plan.out.name] = plan
+        epilogues = self._addmm_candidates(skip | set(at_end))
+        deferred = {acc.name for acc in epilogues.values()}
         for n, op in enumerate(m.body):
             if isinstance(op, Opaque):
                 self.opaque(n, op)
             elif op.name in at_end:
                 self.attention_step(at_end[op.name])
-            elif op.name not in skip:
+            elif op.name in epilogues:
+                self.addmm_step(epilogues[op.name], op)
+            elif op.name not in skip and op.name not in deferred:
                 self.statement_step(op)
         return TorchProgram(m.name, self.source(), self.fallbacks, self.attention)
 
@@ -1180,6 +1185,77 @@ class TorchGen:
             self.begin(self._comment(s))
             self.fallback(s, _reason(why))
         self.end([s.name])
+
+    # ---- matmul + add: one addmm, as eager's nn.Linear
+    def _addmm_candidates(self, taken: set) -> dict:
+        """epilogue name -> contraction: a 2-D float sum (f32/f64) read by nothing but one map
+        `acc[..] + x` (either order) reading it in place (same flat offsets), of the same type."""
+        m = self.m
+        users, prod = m.users(), m.producers()
+        out = {}
+        for s in m.statements:
+            if not (s.reduce and s.reduce.op == "sum" and s.iterate is None and len(s.index) == 2
+                    and s.type.dtype in (dt.f32, dt.f64) and s.name not in m.outputs and s.name not in taken):
+                continue
+            readers = users.get(s.name, [])
+            if len(readers) != 1 or not isinstance(readers[0], Statement):
+                continue
+            e = readers[0]
+            if not (e.reduce is None and e.iterate is None and e.type.dtype == s.type.dtype and e.name not in taken
+                    and isinstance(e.expr, Call) and e.expr.op == "add"
+                    and all(isinstance(p, sympy.Symbol) for p in e.index)):
+                continue
+            reads = [a for a in e.expr.args if isinstance(a, Access) and a.tensor == s.name]
+            if len(reads) != 1 or s.name in tensors_read_of(other(e.expr.args, reads[0])):
+                continue
+            out[e.name] = s
+        del prod
+        return out
+
+    def addmm_step(self, acc: Statement, e: Statement) -> None:
+        """`e = acc + x` with acc = A @ B: `torch.addmm(x, A, B)`, x read in acc's ranks; else both statements."""
+        self.begin(self._comment(acc) + self._comment(e))
+        try:
+            read = next(a for a in e.expr.args if isinstance(a, Access) and a.tensor == acc.name)
+            x = other(e.expr.args, read)
+            ext = dict(zip(acc.index, acc.type.shape))
+            rng = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in ext.items()}
+            flat = ix.flat_offset(acc.index, acc.type.shape)
+            shape = [sympy.sympify(n) for n in e.type.shape]
+            sub = {r: ix.Mod(ix.FloorDiv(flat, st), n) if n != 1 else sympy.Integer(0)
+                   for r, st, n in zip(e.index, ix.strides(shape), shape)}
+            # acc is read in place when its positions, seen from acc's own ranks, are acc's index
+            back = [ix.simplify(sympy.sympify(p).xreplace(sub), rng) for p in read.indices]
+            if not all(_same(a, b) for a, b in zip(back, acc.index)) or not _same(sympy.Mul(*shape), sympy.Mul(
+                    *acc.type.shape)):
+                raise Unsupported("the epilogue does not read the product in place")
+            x2 = map_indices(substitute(x, sub), lambda p: ix.simplify(p, rng))
+            if infer(x2, lambda t: self.types[t].dtype)[0] != acc.type.dtype:
+                raise Unsupported("the added term has another type")
+            self.statement(acc)  # binds acc's name to torch.mm(A, B) ...
+            if self.plain_mm is None or self.lines[-1] != f"{self.pyname(acc.name)} = torch.mm({', '.join(self.plain_mm)}).contiguous()":
+                raise Unsupported("the product is not a plain matmul")
+            self.lines.pop()  # ... which becomes addmm with x
+            octx = Ctx(self, list(acc.index), {r: (0, n) for r, n in ext.items()})
+            self._count_shared(x2)
+            xv = octx.value(x2, acc.type.dtype)
+            if xv.is_scalar:
+                raise Unsupported("a literal term")
+            xv = octx.convert(xv, acc.type.dtype)
+            code = f"torch.addmm({xv.code}, {', '.join(self.plain_mm)})"
+            if not all(_same(a, b) for a, b in zip(shape, acc.type.shape)) or len(shape) != 2:
+                code += f".view({self.tuple_code(shape)})"
+            self.emit(f"{self.pyname(e.name)} = {code}")
+            self.layout[e.name] = Layout.dense(shape)
+            self.views.discard(e.name)
+            self.reads.discard(acc.name)
+            self.end([e.name])
+        except Exception as why:  # noqa: BLE001 (the two statements, one after the other)
+            if not isinstance(why, Unsupported):
+                _reason(why)
+            self.lines = None
+            self.statement_step(acc)
+            self.statement_step(e)
 
     def fallback(self, s: Statement, why: str) -> None:
         self.fallbacks.append((s.name, why))
@@ -1351,6 +1427,7 @@ class TorchGen:
         b = operand(bf, K, N, KB)
         fn = "torch.mm" if not batch else ("torch.bmm" if len(batch) == 1 else "torch.matmul")
         code = f"{fn}({a}, {b})"
+        self.plain_mm = (a, b) if fn == "torch.mm" else None  # for addmm: operands of a bare 2-D product
         res_dims = batch + M + N
         if len(M) != 1 or len(N) != 1:
             code += f".view({self.tuple_code([ctx.ext(r) for r in res_dims])})"
@@ -1646,6 +1723,15 @@ class TorchGen:
         dense = Layout.dense(self.types[name].shape)
         return _same(lay.offset, 0) and all(_same(a, b) or n == 1 for a, b, n in zip(lay.strides, dense.strides,
                                                                                       lay.shape))
+
+
+def other(args: tuple, one) -> Expr:
+    """The argument of a binary call that is not `one`."""
+    return args[1] if args[0] is one else args[0]
+
+
+def tensors_read_of(e: Expr) -> set:
+    return {a.tensor for a in accesses(e)}
 
 
 def _storage_shape(t: TensorType) -> tuple:
