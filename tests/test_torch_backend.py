@@ -299,7 +299,7 @@ def test_iterative_ranks():
   lin[i, m + 1]: f32[3, 5] = iterate[m:4, init=1.0] a[i, m] * lin[i, m] + x[i, m]
   out run, lin
 """)
-    assert "torch.cummax" in body(r) and "for it_m in range(4)" in body(r)
+    assert "torch.cummax" in body(r) and "for _it_m in range(4)" in body(r)
 
 
 def test_opaque_calls():
@@ -491,6 +491,44 @@ def test_fixed_attention_group_is_one_sdpa_call():
     changed = FIXED_ATTENTION.replace("/ max(a_rd[i, k, j, 2], 1.0)", "/ max(a_rd[i, k, j, 2], 2.0)")
     r2 = check(changed.replace("module fixed", "module changed"))
     assert r2.attention[0][1].startswith("statements")
+
+
+def test_attention_group_variants():
+    """Without batch or head ranks, in f64 (SDPA runs in f64: no narrower than the cascade), and with no
+    keys (SDPA would give 0 where this unsafe cascade gives NaN: statement by statement)."""
+    nolead = """module nolead
+  in q: f32[5, 8]
+  in k: f32[13, 8]
+  in v: f32[13, 8]
+  qk[k, l]: f32[5, 13] = sum[r:8] q[k, r] * k[l, r] * 0.35355339059327373
+  a_lm[k, m1]: f32[5, 2] = max[m0:8] where(m0 + 8*m1 < 13, qk[k, m0 + 8*m1], -inf)
+  a_rm[k, m1 + 1]: f32[5, 3] = iterate[m1:2, init=-inf] max(a_rm[k, m1], a_lm[k, m1])
+  a_sln[k, m1, m0]: f32[5, 2, 8] = where(a_rm[k, m1 + 1] == -inf, 0.0, where(m0 + 8*m1 < 13, exp(qk[k, m0 + 8*m1] - a_rm[k, m1 + 1]), 0.0))
+  a_prm[k, m1]: f32[5, 2] = where(a_rm[k, m1] == -inf, 0.0, exp(a_rm[k, m1] - a_rm[k, m1 + 1]))
+  a_sld[k, m1]: f32[5, 2] = sum[m0:8] a_sln[k, m1, m0]
+  a_rd[k, m1 + 1]: f32[5, 3] = iterate[m1:2, init=0.0] a_prm[k, m1] * a_rd[k, m1] + a_sld[k, m1]
+  a_slnv[k, m1, l]: f32[5, 2, 8] = sum[m0:8] a_sln[k, m1, m0] * where(m0 + 8*m1 < 13, v[m0 + 8*m1, l], 0.0)
+  a_rnv[k, l, m1 + 1]: f32[5, 8, 3] = iterate[m1:2, init=0.0] a_prm[k, m1] * a_rnv[k, l, m1] + a_slnv[k, m1, l]
+  a[k, l]: f32[5, 8] = a_rnv[k, l, 2] / a_rd[k, 2]
+  kernel attn_a attention {qk=qk, lm=a_lm, rm=a_rm, sln=a_sln, prm=a_prm, sld=a_sld, rd=a_rd, slnv=a_slnv, rnv=a_rnv, out=a} tile=8
+  out a
+"""
+    assert check(nolead.replace("module fixed", "module nolead")).attention == [("attn_a", "sdpa")]
+    r = check(FIXED_ATTENTION.replace("f32", "f64").replace("module fixed", "module fixed64"))
+    assert r.attention == [("attn_a", "sdpa")] and "torch.float64" in body(r)
+
+
+def test_names_that_shadow_python():
+    check("""module names
+  size S hint 3
+  in max: f32[S, 4]
+  in range: f32[4]
+  min[i, j]: f32[S, 4] = max[i, j] * range[j]
+  torch[i, m + 1]: f32[S, 5] = iterate[m:4, init=0.0] torch[i, m] * 0.5 + min[i, m]
+  rt[i]: f32[S] = sum[r:4] min[i, r] * max[i, r]
+  inputs[i, j]: f32[2*S, 4] = where(i < S, min[i, j], max[i - S, j])
+  out torch, rt, inputs
+""")
 
 
 # ---------------------------------------------------------------- models

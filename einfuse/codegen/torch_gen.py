@@ -30,6 +30,7 @@ program's `consts(device)` returns (aranges and constant tensors), made once per
 """
 from __future__ import annotations
 
+import builtins
 import keyword
 import logging
 import math
@@ -724,6 +725,8 @@ def plan_attention(m: Module, g: Kernel) -> AttnPlan:
             if ragged:
                 raise Unsupported("unguarded ragged key tiles")
     N = sympy.sympify(N)
+    if not _proven(N >= 1):  # no keys: SDPA gives 0 where an unsafe cascade gives NaN, softmax cannot run
+        raise Unsupported("the key axis may be empty")
     p = lead_p[-1]
     lead = lead_p[:-1]
     ext[key] = N
@@ -959,7 +962,8 @@ def _coarse(exprs: list, r, ext_r):
 
 # ---------------------------------------------------------------- the generator
 
-RESERVED = {"torch", "F", "math", "rt", "inputs", "run", "consts", "device", "MAP_OPS", "REDUCE_OPS"}
+RESERVED = {"torch", "F", "math", "rt", "inputs", "run", "consts", "device", "MAP_OPS", "REDUCE_OPS"} | set(
+    dir(builtins))  # the program calls min, max, range
 
 
 class TorchGen:
@@ -1020,7 +1024,7 @@ class TorchGen:
     def sym_code(self, s) -> str:
         if s in self.size_syms:
             return self.size_syms[s]
-        if str(s).startswith("it_"):
+        if str(s).startswith("_it_"):
             return str(s)
         raise Unsupported(f"symbol {s} has no value here")
 
@@ -1507,7 +1511,7 @@ class TorchGen:
                 sel = ", ".join([":"] * pos + ["1:"])
                 self.emit(f"{name}[{sel}] = torch.cummax({xv.code}, {pos}).values")
                 return
-        loop = sympy.Symbol(f"it_{it.rank}", integer=True, nonnegative=True)
+        loop = sympy.Symbol(f"_it_{it.rank}", integer=True, nonnegative=True)  # never an IR name (those get no _)
         ctx = Ctx(self, outs, dom, {loop: (sympy.Integer(0), sympy.sympify(it.extent) - 1)})
         body = substitute(e, {it.rank: loop})
         outer = self.lines
@@ -1561,10 +1565,10 @@ class TorchGen:
         qn, dq = _narrow(sd["Q"], dtype_of)
         kn, dk = _narrow(sd["K"], dtype_of)
         vn, dv = _narrow(plan.V, dtype_of)
-        if dq == dk == dv and dq.is_float:
+        if dq == dk == dv and dq.is_float and (dq.bits < 32 or dq == plan.acc):
             D, q_e, k_e, v_e = dq, qn, kn, vn
-        else:
-            D = dt.f64 if dt.f64 in (dq, dk, dv) else dt.f32
+        else:  # no narrower than the cascade's own scores
+            D = dt.f64 if dt.f64 in (dq, dk, dv, plan.acc) else dt.f32
             q_e, k_e, v_e = sd["Q"], sd["K"], plan.V
         lead, p, m, f, E = plan.lead, plan.p, plan.m, plan.f, sd["E"]
         gqa = False
