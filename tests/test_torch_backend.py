@@ -516,6 +516,10 @@ def test_attention_group_variants():
     assert check(nolead.replace("module fixed", "module nolead")).attention == [("attn_a", "sdpa")]
     r = check(FIXED_ATTENTION.replace("f32", "f64").replace("module fixed", "module fixed64"))
     assert r.attention == [("attn_a", "sdpa")] and "torch.float64" in body(r)
+    nokeys = FIXED_ATTENTION.replace("13", "0").replace(", 2]", ", 0]").replace(", 3]", ", 1]").replace(
+        "m1:2", "m1:0").replace("2, 8]", "0, 8]").replace("module fixed", "module nokeys").replace(
+        "a_rnv[i, k, j, l, 2] / max(a_rd[i, k, j, 2], 1.0)", "a_rnv[i, k, j, l, 0] / a_rd[i, k, j, 0]")
+    assert check(nokeys).attention == [("attn_a", "statements (the key axis may be empty)")]
 
 
 def test_names_that_shadow_python():
