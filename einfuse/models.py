@@ -69,6 +69,11 @@ DECODERS = {
                  dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128)),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(_SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",  # rotary embedding in complex numbers
+                    dict(_SMALL, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_shared_experts=1,
+                         num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
+                         topk_group=1)),
     "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", dict(_SMALL)),
 }
 

@@ -5,14 +5,15 @@ sliding-window attention (Mistral, Gemma2: a window of 6 in 16 tokens), logit so
 (Gemma2: attention scores and final logits), ALiBi (Bloom; Falcon, with multi-query attention), mixtures of
 experts with a shared expert behind a sigmoid gate (Qwen2-MoE) or a sparse mixer (PhiMoE), fused projections
 (Phi3), query/key norms (Qwen3), partial rotary with a parallel residual (GPT-NeoX), parallel blocks with a
-logit scale (Cohere) and differential attention (DiffLlama).
+logit scale (Cohere), multi-head latent attention with a rotary embedding in complex numbers and shared
+experts (DeepSeek-V2) and differential attention (DiffLlama).
 
 Every family is compiled once per backend ("reference": the IR evaluated with torch ops; "triton": the
 generated kernels under Triton's interpreter) and called on fresh inputs (other token ids, other padding)
 than it was compiled for: fp32, max |got - want| / max |want| <= 1e-5 (`max_rel_error`). Its kernels compile
 for sm_80 and sm_90a with no spills (one disk cache for the module: a kernel two families share compiles
 once), and `torch.compile(backend="einfuse")` takes the whole graph and matches eager too (for the families
-whose graphs it captures differently: constants as get_attr, MoE routing, eager attention).
+whose graphs it captures differently: constants as get_attr, MoE routing, eager attention, complex values).
 
 Known failures are `xfail(strict=True)` with where they fail (KNOWN): when one is fixed its test passes,
 strict turns that into a failure, and the mark goes. A family einfuse cannot compile at all ("compile") is
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("fresh_einfuse_cache")
 
 SEQ = 16  # tokens: longer than the sliding windows (6)
 ARCHS = (80, 90)
-TORCH_COMPILE = ("gemma2", "qwen2_moe", "falcon")
+TORCH_COMPILE = ("gemma2", "qwen2_moe", "falcon", "deepseek_v2")
 
 # family -> config arguments that switch off what the family is here for; eager logits must then change,
 # or the comparison would not exercise it
@@ -64,6 +65,9 @@ KNOWN = {
     ("falcon", "triton"): ("codegen: a gather at a position loaded from a tensor (k = qkv[..., [-2], :]: "
                            "`x[i, l, where(c[0] < 0, c[0] + 6, c[0]), r]`) masks the load with a 0-d value: "
                            "'mask has unsupported dtype' (then ALiBi's pow literal, as for bloom)"),
+    ("deepseek_v2", "gpu"): ("codegen: a dot kernel with a 3-d epilogue (mm[32, 64] read as [2, 16, 64] by two adds, the "
+                             "shared experts' down_proj) recomputes the flat index per element: 255 registers and "
+                             "spills on sm_80/sm_90a"),
     ("diffllama", "compile"): _MOD_GUARD,
 }
 COMPILING = [f for f in DECODERS if (f, "compile") not in KNOWN]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import sympy
 import torch
@@ -871,3 +872,148 @@ def _getitem(lw, node):
     if v is None:
         raise Unsupported("getitem of an output einfuse did not compute")
     return v
+
+
+# ---------------------------------------------------------------- complex values (rotary embeddings as in Llama 4)
+
+@dataclass(frozen=True)
+class Complex:
+    """A complex value as two real templates of its shape: the real and the imaginary part (the IR has no
+    complex dtype; `view_as_real` turns a pair back into one real tensor)."""
+
+    re: Tmpl
+    im: Tmpl
+
+
+_PART = {torch.complex64: dt.f32, torch.complex128: dt.f64}
+# index maps that read a complex value as they read a real one: applied to each part
+_PER_PART = ("aten.clone.default", "aten.alias.default", "aten.detach.default", "aten.contiguous.default",
+             "aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.permute.default",
+             "aten.transpose.int", "aten.t.default", "aten.unsqueeze.default", "aten.squeeze.dim",
+             "aten.squeeze.dims", "aten.squeeze.default", "aten.expand.default", "aten.slice.Tensor",
+             "aten.narrow.default", "aten.select.int", "aten.split_with_sizes.default", "aten.split.Tensor",
+             "aten.unbind.int", "aten.repeat.default")
+COMPLEX_RULES: dict = {}
+
+
+def _part_dtype(node) -> dt.DType:
+    tdt = node.meta["val"].dtype
+    if tdt not in _PART:
+        raise Unsupported(f"{tdt} values")
+    return _PART[tdt]
+
+
+def _parts(lw: Lowerer, a):
+    """(real part, imaginary part or None) of an operand, complex or real."""
+    v = lw.values.get(a) if hasattr(a, "meta") else None
+    return (v.re, v.im) if isinstance(v, Complex) else (lw.tmpl(a), None)
+
+
+def _per_part(fn):
+    def lower(lw: Lowerer, node):
+        pairs = {a: lw.values[a] for a in node.all_input_nodes if isinstance(lw.values.get(a), Complex)}
+        results = []
+        for part in ("re", "im"):
+            lw.values.update({a: getattr(c, part) for a, c in pairs.items()})
+            try:
+                results.append(fn(lw, node))
+            finally:
+                lw.values.update(pairs)
+        re, im = results
+        if isinstance(re, list):
+            return [None if r is None else Complex(r, i) for r, i in zip(re, im)]
+        return Complex(re, im)
+
+    return lower
+
+
+def _complex_binary(op: str):
+    """add/sub/mul with a complex operand (the other complex or real): one statement per part."""
+    def lower(lw: Lowerer, node):
+        if node.kwargs.get("alpha", 1) != 1:
+            raise Unsupported("complex add/sub with alpha")
+        shape, part = lw.shape(node), _part_dtype(node)
+        (ar, ai), (br, bi) = _parts(lw, node.args[0]), _parts(lw, node.args[1])
+
+        def read(t, rs):
+            return None if t is None else lw.cast(lw.broadcast_at(t, rs, shape), part)
+
+        def real(rs, _):
+            a, b, c, d = read(ar, rs), read(ai, rs), read(br, rs), read(bi, rs)
+            if op != "mul":
+                return Call(op, (a, c))
+            products = [Call("mul", (a, c))] + ([Call("mul", (b, d))] if b is not None and d is not None else [])
+            return products[0] if len(products) == 1 else Call("sub", tuple(products))
+
+        def imag(rs, _):
+            a, b, c, d = read(ar, rs), read(ai, rs), read(br, rs), read(bi, rs)
+            if op != "mul":
+                if d is None:
+                    return b
+                return d if b is None and op == "add" else (Call("neg", (d,)) if b is None else Call(op, (b, d)))
+            terms = ([Call("mul", (a, d))] if d is not None else []) + ([Call("mul", (b, c))] if b is not None else [])
+            return terms[0] if len(terms) == 1 else Call("add", tuple(terms))
+
+        return Complex(lw.statement(f"{node.name}_re", shape, part, real),
+                       lw.statement(f"{node.name}_im", shape, part, imag))
+
+    return lower
+
+
+for _op in ("add", "sub", "mul"):
+    for _name in (f"aten.{_op}.Tensor", f"aten.{_op}.Scalar"):
+        COMPLEX_RULES[_name] = _complex_binary(_op)
+for _name in _PER_PART:
+    COMPLEX_RULES[_name] = _per_part(RULES[_name])
+
+
+@rule("aten.polar.default")
+def _polar(lw, node):
+    """abs * (cos(angle) + i sin(angle))."""
+    shape, part = lw.shape(node), _part_dtype(node)
+    r, a = lw.tmpl(node.args[0]), lw.tmpl(node.args[1])
+
+    def build(fn):
+        return lambda rs, _: Call("mul", (lw.cast(lw.broadcast_at(r, rs, shape), part),
+                                          Call(fn, (lw.cast(lw.broadcast_at(a, rs, shape), part),))))
+
+    return Complex(lw.statement(f"{node.name}_re", shape, part, build("cos")),
+                   lw.statement(f"{node.name}_im", shape, part, build("sin")))
+
+
+@rule("aten.view_as_complex.default")
+def _view_as_complex(lw, node):
+    x = lw.tmpl(node.args[0])
+    shape = lw.shape(node)
+    return Complex(*(_remap(lw, x, shape, lambda ph, k=k: list(ph) + [sympy.Integer(k)]) for k in (0, 1)))
+
+
+@rule("aten.view_as_real.default")
+def _view_as_real(lw, node):
+    z = lw.values[node.args[0]]
+    if not isinstance(z, Complex):
+        raise Unsupported("view_as_real of a value einfuse did not lower")
+    shape = lw.shape(node)
+    ph = [placeholder(d) for d in range(len(shape))]
+    last = IndexValue(ph[-1])
+    return Tmpl(Call("where", (Call("eq", (last, Const(0))), lw.at(z.re, ph[:-1]), lw.at(z.im, ph[:-1]))),
+                shape, z.re.dtype)
+
+
+def _complex_aware(name: str, fn):
+    """`fn` for real values; for a node with a complex operand or result, the complex rule of its op."""
+    def lower(lw: Lowerer, node):
+        val = node.meta.get("val")
+        complex_out = isinstance(val, torch.Tensor) and val.is_complex()
+        if not complex_out and not any(isinstance(lw.values.get(a), Complex) for a in node.all_input_nodes):
+            return fn(lw, node)
+        if name in ("aten.polar.default", "aten.view_as_complex.default", "aten.view_as_real.default", "getitem"):
+            return fn(lw, node)
+        if name not in COMPLEX_RULES:
+            raise Unsupported(f"{name} on complex values")
+        return COMPLEX_RULES[name](lw, node)
+
+    return lower
+
+
+RULES.update({_name: _complex_aware(_name, _fn) for _name, _fn in RULES.items()})
