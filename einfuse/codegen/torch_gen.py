@@ -24,9 +24,9 @@ the type `infer` gives it, 16-bit sums accumulate in f32, literals are Python sc
 Every tensor the program binds has a layout known here (shape, strides and storage offset): inputs are
 bound dense (`rt.bind`), results are fresh contiguous tensors, and a statement that only moves data is a
 view whose strides this module computes. The runtime object `rt` provides: `bind(inputs)`,
-`bad_inputs(inputs)`, `unpack(t, signed)`, `ar(n, dim, ndim)`, `cat(dim, parts, dtype)`, `imin/imax`,
-`statement(name, tensors, sizes)`, `opaque(index, tensors, sizes)`, and `consts(device)`: the tuple the
-program's `consts(device)` returns (aranges and constant tensors), made once per device.
+`bad_inputs(inputs)`, `unpack(t, signed)`, `ar(n, dim, ndim, device)`, `cat(dim, parts, shape, dtype)`,
+`imin/imax`, `statement(name, tensors, sizes)`, `opaque(index, tensors, sizes)`, and `consts(device)`: the
+tuple the program's `consts(device)` returns (aranges and constant tensors), made once per device.
 """
 from __future__ import annotations
 
@@ -342,7 +342,8 @@ class Ctx:
     def index_value(self, e) -> Val:
         code, ranks = self.index_code(self.offsets(e))
         if not ranks:
-            return Val(f"torch.full({self.gen.tuple_code([1] * self.nd)}, {code}, dtype=torch.int64)", frozenset(),
+            return Val(f"torch.full({self.gen.tuple_code([1] * self.nd)}, {code}, dtype=torch.int64, device=device)",
+                       frozenset(),
                        dt.i64, fresh=True)
         return Val(code, ranks, dt.i64)
 
@@ -1068,7 +1069,7 @@ class TorchGen:
             shape[d] = str(int(n))
             return self._const(("ar", int(n), d, nd), f"torch.arange({int(n)}, device=device).view({', '.join(shape)}"
                                                       f"{',' if nd == 1 else ''})", "ar")
-        return f"rt.ar({self.int_code(n)}, {d}, {nd})"
+        return f"rt.ar({self.int_code(n)}, {d}, {nd}, device)"
 
     def constant(self, value, want: dt.DType, nd: int) -> str:
         lit = _pyliteral(value)
@@ -1219,6 +1220,7 @@ class TorchGen:
     def addmm_step(self, acc: Statement, e: Statement) -> None:
         """`e = acc + x` with acc = A @ B: `torch.addmm(x, A, B)`, x read in acc's ranks; else both statements."""
         self.begin(self._comment(acc) + self._comment(e))
+        self.plain_mm = None
         try:
             read = next(a for a in e.expr.args if isinstance(a, Access) and a.tensor == acc.name)
             x = other(e.expr.args, read)

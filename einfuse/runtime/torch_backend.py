@@ -132,26 +132,28 @@ class TorchRunner:
             k = self._consts[device] = self._program.consts(device)
         return k
 
-    def ar(self, n: int, d: int, nd: int) -> torch.Tensor:
-        key = (n, d, nd)
+    def ar(self, n: int, d: int, nd: int, device) -> torch.Tensor:
+        """arange(n) along dim d of nd dims (a symbolic size's; static ones are constants of the program)."""
+        key = (n, d, nd, device)
         t = self._aranges.get(key)
         if t is None:
             shape = [1] * nd
             shape[d] = n
-            t = self._aranges[key] = torch.arange(n).view(shape)
+            t = self._aranges[key] = torch.arange(n, device=device).view(shape)
         return t
 
     @staticmethod
     def cat(d: int, parts, shape, dtype) -> torch.Tensor:
         """Pieces along dim d (each (tensor or scalar, length)) broadcast to `shape` elsewhere, one tensor."""
         ts = []
+        device = next((x.device for x, _ in parts if isinstance(x, torch.Tensor)), None)
         for x, n in parts:
             want = list(shape)
             want[d] = n
             if isinstance(x, torch.Tensor):
                 ts.append(x.to(dtype).expand(want))
             else:
-                ts.append(torch.full(want, x, dtype=dtype))
+                ts.append(torch.full(want, x, dtype=dtype, device=device))
         return torch.cat(ts, d)
 
     @staticmethod
