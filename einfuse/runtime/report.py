@@ -156,7 +156,7 @@ class Report:
         ax.set_xlabel("arithmetic intensity: FLOP per distinct byte (the table's FLOP/B)")
         ax.set_ylabel("attainable TFLOP/s (model)")
         hidden = len(self.kernels) - len(shown)
-        note = f"; {hidden} kernels without FLOPs (copies, opaque calls) not shown" if hidden else ""
+        note = f"; {hidden} kernel(s) without FLOPs (copies, opaque calls) not shown" if hidden else ""
         ax.set_title(f"einfuse kernels on an H100 roofline — a model, not a timing\n{len(shown)} kernels, marker "
                      f"area ~ distinct bytes, the {min(labels, len(shown))} with the most bytes named{note}",
                      fontsize=9)
