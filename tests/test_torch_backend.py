@@ -28,6 +28,9 @@ from einfuse.runtime.torch_backend import TorchRunner, torch_backend
 
 sys.path.insert(0, os.path.dirname(__file__))
 import test_attention as ta  # noqa: E402  (the ways models write attention)
+import test_ir_properties as ir_props  # noqa: E402  (random cascades)
+from hypothesis import given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_einfuse_cache")
 
@@ -401,6 +404,19 @@ def test_source_is_readable_and_cached(tmp_path):
     src = r1.source
     assert src.count("# IR: ") == len(parse(text).body)
     assert "def run(inputs, rt):" in src and "exec(" not in src
+
+
+@settings(max_examples=60, **ir_props.SETTINGS)
+@given(m=ir_props.cascades(), seed=st.integers(0, 2**31 - 1))
+def test_random_cascades(m, seed):
+    """Random cascades (wrapped, reversed, merged and gathered positions, running max/min/sum, reductions,
+    index conditions; tests/test_ir_properties.py's strategy) compute what the evaluator computes."""
+    note(str(m))
+    runner = torch_backend(m)
+    note(runner.source)
+    assert runner.fallbacks == []
+    inputs = random_inputs(m, seed=seed)
+    ir_props.assert_same_outputs(runner(inputs), evaluate(m, inputs), m.outputs)
 
 
 # ---------------------------------------------------------------- attention

@@ -397,7 +397,8 @@ class Ctx:
             if aff is None:
                 return None
         const, coeff = aff
-        if not _proven(const >= 0) or not all(_proven(c >= 0) for c in coeff.values()):
+        if not _proven(ix.bounds(const, self.ranges)[0] >= 0) or not all(
+                _proven(ix.bounds(c, self.ranges)[0] >= 0) for c in coeff.values()):
             return None
         sizes, strides, final, ranks = [], [], [], set()
         for r in dims:
@@ -466,18 +467,21 @@ class Ctx:
                     code = f"{code}.clamp(0, {self.gen.int_code(lay.shape[d] - 1)})"
             any_tensor = True
             idx.append(code)
-        if not any_tensor:
-            raise Unsupported(f"access {a.tensor} has no index tensor")
+        if not any_tensor:  # positions known only at run time (a loop variable): one element
+            idx = [f"min(max({i}, 0), {self.gen.int_code(lay.shape[d] - 1)})" if not _within(
+                pos[d], 0, lay.shape[d] - 1, sub.ranges) else i for d, i in zip(others, idx)]
         # the tensor viewed with its dims in (others, plain) order, dense in its own layout
         base = self.gen.view_code(src, lay, [lay.shape[d] for d in others + plain],
                                   [lay.strides[d] for d in others + plain], lay.offset)
         code = f"{base}[{', '.join(idx)}]"
+        if not any_tensor:  # basic indexing: the sliced dims remain, a size-1 dim for each other rank
+            code += f".reshape({self.gen.tuple_code([1] * len(sub.dims) + [lay.shape[d] for d in plain])})"
         if plain:
             order = list(sub.dims) + prank
             perm = [order.index(r) for r in self.dims]
             if perm != list(range(len(perm))):
                 code += f".permute({', '.join(map(str, perm))})"
-        return Val(code, frozenset(ranks), dtype, fresh=True)
+        return Val(code, frozenset(ranks), dtype, fresh=any_tensor)
 
     # ---- map operators
     def call(self, e: Call, want: dt.DType) -> Val:
@@ -1265,7 +1269,7 @@ class TorchGen:
 
     def fallback(self, s: Statement, why: str) -> None:
         self.fallbacks.append((s.name, why))
-        names = sorted(s.reads())
+        names = sorted(s.reads() - {s.name})  # an iterative statement reads its own, evaluator-made, buffer
         for r in names:
             self.reads.add(r)
         args = ", ".join(f"{r!r}: {self.pyname(r)}" for r in names)

@@ -177,7 +177,7 @@ class TorchRunner:
         if sub is None:
             s = next(op for op in self.module.body if isinstance(op, Statement) and op.name == name)
             ins = []
-            for r in sorted(s.reads()):
+            for r in sorted(s.reads() - {name}):
                 t = self._types[r]
                 d = t.dtype if not t.dtype.packed else (dt.i8 if t.dtype.signed else dt.u8)
                 ins.append(Input(r, TensorType(d, t.shape)))
