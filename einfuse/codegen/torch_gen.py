@@ -423,8 +423,7 @@ class Ctx:
                 strides.append(sympy.Integer(0))
                 final.append(sympy.Integer(1))
         if split:
-            code = f"{src}.as_strided({self.gen.tuple_code(sizes)}, {self.gen.tuple_code(strides)}, " \
-                   f"{self.gen.int_code(const)}).reshape({self.gen.tuple_code(final)})"
+            code = f"{self.gen.view_code(src, lay, sizes, strides, const)}.reshape({self.gen.tuple_code(final)})"
             return Val(code, frozenset(ranks), dtype, fresh=False)
         code = self.gen.view_code(src, lay, sizes, strides, const)
         return Val(code, frozenset(ranks), dtype, fresh=False, atom=True,
@@ -1111,7 +1110,24 @@ class TorchGen:
                 if not (len(cur) == len(sizes) and all(_same(a, b) for a, b in zip(cur, sizes))):
                     code += f".view({self.tuple_code(sizes)})"
                 return code
+            # a permuted reshape of a contiguous tensor: view as the dims in stride order, then permute
+            nz = [d for d, n in enumerate(sizes) if n != 1]
+            order = sorted(nz, key=lambda d: -self._number(strides[d]))
+            if self._dense_pairs(lay.shape, lay.strides) and _same(lay.offset, 0) and all(
+                    self._number(strides[d]) is not None for d in nz) and _same(
+                    sympy.Mul(*[sizes[d] for d in nz]), sympy.Mul(*lay.shape)) and self._dense_pairs(
+                    [sizes[d] for d in order], [strides[d] for d in order]):
+                perm = [order.index(d) for d in nz]
+                code = f"{src}.view({self.tuple_code([sizes[d] for d in order])}).permute({', '.join(map(str, perm))})"
+                if len(nz) != len(sizes):
+                    code += f".view({self.tuple_code(sizes)})"
+                return code
         return f"{src}.as_strided({self.tuple_code(sizes)}, {self.tuple_code(strides)}, {self.int_code(off)})"
+
+    @staticmethod
+    def _number(x):
+        x = sympy.sympify(x)
+        return int(x) if x.is_Integer else None
 
     @staticmethod
     def _dense_pairs(shape, strides) -> bool:
