@@ -66,8 +66,8 @@ KNOWN = {
                            "`x[i, l, where(c[0] < 0, c[0] + 6, c[0]), r]`) masks the load with a 0-d value: "
                            "'mask has unsupported dtype' (then ALiBi's pow literal, as for bloom)"),
     ("deepseek_v2", "gpu"): ("codegen: a dot kernel with a 3-d epilogue (mm[32, 64] read as [2, 16, 64] by two adds, the "
-                             "shared experts' down_proj) recomputes the flat index per element: 255 registers and "
-                             "spills on sm_80/sm_90a"),
+                             "shared experts' down_proj) recomputes the flat index per element: 255 registers, "
+                             "232 / 256 bytes of spills on sm_80 / sm_90a"),
     ("diffllama", "compile"): _MOD_GUARD,
 }
 COMPILING = [f for f in DECODERS if (f, "compile") not in KNOWN]
@@ -127,6 +127,7 @@ def assert_matches_eager(family: str, got, want) -> float:
 
 # ---------------------------------------------------------------- tests
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # qwen2_moe without its shared expert
 @pytest.mark.parametrize("family", list(FEATURE_OFF))
 def test_the_feature_changes_what_eager_computes(family, want):
     plain = tiny_decoder(family, **FEATURE_OFF[family])
