@@ -1112,9 +1112,9 @@ class TorchGen:
                 return code
             # a permuted reshape of a contiguous tensor: view as the dims in stride order, then permute
             nz = [d for d, n in enumerate(sizes) if n != 1]
-            order = sorted(nz, key=lambda d: -self._number(strides[d]))
-            if self._dense_pairs(lay.shape, lay.strides) and _same(lay.offset, 0) and all(
-                    self._number(strides[d]) is not None for d in nz) and _same(
+            numeric = all(self._number(strides[d]) is not None for d in nz)
+            order = sorted(nz, key=lambda d: -self._number(strides[d])) if numeric else nz
+            if numeric and self._dense_pairs(lay.shape, lay.strides) and _same(lay.offset, 0) and _same(
                     sympy.Mul(*[sizes[d] for d in nz]), sympy.Mul(*lay.shape)) and self._dense_pairs(
                     [sizes[d] for d in order], [strides[d] for d in order]):
                 perm = [order.index(d) for d in nz]
