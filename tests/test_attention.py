@@ -325,14 +325,16 @@ def llama(layers: int):
 @pytest.mark.parametrize("seq", [512])
 def test_llama_layer_fusion(seq, record_property):
     """A transformers Llama (hidden 256, intermediate 512, 4 heads on 2 KV heads) at `seq` tokens, default
-    pipeline vs cleanup passes only: at most 8 kernels per layer (the two-layer model's kernels minus the
-    one-layer model's), distinct bytes at most a quarter of eager PyTorch's op-by-op bytes, eager's logits,
-    and no buffer holding a head's scores."""
-    one, two = llama(1), llama(2)
+    pipeline vs cleanup passes only: at most 6 kernels per layer (einfuse.fusion_table.kernels_per_layer),
+    distinct bytes at most 0.29 of eager PyTorch's op-by-op bytes (the quarter of the earlier count, which
+    counted `_unsafe_view`s — no data moved — as traffic: 12.2 MB of 53.1 MB then, of 43.7 MB honestly),
+    eager's logits, and no buffer holding a head's scores."""
+    from einfuse.fusion_table import kernels_per_layer
+
+    one = llama(1)
     ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(0))
     fresh = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(1))
-    per_layer = (len(einfuse.compile(two, (ids,), backend="triton").variant.run.specs)
-                 - len(einfuse.compile(one, (ids,), backend="triton").variant.run.specs))
+    per_layer = kernels_per_layer(llama(2), llama(3), ids)
     numbers = {"kernels_per_layer": per_layer}
     with torch.no_grad():
         want = one(fresh).logits
@@ -348,8 +350,8 @@ def test_llama_layer_fusion(seq, record_property):
     record_property("llama", numbers)
     print(f"llama seq {seq}: {numbers}")
     fused, unfused = numbers["fused"], numbers["unfused"]
-    assert per_layer <= 8, numbers
-    assert fused["distinct"] <= fused["eager"] / 4, numbers
+    assert per_layer <= 6, numbers
+    assert fused["distinct"] <= 0.29 * fused["eager"], numbers
     assert fused["max_rel_error"] <= F32_TOL and unfused["max_rel_error"] <= F32_TOL, numbers
     assert fused["scores_buffers"] == 0 and unfused["scores_buffers"] > 0, numbers
     assert fused["kernels"] < unfused["kernels"] and fused["distinct"] < unfused["distinct"], numbers

@@ -192,8 +192,8 @@ def test_cuda_graph_replay_bookkeeping_on_cpu(fused):
 def test_cuda_graphs_on_cpu_is_a_clear_error():
     import einfuse
 
-    lin = torch.nn.Linear(8, 8)
-    with pytest.raises(RuntimeError, match="einfuse: cuda_graphs=True"):
+    lin = torch.nn.Linear(8, 8).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="einfuse: cuda_graphs=True"):
         einfuse.compile(lin, (torch.randn(2, 8),), backend="triton", cuda_graphs=True)(torch.randn(2, 8))
 
 

@@ -82,18 +82,47 @@ def _qk_parts(em: Emitter, r: Steps):
     return qa, kb, qt if qt == kt else c.operand, post, c.k[0]
 
 
-def row_cap(op_t: dt.DType) -> int:
-    """Query rows per program: each query tile re-reads all K/V it visits, so longer tiles move fewer
-    bytes. 16-bit operands fit 128 rows in 8 warps unspilled; tf32 fits 64; IEEE f32 dots run on CUDA
-    cores from registers and need a short tile."""
+# The key tile (keys per step of the iterative rank, fixed in the IR by fuse_attention) and the query
+# rows per program with their warps, by operand precision and head dimension (the larger of Q/K's and
+# V's, padded to a power of two): the largest query tile whose kernel AOT-compiles for sm_80 and sm_90a
+# without spills (measured 2026-11-29 with Triton 3.6, causal N=1024; docs/PERFORMANCE.md). Each query
+# tile re-reads every K/V tile it visits, so longer tiles move fewer bytes. IEEE f32 dots run on CUDA
+# cores from registers: a short key tile leaves room for long query tiles.
+KEY_TILES = {"ieee": 16, "tf32": 32, "16-bit": 64}
+ROW_TILES = {  # precision -> [(largest head dimension, rows, warps)]
+    "ieee": [(64, 128, 8), (128, 64, 8), (256, 16, 8)],
+    "tf32": [(128, 128, 8), (256, 32, 8)],
+    "16-bit": [(128, 128, 8), (256, 32, 8)],
+}
+
+
+def precision(op_t: dt.DType) -> str:
+    """How score contractions on operands of `op_t` run: IEEE f32, tf32 (as torch allows) or 16-bit."""
     if op_t.bits == 32:
-        return 16 if float32_precision() == "ieee" else 64
-    return 128
+        return "ieee" if float32_precision() == "ieee" else "tf32"
+    return "16-bit"
+
+
+def key_tile(op_t: dt.DType) -> int:
+    """Keys per step of the 1-pass cascade for score operands of type `op_t` (fuse_attention asks)."""
+    return KEY_TILES[precision(op_t)]
+
+
+def row_tile(op_t: dt.DType, head: int) -> tuple[int, int]:
+    """(query rows per program, warps) for score operands of type `op_t` and a head dimension `head`."""
+    for largest, rows, warps in ROW_TILES[precision(op_t)]:
+        if head <= largest:
+            return rows, warps
+    return 16, 8
 
 
 def _value_expr(r: Steps):
     """V, the factors of the numerator's contraction other than the probabilities."""
     return product([x for x in mul_factors(r.slnv.expr) if r.sln.name not in {a.tensor for a in accesses(x)}])
+
+
+def _head(em: Emitter, r: Steps, e) -> int:
+    return max(16, next_pow2(max(em.hint(em.extents[e]), em.hint(em.extents[r.f]))))
 
 
 def gqa_packing(em: Emitter, r: Steps) -> tuple | None:
@@ -103,13 +132,14 @@ def gqa_packing(em: Emitter, r: Steps) -> tuple | None:
     L = sympy.sympify(em.extents[r.p])
     if not L.is_Integer:
         return None
-    _, k_expr, op_t, _, _ = _qk_parts(em, r)
+    _, k_expr, op_t, _, e = _qk_parts(em, r)
     v_expr = _value_expr(r)
+    cap = row_tile(op_t, _head(em, r, e))[0]
     for h in r.lead:
         H = sympy.sympify(em.extents[h])
         if not H.is_Integer:
             continue
-        for G in sorted((d for d in sympy.divisors(int(H)) if d > 1 and d * int(L) <= row_cap(op_t)), reverse=True):
+        for G in sorted((d for d in sympy.divisors(int(H)) if d > 1 and d * int(L) <= cap), reverse=True):
             g, hh = sympy.Dummy("g", integer=True, nonnegative=True), sympy.Dummy("hh", integer=True, nonnegative=True)
             rng = {**em.ranges(), g: (sympy.Integer(0), H / G - 1), hh: (sympy.Integer(0), sympy.Integer(G - 1))}
 
@@ -209,19 +239,20 @@ class AttentionKind(KernelKind):
     priority = -1  # formed by fuse_attention only, never claims a statement by itself
 
     def mapping(self, g: Group, rows: int | None = None) -> Mapping:
-        """Query rows per program: as many as the operand type's register budget allows (see row_cap),
-        or `rows` when the autotuner asks for fewer."""
+        """Query rows per program: the largest tile the operand type and head dimension allow without
+        spills (ROW_TILES), or `rows` when the autotuner asks for fewer."""
         r = Steps(g)
         em = Emitter(g, r.extents())
         _, _, op_t, _, e = _qk_parts(em, r)
         L, E, F = (em.hint(em.extents[x]) for x in (r.p, e, r.f))
         be, bf = max(16, next_pow2(E)), max(16, next_pow2(F))
-        ieee = op_t.bits == 32 and float32_precision() == "ieee"
+        cap, warps = row_tile(op_t, max(be, bf))
         pack = gqa_packing(em, r)
         if pack is not None:
             rows = None  # packed query heads must fit one program's rows
-        bp = max(16, min(row_cap(op_t), rows or row_cap(op_t), next_pow2(L * (pack[1] if pack else 1))))
-        warps = 4 if ieee or (max(be, bf) <= 64 and bp <= 64) else 8
+        bp = max(16, min(cap, rows or cap, next_pow2(L * (pack[1] if pack else 1))))
+        if bp < cap and bp * max(be, bf) <= 32 * 64:
+            warps = 4  # a short tile (decode, short sequences): 4 warps hold it without spills
         return Mapping("attention", rows=(r.p,), cols=(r.f,), red=(r.m1, r.m0), batch=tuple(r.lead),
                        tiles=(("BLOCK_P", bp), ("BLOCK_M0", r.tile), ("BLOCK_E", be), ("BLOCK_F", bf)),
                        num_warps=warps)

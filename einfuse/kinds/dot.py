@@ -217,7 +217,7 @@ class DotKind(KernelKind):
             for st, var, acc_t, ident, combine, final, code in stat_accs:
                 x = f"tl.where(kmask_a, tl.cast({code}, {acc_t}), {ident})" if k_rag else f"tl.cast({code}, {acc_t})"
                 kb.assign(var, combine.format(var, x))
-            self._dot_steps(em, dots, accs, operands, ta, tb, k_rag, mp)
+            self._dot_steps(em, dots, accs, operands, ta, tb, k_rag, mp, self._full_tiles(em, dots, M, N, K))
         # after the loop: statistics, post factors, stores, epilogue — all from registers
         values: dict = {}
         tail = Tile(em, names, outer, flats=fl, held=lambda a: values[a.tensor][0] if a.tensor in values else None)
@@ -231,36 +231,55 @@ class DotKind(KernelKind):
             values[d.name] = (res, dt.i32 if c.int8 else dt.f32)
         kb.place(tail.block)
         mask = " & ".join(["mmask"] * m_rag + ["nmask"] * n_rag) or None
+        # all of M (or N) of extent 1: an output offset does not vary along that tile axis, so it is
+        # broadcast to the tile (lanes past the extent are masked off)
+        flat = any(all(em.extents[r] == 1 for r in ranks) for ranks in (M, N))
         for st, _, index in stats:  # every column tile computed the same statistic: the first one stores it
             if st.name in em.stored:
-                off = ix.flat_offset(index, st.type.shape)
+                off = tail.index(ix.flat_offset(index, st.type.shape))
+                if all(em.extents[r] == 1 for r in M):
+                    off = f"tl.broadcast_to({off}, (BLOCK_M, 1))"
                 smask = f"(rm < {numM}) & (tl.zeros_like(rm) + pid_n == 0)"  # a tensor mask, as the interpreter needs
-                em.store(st, tail.index(off), *values[st.name], smask)
+                em.store(st, off, *values[st.name], smask)
         for d, _ in dots:
             if d.name in em.stored:
-                em.store(d, em.store_offset(names, d), *values[d.name], mask)
-        self._epilogue(em, members, names, values, mask)
+                em.store(d, self._full(em.store_offset(names, d), flat), *values[d.name], mask)
+        self._epilogue(em, members, names, values, mask, flat)
         bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
         grid = [ix.FloorDiv(em.numel(M) + bm - 1, bm) * ix.FloorDiv(em.numel(N) + bn - 1, bn), em.numel(B)]
         return em.finish(mp, grid)
 
     @staticmethod
-    def _dot_steps(em: Emitter, dots, accs, operands, ta: Tile, tb: Tile, k_rag: bool, mp: Mapping) -> None:
+    def _full_tiles(em: Emitter, dots, M, N, K) -> list:
+        """For each contraction, whether its A and B tiles must be broadcast to full [BLOCK_M, BLOCK_K] and
+        [BLOCK_K, BLOCK_N] tiles: a rank of extent 1 is 0 in the code, so an operand that varies along no
+        other M (or N, or K) rank comes out a row or a column, and tl.dot takes only full tiles."""
+        def varies(e, ranks):
+            return bool(index_symbols(e) & {r for r in ranks if em.extents[r] != 1})
+
+        return [(not (varies(c.a, M) and varies(c.a, K)), not (varies(c.b, N) and varies(c.b, K))) for _, c in dots]
+
+    @staticmethod
+    def _dot_steps(em: Emitter, dots, accs, operands, ta: Tile, tb: Tile, k_rag: bool, mp: Mapping,
+                   broadcast: list) -> None:
         """`acc += a @ b` for every accumulator. Past the end of K both operands must be 0 (a masked load
         gives 0; a computed operand, e.g. exp(0), may not); an operand tile two contractions share is
         prepared once. Rows past M and columns past N are never stored, so need no zeroing."""
         kb = em.kb
         ready: dict = {}
-        for acc, (_, c), (ca, cb) in zip(accs, dots, operands):
+        for acc, (_, c), (ca, cb), (full_a, full_b) in zip(accs, dots, operands, broadcast):
             op_t = TL[c.operand.name]
             ab = []
-            for side, value, tile, kmask in (("a", ca, ta, "kmask_a"), ("b", cb, tb, "kmask_b")):
+            for side, value, tile, kmask, full, shape in (("a", ca, ta, "kmask_a", full_a, "BLOCK_M, BLOCK_K"),
+                                                           ("b", cb, tb, "kmask_b", full_b, "BLOCK_K, BLOCK_N")):
                 key = (value, op_t)
                 if key not in ready:
                     zeroed = k_rag and kmask not in tile.zero_where.get(value, ())
                     code = f"tl.where({kmask}, {value}, 0)" if zeroed else value
-                    if zeroed or op_t != TL[compute_dtype(c.operand).name]:
-                        code = f"({code}).to({op_t})" if zeroed else f"{code}.to({op_t})"
+                    if full:
+                        code = f"tl.broadcast_to({code}, ({shape}))"
+                    if zeroed or full or op_t != TL[compute_dtype(c.operand).name]:
+                        code = f"({code}).to({op_t})" if zeroed or full else f"{code}.to({op_t})"
                     ready[key] = value if code == value else kb.let(f"{side}_tile", code)
                 ab.append(ready[key])
             a, b = ab
@@ -308,14 +327,17 @@ class DotKind(KernelKind):
         return out
 
     @staticmethod
-    def _epilogue(em: Emitter, members: list, names: dict, values: dict, mask: str | None) -> None:
+    def _full(offset: str, flat: bool) -> str:
+        return f"tl.broadcast_to({offset}, (BLOCK_M, BLOCK_N))" if flat else offset
+
+    def _epilogue(self, em: Emitter, members: list, names: dict, values: dict, mask: str | None, flat: bool) -> None:
         """Maps of the group over the anchor's flat output index, computed from registers."""
         maps = [s for s in members if contraction(s, em.dtype_of) is None and s.reduce is None]
         if not maps:
             return
         kb = em.kb
         anchor = next(s for s in members if contraction(s, em.dtype_of) is not None)
-        kb.assign("eflat", em.store_offset(names, anchor))
+        kb.assign("eflat", self._full(em.store_offset(names, anchor), flat))
         if mask:
             kb.assign("emask", mask)
         held = (lambda a: values[a.tensor][0] if a.tensor in values else None)  # noqa: E731

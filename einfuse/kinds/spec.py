@@ -81,8 +81,10 @@ class KernelSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def grid_for(self, sizes: dict) -> tuple:
+        """Programs per grid axis for these sizes; an axis of 0 programs means there is nothing to compute
+        (an output with no elements), and the kernel is not launched."""
         subs = {k: sympy.Integer(v) for k, v in sizes.items()}
-        return tuple(max(1, int(sympy.sympify(g).xreplace(subs))) for g in self.grid)
+        return tuple(max(0, int(sympy.sympify(g).xreplace(subs))) for g in self.grid)
 
     def to_json(self) -> dict:
         d = asdict(self)

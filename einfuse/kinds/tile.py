@@ -253,11 +253,11 @@ class Tile:
             nibble = self.position_code(ix.Mod(last, 2) if not isinstance(last, Expr) else last)
             pos[-1] = ix.FloorDiv(last, 2) if not isinstance(last, Expr) else last
             shape[-1] = (shape[-1] + 1) // 2
-        syms, conds = set(), []
+        syms, conds, gathers = set(), [], []
         for p, n in zip(pos, shape):
             if isinstance(p, Expr):
                 code, _ = self.value(p)
-                conds.append(f"({code} >= 0) & ({code} < {self.index(n)})")  # a gather never reads out of bounds
+                gathers.append((code, self.index(n)))  # a gather never reads out of bounds (conditions below)
                 syms |= index_symbols(p)
                 continue
             syms |= sympy.sympify(p).free_symbols
@@ -271,7 +271,15 @@ class Tile:
         else:
             offset = " + ".join(f"({self.position_code(p)}) * ({self.index(s)})"
                                 for p, s in zip(pos, ix.strides(shape))) or "0"
-        masks = sorted({self.masks[s] for s in syms if s in self.masks})
+        # a rank of extent 1 is 0 in the offset: its tile's mask (lanes past it) would not match the pointer's
+        # shape, and the load never leaves the tensor along it, so that mask is not needed
+        masks = sorted({self.masks[s] for s in syms if s in self.masks and s not in em.unit_ranks})
+        if gathers:  # the index values take the offset's shape first: a mask made from a scalar alone
+            off = self.emit(offset, f"{a.tensor}_offset")  # does not broadcast under Triton's interpreter
+            offset = off
+            for code, n in gathers:
+                g = self.emit(f"{code} + {off} * 0", f"{a.tensor}_at")
+                conds.append(f"({g} >= 0) & ({g} < {n})")
         mask = " & ".join(masks + conds) or None
         code = f"tl.load({ptr} + ({offset})" + (f", mask={mask}, other=0)" if mask else ")")
         cd = compute_dtype(d)

@@ -26,7 +26,7 @@ from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, index_sy
                        substitute)
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
-from ..kinds.attention import CHUNK_ROLES, STEP_ROLES
+from ..kinds.attention import CHUNK_ROLES, STEP_ROLES, key_tile
 from .base import Pass
 from .cascade import is_map, monomial, passes_over, read_through
 from .instruments import register_dump_note
@@ -132,7 +132,9 @@ def match(m: Module, av: Statement) -> Cascade | None:
     mx = prod.get(mx_access.tensor)
     if not (isinstance(mx, Statement) and mx.reduce and mx.reduce.op == "max" and len(mx.reduce.ranks) == 1):
         return None
-    qks = {a.tensor for a in accesses(score)} & {n for n, s in prod.items() if _is_contraction(s)}
+    dtype_of = lambda t: types[t].dtype  # noqa: E731
+    qks = {a.tensor for a in accesses(score)
+           if isinstance(prod.get(a.tensor), Statement) and contraction(prod[a.tensor], dtype_of) is not None}
     if len(qks) != 1:
         return None
     qk = prod[qks.pop()]
@@ -236,8 +238,11 @@ def rewrite_one_pass(m: Module, c: Cascade, tile: int = 64, chunk: int | None = 
     ragged = not (n.is_Integer and int(n) % (chunk or tile) == 0)
     types = m.types()
     acc = infer(c.score, lambda t: types[t].dtype)[0]
-    S = substitute(c.score, {c.key: kk})
-    V = substitute(c.value, {c.key: kk})
+    # One key: lowering simplified the cascade's indices knowing the key rank is 0 (`(j + r) // 2` for
+    # `j // 2`), so the key is 0 in them, not the tile position (lanes past it are masked off anyway).
+    key = sympy.Integer(0) if n == 1 else kk
+    S = substitute(c.score, {c.key: key})
+    V = substitute(c.value, {c.key: key})
 
     def valid(e: Expr, other: Expr) -> Expr:
         return Call("where", (Call("lt", (IndexValue(kk), IndexValue(n))), e, other)) if ragged else e
@@ -421,7 +426,7 @@ class FuseAttention(Pass):
     name = "fuse_attention"
 
     def __init__(self, tile: int | None = None, decode_chunk: int = 256):
-        self.tile = tile  # keys per step; None: 64 for 16-bit operands, 32 for f32 (register budget)
+        self.tile = tile  # keys per step; None: the attention kind's choice for the operand type (key_tile)
         self.decode_chunk = decode_chunk  # keys per program when a single query meets a long key axis
 
     def run(self, m: Module) -> Module:
@@ -435,7 +440,7 @@ class FuseAttention(Pass):
                     m, c = moved, c2
             types = m.types()
             scores = contraction(c.qk, lambda t: types[t].dtype)
-            tile = self.tile or (32 if scores is None or scores.operand.bits == 32 else 64)
+            tile = self.tile or (key_tile(scores.operand) if scores is not None else 32)
             ext = c.av.ranks()
             keys, queries = sympy.sympify(ext[c.key]), sympy.sympify(ext[c.p])
             split = queries == 1 and keys.is_Integer and int(keys) >= 2 * self.decode_chunk
