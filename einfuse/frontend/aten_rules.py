@@ -45,8 +45,52 @@ def _remap(lw: Lowerer, t: Tmpl, shape: tuple, fn, dtype=None) -> Tmpl:
     ph = [placeholder(d) for d in range(len(shape))]
     rng = {p: (sympy.Integer(0), sympy.sympify(n) - 1) for p, n in zip(ph, shape)}
     e = lw.at(t, fn(ph))
-    e = map_indices(e, lambda p: ix.simplify(p, rng))
+    e = _fold_where(map_indices(e, lambda p: ix.simplify(p, rng)), rng)
     return Tmpl(e, tuple(shape), dtype or t.dtype)
+
+
+_SIGNS = {"lt": lambda lo, hi: (hi < 0, lo >= 0), "le": lambda lo, hi: (hi <= 0, lo > 0),
+          "gt": lambda lo, hi: (lo > 0, hi <= 0), "ge": lambda lo, hi: (lo >= 0, hi < 0)}
+
+
+def _decided(cond: Expr, rng: dict):
+    """True or False when the ranges decide an index comparison (or an and/or of them), else None."""
+    if isinstance(cond, Call) and cond.op in ("and", "or") and len(cond.args) == 2:
+        a, b = (_decided(c, rng) for c in cond.args)
+        if cond.op == "and":
+            return False if False in (a, b) else (True if a is True and b is True else None)
+        return True if True in (a, b) else (False if a is False and b is False else None)
+    if not (isinstance(cond, Call) and cond.op in _SIGNS):
+        return None
+    a, b = (_index_of(x) for x in cond.args)
+    if a is None or b is None:
+        return None
+    lo, hi = ix.bounds(a - b, rng)
+    always, never = (rel is sympy.true for rel in _SIGNS[cond.op](lo, hi))  # an undecided comparison stays symbolic
+    return True if always else (False if never else None)
+
+
+def _index_of(e: Expr):
+    """An index-valued expression (a rank, a size, an integer literal) as sympy, else None."""
+    if isinstance(e, IndexValue):
+        return e.expr
+    if isinstance(e, Const) and type(e.value) is int:
+        return sympy.Integer(e.value)
+    return None
+
+
+def _fold_where(e: Expr, rng: dict) -> Expr:
+    """`e` with every where() whose condition the ranges decide replaced by its branch: a view that reads one
+    part of a concatenation (`cat([a, b], 1)[:, 0]`) reads that part alone, never the other at an index
+    outside it."""
+    if not isinstance(e, Call):
+        return e
+    if e.op == "where":
+        pick = _decided(e.args[0], rng)
+        if pick is not None:
+            return _fold_where(e.args[1] if pick else e.args[2], rng)
+    args = tuple(_fold_where(a, rng) for a in e.args)
+    return e if args == e.args else Call(e.op, args, e.attr)
 
 
 # ---------------------------------------------------------------- elementwise
