@@ -130,5 +130,5 @@ def ir_line(m: Module, index: int) -> int:
     return 2 + len(m.sizes) + len(m.inputs) + index
 
 
-__all__ = ["Arg", "KernelSpec", "Mapping", "candidates", "cost", "float32_precision", "generate", "group_for",
-           "ir_line"]
+__all__ = ["Arg", "KernelSpec", "Mapping", "ModuleInfo", "candidates", "cost", "float32_precision", "generate",
+           "group_for", "ir_line"]

@@ -15,16 +15,17 @@ from .ops import MAP_OPS, PREC_ADD, PREC_ATOM, PREC_MUL, PREC_UNARY
 _INDEX_PREC = {1: PREC_ADD, 2: PREC_MUL, 3: PREC_UNARY, 4: PREC_ATOM}
 
 
+def nonfinite(v) -> str | None:
+    """"nan", "inf" or "-inf" for a non-finite float (each target spells them its own way), else None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+    return None
+
+
 def fmt_const(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    return str(v)
+    return nonfinite(v) or (repr(v) if isinstance(v, float) else str(v))
 
 
 def _prec(e: Expr) -> int:

@@ -183,6 +183,13 @@ def statement_kind(m: Module, s: Statement) -> KernelKind:
     raise Unsupported(f"no kernel kind claims statement {s.name!r}")
 
 
+def output_block(g: Group, s: Statement, cap: int) -> tuple[tuple, int]:
+    """(the statement's output ranks, a power-of-two tile over them: at least 16, at most `cap`)."""
+    out = tuple(p for p in s.index if isinstance(p, sympy.Symbol))
+    numel = g.info.hint(sympy.Mul(*[s.ranks()[r] for r in out]) if out else 1)
+    return out, max(16, min(cap, 1 << max(0, (numel - 1).bit_length())))
+
+
 def rename_ranks(s: Statement, suffix: str) -> Statement:
     """`s` with every rank r called r<suffix>: members of one kernel must not share rank names."""
     ren = {r: ix.rank(f"{r}{suffix}") for r in s.ranks()}

@@ -172,14 +172,8 @@ class DotKind(KernelKind):
         kb.assign("pid_m", "pid // num_n")
         kb.assign("pid_n", "pid % num_n")
         em.delinearize("pid_b", B, names)
-        kb.assign("rm", "pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
-        if m_rag:
-            kb.assign("mmask", f"rm < {numM}")
-        em.delinearize("rm", M, names)
-        kb.assign("rn", "pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]")
-        if n_rag:
-            kb.assign("nmask", f"rn < {numN}")
-        em.delinearize("rn", N, names)
+        em.strip("rm", "pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]", M, names, numM, "mmask" if m_rag else None)
+        em.strip("rn", "pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]", N, names, numN, "nmask" if n_rag else None)
         accs = [kb.fresh(f"acc_{d.name}") for d, _ in dots]
         for acc, (_, c) in zip(accs, dots):
             kb.assign(acc, f"tl.zeros([BLOCK_M, BLOCK_N], dtype={'tl.int32' if c.int8 else 'tl.float32'})")
@@ -204,14 +198,8 @@ class DotKind(KernelKind):
         for _, var, acc_t, ident, *_ in stat_accs:
             kb.assign(var, f"tl.full([BLOCK_M, BLOCK_K], {ident}, {acc_t})")
         with kb.loop("k0", f"0, {numK}, BLOCK_K"):
-            kb.assign("rka", "k0 + ka")
-            if k_rag:
-                kb.assign("kmask_a", f"rka < {numK}")
-            em.delinearize("rka", K, ka)
-            kb.assign("rkb", "k0 + kb")
-            if k_rag:
-                kb.assign("kmask_b", f"rkb < {numK}")
-            em.delinearize("rkb", K, kbn)
+            for side, names_k in (("a", ka), ("b", kbn)):  # K as A's columns and as B's rows
+                em.strip(f"rk{side}", f"k0 + k{side}", K, names_k, numK, f"kmask_{side}" if k_rag else None)
             kb.place(ta.block)
             kb.place(tb.block)
             for st, var, acc_t, ident, combine, final, code in stat_accs:

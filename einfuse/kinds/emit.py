@@ -91,6 +91,14 @@ class Emitter:
                 kb.assign(nxt, f"{rem} // {self.ext(self.extents[r])}", to)
                 rem = nxt
 
+    def strip(self, flat: str, code: str, ranks: list, names: dict, extent, mask: str | None = None) -> None:
+        """A strip of a tile axis: `flat = code` (a flat index over `ranks`), `mask = flat < extent` when the
+        last strip runs past the ranks' extent (`mask` given), and each rank variable bound from it."""
+        self.kb.assign(flat, code)
+        if mask:
+            self.kb.assign(mask, f"{flat} < {extent}")
+        self.delinearize(flat, ranks, names)
+
     def flats(self, flat: str, ranks: list, names: dict) -> list:
         """The linear forms `delinearize` splits: `flat` over all its ranks, then each `rem_` variable
         over the ranks left of it (for Tile.reuse_flat). Longest first."""

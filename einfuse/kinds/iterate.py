@@ -2,14 +2,12 @@
 program, the running value carried in registers through a sequential loop and stored at every step."""
 from __future__ import annotations
 
-import sympy
-
 from ..ir import index as ix
 from ..ir.module import Module, Statement
-from .base import Group, KernelKind, register_kind
+from .base import Group, KernelKind, output_block, register_kind
 from .emit import Emitter
 from .spec import KernelSpec, Mapping
-from .tile import TL, Tile, compute_dtype, literal, next_pow2
+from .tile import TL, Tile, compute_dtype, literal
 
 
 class IterateKind(KernelKind):
@@ -22,10 +20,8 @@ class IterateKind(KernelKind):
 
     def mapping(self, g: Group, cap: int = 256) -> Mapping:
         (s,) = g.statements
-        out = [p for p in s.index if isinstance(p, sympy.Symbol)]
-        numel = g.info.hint(sympy.Mul(*[s.ranks()[r] for r in out]) if out else 1)
-        return Mapping("iterate", rows=tuple(out), red=(s.iterate.rank,),
-                       tiles=(("BLOCK", max(16, min(cap, next_pow2(numel)))),))
+        out, block = output_block(g, s, cap)
+        return Mapping("iterate", rows=out, red=(s.iterate.rank,), tiles=(("BLOCK", block),))
 
     def candidates(self, g: Group) -> list[Mapping]:
         return list(dict.fromkeys(self.mapping(g, cap) for cap in (256, 64)))
@@ -37,9 +33,7 @@ class IterateKind(KernelKind):
         rows, it = list(mp.rows), s.iterate
         names = {**em.rank_names(rows), **em.rank_names([it.rank])}
         kb.assign("pid", "tl.program_id(0)")
-        kb.assign("rows", "pid * BLOCK + tl.arange(0, BLOCK)")
-        kb.assign("valid", f"rows < {em.ext(em.numel(rows))}")
-        em.delinearize("rows", rows, names)
+        em.strip("rows", "pid * BLOCK + tl.arange(0, BLOCK)", rows, names, em.ext(em.numel(rows)), "valid")
         cd = compute_dtype(s.type.dtype)
         kb.assign("carry", f"tl.full([BLOCK], {literal(it.init.value)}, {TL[cd.name]})")
         em.store(s, em.store_offset(names, s, "0"), "carry", cd, "valid")

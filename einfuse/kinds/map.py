@@ -1,15 +1,13 @@
 """The map kind: an elementwise statement, one program per BLOCK output elements, flat over its ranks."""
 from __future__ import annotations
 
-import sympy
-
 from ..ir import index as ix
 from ..ir.contraction import is_map
 from ..ir.module import Module, Statement
-from .base import Group, KernelKind, register_kind
+from .base import Group, KernelKind, output_block, register_kind
 from .emit import Emitter
 from .spec import KernelSpec, Mapping
-from .tile import Tile, next_pow2
+from .tile import Tile
 
 
 class MapKind(KernelKind):
@@ -25,9 +23,8 @@ class MapKind(KernelKind):
 
     def mapping(self, g: Group, cap: int = 1024) -> Mapping:
         (s,) = g.statements
-        out = [p for p in s.index if isinstance(p, sympy.Symbol)]
-        numel = g.info.hint(sympy.Mul(*[s.ranks()[r] for r in out]) if out else 1)
-        return Mapping("map", rows=tuple(out), tiles=(("BLOCK", max(16, min(cap, next_pow2(numel)))),))
+        out, block = output_block(g, s, cap)
+        return Mapping("map", rows=out, tiles=(("BLOCK", block),))
 
     def candidates(self, g: Group) -> list[Mapping]:
         return list(dict.fromkeys(self.mapping(g, cap) for cap in (1024, 256)))
@@ -42,10 +39,7 @@ class MapKind(KernelKind):
         total = em.numel(ranks)
         ragged = em.ragged(ranks, block)
         kb.assign("pid", "tl.program_id(0)")
-        kb.assign("offs", "pid * BLOCK + tl.arange(0, BLOCK)")
-        if ragged:
-            kb.assign("valid", f"offs < {em.ext(total)}")
-        em.delinearize("offs", ranks, names)
+        em.strip("offs", "pid * BLOCK + tl.arange(0, BLOCK)", ranks, names, em.ext(total), "valid" if ragged else None)
         t = Tile(em, names, {r: "valid" for r in ranks} if ragged else {}, flats=em.flats("offs", ranks, names))
         code, d = t.value(s.expr, s.name)
         kb.place(t.block)

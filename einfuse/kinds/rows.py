@@ -121,10 +121,7 @@ class RowsKind(KernelKind):
         kb.place(pre.block)
         kb.assign(acc, f"tl.full([BLOCK_M, BLOCK_R], {ident}, {acc_t})")
         with kb.loop("r0", f"0, {em.ext(width)}, BLOCK_R"):
-            kb.assign("cols", "r0 + rc")
-            if c_ragged:
-                kb.assign("cmask", f"cols < {em.ext(width)}")
-            em.delinearize("cols", red, cols)
+            em.strip("cols", "r0 + rc", red, cols, em.ext(width), "cmask" if c_ragged else None)
             kb.place(body.block)
             kb.assign("x", f"tl.where(cmask, {conv}, {ident})" if c_ragged else conv)
             kb.assign(acc, combine.format(acc, "x"))

@@ -20,6 +20,7 @@ from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols
 from ..ir.ops import MAP_OPS, infer
+from ..ir.printer import nonfinite
 
 TL = {"f64": "tl.float64", "f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16",
       "f8e4m3": "tl.float8e4nv", "f8e5m2": "tl.float8e5", "i64": "tl.int64", "i32": "tl.int32",
@@ -71,14 +72,8 @@ def next_pow2(n: int) -> int:
 
 def literal(v) -> str:
     """A Python literal in kernel code (inf and NaN spelled so Triton reads them)."""
-    if isinstance(v, bool):
-        return "True" if v else "False"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "float('nan')"
-        if math.isinf(v):
-            return "float('inf')" if v > 0 else "float('-inf')"
-    return repr(v)
+    special = nonfinite(v)
+    return f"float('{special}')" if special else repr(v)
 
 
 class IndexCode(StrPrinter):

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..ir.cost import min_bytes, statement_flops
+from ..codegen import ModuleInfo, cost
+from ..ir.cost import min_bytes
 from ..ir.module import Opaque
 
 H100_BYTES_PER_S = 3.35e12  # HBM3
@@ -301,19 +302,22 @@ def kernel_peak(m, statements, spec=None) -> str:
 def build_report(runner, sizes: dict, eager: int | None) -> Report:
     """Combine a measured run of a TritonRunner with FLOPs from the IR."""
     m = runner.module
-    flops = {op.name: statement_flops(op, sizes) for op in m.statements}
+    info = ModuleInfo(m)
     types = m.types()
     kernels = []
     for step in runner.steps:
         if step.skip:
             continue
         if step.spec is not None:
-            st = runner.stats.get(step.spec.name)
+            st = runner.stats.get(step.spec.statements)
             if st is None:
                 continue
             peak = kernel_peak(m, st.statements, step.spec)
-            kernels.append(KernelReport(st.name, st.statements, st.bytes_loaded, st.bytes_stored, st.unique_bytes,
-                                        sum(flops.get(s, 0) for s in st.statements), peak=peak))
+            # a kernel reused for another layer is reported per launch, named after the tensor it computed
+            name = st.name if st.statements[-1] in st.name else f"{st.name} @{st.statements[-1]}"
+            flops = cost(m, step.spec, sizes, info).flops  # what the kernel's kind says it computes
+            kernels.append(KernelReport(name, st.statements, st.bytes_loaded, st.bytes_stored, st.unique_bytes,
+                                        flops, peak=peak))
         else:
             op: Opaque = step.op
             ins = sum(_nbytes(types[n], sizes) for n in op.reads())

@@ -134,7 +134,7 @@ class TritonRunner:
     cuda_graphs: bool = False  # replay the whole launch sequence as one CUDA graph (no opaque calls)
     autotuner: Autotuner | None = None  # set: contractions pick their tiling by timing candidates (CUDA default)
     steps: list = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # a kernel launch's statements -> KernelStats
     allocations: list = field(default_factory=list)  # the pool's log of the last call
     peak_bytes: int = 0  # bytes the pool held at the end of the last call (it only grows within a call)
     graph: GraphReplay | None = None
@@ -229,7 +229,7 @@ class TritonRunner:
         grid = spec.grid_for(sizes)
         launch = step.fn[grid]
         if self.measure:
-            st = self.stats.setdefault(spec.name, KernelStats(spec.name, spec.statements))
+            st = self.stats.setdefault(spec.statements, KernelStats(spec.name, spec.statements))
             t = Traffic(regions=[(x.data_ptr(), x.numel() * x.element_size(), x.element_size())
                                  for x in args if isinstance(x, torch.Tensor)])
             with counting(t):
