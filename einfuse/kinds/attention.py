@@ -103,6 +103,12 @@ def precision(op_t: dt.DType) -> str:
     return "16-bit"
 
 
+def supported(op_t: dt.DType) -> bool:
+    """Score operands the attention kernel takes: f32 (IEEE or tf32) and 16-bit floats. (f64 has no
+    tensor-core dot: such a cascade stays a 3-pass cascade of ordinary kernels.)"""
+    return op_t in (dt.f32, dt.bf16, dt.f16)
+
+
 def key_tile(op_t: dt.DType) -> int:
     """Keys per step of the 1-pass cascade for score operands of type `op_t` (fuse_attention asks)."""
     return KEY_TILES[precision(op_t)]

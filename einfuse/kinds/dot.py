@@ -219,20 +219,15 @@ class DotKind(KernelKind):
             values[d.name] = (res, dt.i32 if c.int8 else dt.f32)
         kb.place(tail.block)
         mask = " & ".join(["mmask"] * m_rag + ["nmask"] * n_rag) or None
-        # all of M (or N) of extent 1: an output offset does not vary along that tile axis, so it is
-        # broadcast to the tile (lanes past the extent are masked off)
-        flat = any(all(em.extents[r] == 1 for r in ranks) for ranks in (M, N))
         for st, _, index in stats:  # every column tile computed the same statistic: the first one stores it
             if st.name in em.stored:
                 off = tail.index(ix.flat_offset(index, st.type.shape))
-                if all(em.extents[r] == 1 for r in M):
-                    off = f"tl.broadcast_to({off}, (BLOCK_M, 1))"
                 smask = f"(rm < {numM}) & (tl.zeros_like(rm) + pid_n == 0)"  # a tensor mask, as the interpreter needs
                 em.store(st, off, *values[st.name], smask)
         for d, _ in dots:
             if d.name in em.stored:
-                em.store(d, self._full(em.store_offset(names, d), flat), *values[d.name], mask)
-        self._epilogue(em, members, names, values, mask, flat)
+                em.store(d, em.store_offset(names, d), *values[d.name], mask)
+        self._epilogue(em, members, names, values, mask)
         bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
         grid = [ix.FloorDiv(em.numel(M) + bm - 1, bm) * ix.FloorDiv(em.numel(N) + bn - 1, bn), em.numel(B)]
         return em.finish(mp, grid)
@@ -315,17 +310,14 @@ class DotKind(KernelKind):
         return out
 
     @staticmethod
-    def _full(offset: str, flat: bool) -> str:
-        return f"tl.broadcast_to({offset}, (BLOCK_M, BLOCK_N))" if flat else offset
-
-    def _epilogue(self, em: Emitter, members: list, names: dict, values: dict, mask: str | None, flat: bool) -> None:
+    def _epilogue(em: Emitter, members: list, names: dict, values: dict, mask: str | None) -> None:
         """Maps of the group over the anchor's flat output index, computed from registers."""
         maps = [s for s in members if contraction(s, em.dtype_of) is None and s.reduce is None]
         if not maps:
             return
         kb = em.kb
         anchor = next(s for s in members if contraction(s, em.dtype_of) is not None)
-        kb.assign("eflat", self._full(em.store_offset(names, anchor), flat))
+        kb.assign("eflat", em.store_offset(names, anchor))
         if mask:
             kb.assign("emask", mask)
         held = (lambda a: values[a.tensor][0] if a.tensor in values else None)  # noqa: E731

@@ -75,12 +75,13 @@ class Emitter:
 
     # ---- rank variables from flat indices
     def delinearize(self, flat: str, ranks: list, names: dict, to=None) -> None:
-        """Bind each rank variable from a flat index (last rank fastest)."""
+        """Bind each rank variable from a flat index (last rank fastest). A rank of extent 1 is 0, shaped
+        like the flat index, so offsets built from it have the tile's shape (loads still drop it)."""
         kb = self.kb
         live = [r for r in ranks if self.extents[r] != 1]
         for r in ranks:
             if self.extents[r] == 1:
-                kb.assign(names[r], "0", to)
+                kb.assign(names[r], f"0 * {flat}", to)
         rem = flat
         for n, r in enumerate(reversed(live)):
             if n == len(live) - 1:

@@ -26,7 +26,7 @@ from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, index_sy
                        substitute)
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
-from ..kinds.attention import CHUNK_ROLES, STEP_ROLES, key_tile
+from ..kinds.attention import CHUNK_ROLES, STEP_ROLES, key_tile, supported
 from .base import Pass
 from .cascade import is_map, monomial, passes_over, read_through
 from .instruments import register_dump_note
@@ -440,7 +440,9 @@ class FuseAttention(Pass):
                     m, c = moved, c2
             types = m.types()
             scores = contraction(c.qk, lambda t: types[t].dtype)
-            tile = self.tile or (key_tile(scores.operand) if scores is not None else 32)
+            if scores is None or not supported(scores.operand):
+                continue  # the attention kernel takes no such scores: the cascade stays as it is
+            tile = self.tile or key_tile(scores.operand)
             ext = c.av.ranks()
             keys, queries = sympy.sympify(ext[c.key]), sympy.sympify(ext[c.p])
             split = queries == 1 and keys.is_Integer and int(keys) >= 2 * self.decode_chunk
