@@ -1,7 +1,8 @@
 """Lowering rules met in decoder families (test_architectures.py), each on a small module against eager PyTorch
 on fresh inputs: views of one part of a concatenation, concatenated size-1 parts read through a flat view
 (PhiMoE's routing), complex values (Llama 4's and DeepSeek-V2's rotary embeddings) and a small tensor built in
-`forward` (Falcon's `qkv[..., [-2], :]`), which torch.compile hands over as a graph attribute.
+`forward` (Falcon's `qkv[..., [-2], :]`), which torch.compile hands over as a graph attribute; and shapes that
+depend on tensor data (JetMoE), which leave the model to eager PyTorch with the reason.
 
 Tolerance: fp32 `max_rel_error` <= 1e-5; the reference backend judges the lowering, Triton (interpreted)
 runs the same IR as kernels.
@@ -55,6 +56,14 @@ class ConstantIndex(torch.nn.Module):
         return x[:, [-2], :] * table, x[:, :, [1, 3]]
 
 
+class DataDependentSplit(torch.nn.Module):
+    """Rows split by counts read from a tensor (JetMoE's experts): shapes that depend on data."""
+
+    def forward(self, x, counts):
+        parts = x.split(counts.tolist(), 0)
+        return torch.cat([p * (k + 1) for k, p in enumerate(parts)])
+
+
 CASES = {
     "concat_views": (ConcatViews, lambda g: (torch.randn(4, 3, generator=g), torch.randn(4, 5, generator=g))),
     "flat_size_one_parts": (FlatSizeOneParts, lambda g: (torch.randn(6, 4, generator=g),
@@ -104,3 +113,13 @@ def test_torch_compile_matches_eager(name, monkeypatch):
     compiled(*example)
     assert_matches(compiled(*fresh), model(*fresh))
     assert len(COMPILED) == graphs + 1, "einfuse did not compile the graph (torch ran it instead)"
+
+
+def test_shapes_from_tensor_data_leave_the_model_to_eager_and_say_why():
+    model = DataDependentSplit()
+    x, counts = torch.randn(6, 4), torch.tensor([2, 1, 3])
+    cm = einfuse.compile(model, (x, counts), backend="reference")
+    assert "shape depends on tensor data" in (cm.variant.fallback or ""), cm.variant.fallback
+    assert "shape depends on tensor data" in cm.explain(print_it=False).text
+    fresh = torch.randn(6, 4)
+    assert torch.equal(cm(fresh, counts), model(fresh, counts))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from ..ir import dtypes as dt
 from ..ir import index as ix
@@ -273,7 +274,8 @@ class Lowerer:
     def materialize(self, t: Tmpl, base: str) -> str:
         """A tensor name holding `t`, emitting a copy statement when `t` is not already one."""
         e = t.expr
-        if isinstance(e, Access) and list(e.indices) == [placeholder(d) for d in range(t.ndim)]:
+        if (isinstance(e, Access) and list(e.indices) == [placeholder(d) for d in range(t.ndim)]
+                and tuple(self._types[e.tensor].shape) == tuple(t.shape)):  # not a leading part (x[:2], a split)
             return e.tensor
         return self.statement(base, t.shape, t.dtype, lambda rs, _: self.at(t, rs), lazy=False).expr.tensor
 
@@ -376,6 +378,13 @@ class Lowerer:
         if isinstance(val, (int, torch.SymInt)):  # size arithmetic: the value is its symbolic expression
             self.values[node] = torch_sympy(val)
             return
+        if isinstance(val, torch.SymBool):  # a predicate on sizes, read by the runtime asserts skipped above
+            self.values[node] = val
+            return
+        for v in val if isinstance(val, (tuple, list)) else [val]:
+            if isinstance(v, torch.Tensor) and free_unbacked_symbols(tuple(v.shape)):
+                raise Unsupported(f"{key} makes a tensor whose shape depends on tensor data ({tuple(v.shape)}, at "
+                                  f"{self.loc}); einfuse needs shapes that follow from the inputs' shapes")
         self.report.total += 1
         rule = rules.get(key)
         if rule is None:
