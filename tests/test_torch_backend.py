@@ -206,6 +206,20 @@ def test_gathers_embedding_and_nested():
     assert "table[ids]" in body(r)  # an embedding lookup indexes the table with the id tensor
 
 
+def test_nested_conditions_on_one_rank():
+    """A concatenation of three parts: the inner where() is split in the outer one's second half, whose
+    positions are offset by 13 (the split point is local to that half)."""
+    r = check("""module nested
+  in x: f32[4, 13]
+  in y: f32[4, 7]
+  in z: f32[4, 10]
+  a[i, j]: f32[4, 30] = where(j < 13, x[i, j], where(j < 20, y[i, j - 13], z[i, j - 20]))
+  b[i, j]: f32[4, 30] = where(j >= 13, where(j >= 20, z[i, j - 20], -y[i, j - 13]), x[i, j] * 2)
+  out a, b
+""")
+    assert "rt.cat(1, ((y, 7), (z, 10))" in body(r)
+
+
 def test_where_guarded_reads_outside_the_tensor():
     """Lanes a where() discards may read past the tensor's end: the two-rank condition cannot be split,
     so those reads are clamped like the evaluator clamps them."""

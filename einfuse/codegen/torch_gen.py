@@ -591,8 +591,8 @@ class Ctx:
             t = -const
         # r OP t: true for r < k (lt/le) or false for r < k (gt/ge)
         k = t if op in ("lt", "ge") else t + 1
-        off, n = self.dom[r]
-        k = sympy.expand(k - off)
+        n = self.dom[r][1]
+        k = sympy.expand(k)  # already local: `diff` was shifted by the context's offsets above
         lo, hi = ix.bounds(k, self.ranges)
         kind = "true_first" if op in ("lt", "le") else "false_first"
         if _proven(hi <= 0):
