@@ -83,17 +83,8 @@ def assert_matches(got, want):
         assert max_rel_error(g, w) <= TOL, (g, w)
 
 
-# (case, backend) -> why it fails, where
-KNOWN = {
-    ("constant_index", "triton"): ("codegen: a gather whose index tensor has a size-1 dim (`x[i, c[j], k]`, c: i64[1]) "
-                                   "loads `c_ptr + (0)` with the block mask `valid`: 'Mask argument cannot be block "
-                                   "type if pointer argument is not a block'"),
-}
-
-
-@pytest.mark.parametrize("name, backend", [
-    pytest.param(n, b, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[n, b])] if (n, b) in KNOWN else [])
-    for n in CASES for b in ("reference", "triton")])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_compile_matches_eager(name, backend):
     model, example = make(name, 0)
     _, fresh = make(name, 1)
