@@ -781,6 +781,13 @@ def _softmax_parts(lw, name, x: Tmpl, d: int, acc: dt.DType, score=None, safe: b
 def _softmax(lw, node):
     """(Log-)softmax as the max/exp/sum cascade; `_safe_softmax` (math SDPA) gives 0 on all -inf rows."""
     x = lw.tmpl(node.args[0])
+    if x.ndim == 0:  # torch treats a 0-dim tensor as one row of one element
+        one = _softmax_over(lw, node, _remap(lw, x, (sympy.Integer(1),), lambda ph: []))
+        return _remap(lw, one, (), lambda ph: [sympy.Integer(0)])
+    return _softmax_over(lw, node, x)
+
+
+def _softmax_over(lw, node, x: Tmpl):
     d = _dim(node.args[1], x.ndim)
     out = lw.dtype(node)
     acc = _acc_dtype(out if out.bits >= x.dtype.bits else x.dtype)
