@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .program import EPS, TOLERANCE, Input, Program, kind_of
 
@@ -25,6 +26,38 @@ MAX_INPUT_NUMEL = 192
 SIZES = (1, 2, 3, 4, 5, 7, 8, 16, 6, 11, 13, 17, 9)  # small, primes, non-powers of two; 0 is drawn apart
 FLOAT_SCALARS = ("2.0", "0.5", "-1.5", "3.0", "0.1", "-0.25", "1e-3", "float('inf')")
 INT_SCALARS = ("2", "1", "3", "-1", "0", "7")
+
+
+class Recorder(TorchDispatchMode):
+    """What eager computes while a statement runs: the dtype of every intermediate (a statement like
+    `(x.float() * y).to(x.dtype)` computes in f32 whatever x is) and the length of every reduction that
+    rounds (a max or an any does not)."""
+
+    CONTRACT = {"mm": 0, "bmm": 0, "mv": 0, "dot": 0, "addmm": 1, "baddbmm": 1, "addmv": 1}  # operand with K last
+    ROWS = {"sum", "mean", "prod", "var", "std", "var_mean", "std_mean", "logsumexp", "linalg_vector_norm", "norm"}
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: set = set()
+        self.reductions: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.dtypes.update(t.dtype for t in outs)
+        name = func._opname
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in self.CONTRACT:
+            self.reductions.append(args[self.CONTRACT[name]].shape[-1])
+        elif "scaled_dot_product" in name:
+            self.reductions += [args[0].shape[-1], args[1].shape[-2]]
+        elif name in ("_softmax", "_log_softmax", "cumsum") and x is not None and x.dim():
+            self.reductions.append(x.shape[args[1]])
+        elif name in ("native_layer_norm", "_fused_rms_norm", "rms_norm"):
+            self.reductions.append(math.prod(args[1]))
+        elif name in self.ROWS and x is not None and outs and x.numel():
+            self.reductions.append(x.numel() // max(outs[0].numel(), 1))
+        return out
 
 
 class Builder:
@@ -36,6 +69,7 @@ class Builder:
         self.vals: dict = {}  # name -> example value (eager, on the example inputs)
         self.holder = torch.nn.Module()  # the submodules, as `self` in the statements
         self.reductions: list = []  # lengths of the reductions the program performs
+        self.dtypes: set = set()  # every dtype eager computes in (intermediates within a statement too)
 
     # ---------------------------------------------------------------- draws
     def choice(self, seq):
@@ -117,22 +151,23 @@ class Builder:
             return self.choice(ok)
         return self.new_input(shape, dtype)
 
-    def emit(self, code: str, reduces: int | None = None) -> str | None:
+    def emit(self, code: str) -> str | None:
         """Run `code` eagerly on the example values; keep it as a statement when eager accepts it."""
         env = {"torch": torch, "F": F, "self": self.holder, **self.vals}
+        rec = Recorder()
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings(), rec:
                 warnings.simplefilter("ignore")
-                val = eval(code, env)
-        except Exception:
+                val = eval(code, env)  # code an op of this module wrote
+        except Exception:  # eager refuses it: not a program
             return None
         if not isinstance(val, torch.Tensor) or val.is_complex() or val.numel() > MAX_NUMEL:
             return None
         name = f"v{len(self.p.body)}"
         self.p.body.append((name, code))
         self.vals[name] = val.detach()
-        if reduces:
-            self.reductions.append(reduces)
+        self.dtypes |= rec.dtypes
+        self.reductions += rec.reductions
         return name
 
     def module(self, ctor: str) -> str:
@@ -306,29 +341,27 @@ def op_reduce(b: Builder):
     keep = b.chance(40)
     if fn in DIMWISE:
         d = b.dim(a)
-        n = x.shape[d]
         if fn == "torch.cumsum":
-            b.emit(f"torch.cumsum({a}, dim={d})", n)
+            b.emit(f"torch.cumsum({a}, dim={d})")
         elif fn.startswith("torch."):
-            b.emit(f"{fn}({a}, dim={d}, keepdim={keep})", n)
+            b.emit(f"{fn}({a}, dim={d}, keepdim={keep})")
         else:
             op, part = fn.split(".")
-            b.emit(f"{a}.{op}(dim={d}, keepdim={keep}).{part}", n)
+            b.emit(f"{a}.{op}(dim={d}, keepdim={keep}).{part}")
         return
     if b.chance(15) and fn != "torch.logsumexp":  # over everything
-        b.emit(f"{fn}({a})", x.numel())
+        b.emit(f"{fn}({a})")
         return
     dims = sorted({b.dim(a, negative=False) for _ in range(b.int(1, min(2, x.dim())))})
     if fn == "torch.prod":
         dims = dims[:1]
-    n = math.prod(x.shape[d] for d in dims)
     spec = str(dims[0] - x.dim() if b.chance(25) else dims[0]) if len(dims) == 1 else str(tuple(dims))
     extra = ""
     if fn == "torch.sum" and b.chance(15):
         extra = f", dtype=torch.{b.choice(('float64', 'float32', 'int64'))}"
     if fn in ("torch.var", "torch.std") and b.chance(50):
         extra = ", correction=0"
-    b.emit(f"{fn}({a}, {spec}, keepdim={keep}{extra})", n)
+    b.emit(f"{fn}({a}, {spec}, keepdim={keep}{extra})")
 
 
 # ---------------------------------------------------------------- contractions
@@ -341,7 +374,7 @@ def op_matmul(b: Builder):
     dtype, k = str(x.dtype)[6:], x.shape[-1]
     form = b.int(0, 5)
     if form == 5 and x.dim() >= 2:  # x @ x^T: one value on both sides
-        b.emit(f"{a} @ {a}.mT", k)
+        b.emit(f"{a} @ {a}.mT")
         return
     n = 1 if b.chance(15) else b.size(1)
     if form == 0 or x.dim() == 1:  # a matrix (or a vector) on the right
@@ -353,17 +386,16 @@ def op_matmul(b: Builder):
         other = b.like(batch + (k, n), dtype)
     y = b.v(other)
     if form == 4 and x.dim() == 2 and y.dim() == 2:
-        b.emit(f"torch.mm({a}, {other})", k)
+        b.emit(f"torch.mm({a}, {other})")
     elif form == 3 and x.dim() == 3 and y.dim() == 3 and x.shape[0] == y.shape[0]:
-        b.emit(f"torch.bmm({a}, {other})", k)
+        b.emit(f"torch.bmm({a}, {other})")
     elif form == 2 and x.dim() == 2 and y.dim() == 2:
         bias = b.like((y.shape[1],) if b.chance(50) else (x.shape[0], y.shape[1]), dtype)
-        b.emit(f"torch.addmm({bias}, {a}, {other}" + (", beta=0.5, alpha=2.0)" if b.chance(30) else ")"), k)
+        b.emit(f"torch.addmm({bias}, {a}, {other}" + (", beta=0.5, alpha=2.0)" if b.chance(30) else ")"))
     elif b.chance(20):
-        b.emit(f"torch.matmul({other}.mT, {a}.mT)" if y.dim() >= 2 and x.dim() >= 2 else f"torch.matmul({a}, {other})",
-               k)
+        b.emit(f"torch.matmul({other}.mT, {a}.mT)" if y.dim() >= 2 and x.dim() >= 2 else f"torch.matmul({a}, {other})")
     else:
-        b.emit(f"{a} @ {other}", k)
+        b.emit(f"{a} @ {other}")
 
 
 def op_linear(b: Builder):
@@ -377,12 +409,11 @@ def op_linear(b: Builder):
     if b.chance(25):  # the weight as an input
         w = b.like((n, k), dtype)
         args = f"{a}, {w}" + (f", {b.like((n,), dtype)}" if bias else "")
-        b.emit(f"F.linear({args})", k)
+        b.emit(f"F.linear({args})")
         return
     kw = "" if dtype == "float32" else f", dtype=torch.{dtype}"
     ctor = f"torch.nn.Linear({k}, {n}{'' if bias else ', bias=False'}{kw})"
-    if b.emit_with_module(ctor, lambda m: f"{m}({a})") is not None:
-        b.reductions.append(k)
+    b.emit_with_module(ctor, lambda m: f"{m}({a})")
 
 
 def op_einsum(b: Builder):
@@ -413,9 +444,7 @@ def op_einsum(b: Builder):
     pool = list(dict.fromkeys(la + lb))
     out = [l for l in pool if l not in (set(la) & set(lb)) or b.chance(40)]
     out = [out[p] for p in b.draw(st.permutations(list(range(len(out)))))]
-    summed = [l for l in pool if l not in out]
-    b.emit(f"torch.einsum('{''.join(la)},{''.join(lb)}->{''.join(out)}', {a}, {other})",
-           math.prod(sizes[l] for l in summed) if summed else None)
+    b.emit(f"torch.einsum('{''.join(la)},{''.join(lb)}->{''.join(out)}', {a}, {other})")
 
 
 # ---------------------------------------------------------------- views and data movement
@@ -583,10 +612,9 @@ def op_softmax(b: Builder):
     a = b.pick("f", pred=lambda v: v.dim() >= 1)
     x = b.v(a)
     d = b.dim(a) if x.dim() else 0
-    n = x.shape[d] if x.dim() else 1
     fn = b.choice(("torch.softmax", "F.log_softmax", "F.softmax", "torch.log_softmax"))
     extra = f", dtype=torch.{b.choice(('float32', 'float64'))}" if b.chance(20) else ""
-    b.emit(f"{fn}({a}, dim={d}{extra})", n)
+    b.emit(f"{fn}({a}, dim={d}{extra})")
 
 
 def op_norm(b: Builder):
@@ -598,7 +626,6 @@ def op_norm(b: Builder):
     kw = "" if dtype == "float32" else f", dtype=torch.{dtype}"
     k = b.int(1, min(2, x.dim()))
     shape = tuple(x.shape[-k:])
-    n = math.prod(shape)
     eps = b.choice(("1e-5", "1e-6", "0.1"))
     form = b.int(0, 4)
     if form == 0:
@@ -610,11 +637,8 @@ def op_norm(b: Builder):
         b.emit_with_module(f"torch.nn.RMSNorm({_shape_code(shape)}, eps={eps}{kw})", lambda m: f"{m}({a})")
     elif form == 3:  # the Llama way: in f32, back to the input's dtype
         b.emit(f"({a}.float() * torch.rsqrt({a}.float().pow(2).mean(-1, keepdim=True) + {eps})).to({a}.dtype)")
-        n = x.shape[-1]
     else:
         b.emit(f"F.normalize({a}, dim=-1)")
-        n = x.shape[-1]
-    b.reductions.append(n)
 
 
 # ---------------------------------------------------------------- attention
@@ -668,9 +692,9 @@ def op_attention(b: Builder):
             bias = f".masked_fill(torch.ones({L}, {S}, dtype=torch.bool).triu(1), float('-inf'))"
         elif mask in (3, 5):
             bias = f" + {extra[0].split('=')[1]}"
-        b.emit(f"torch.softmax(({q} @ {k}.mT) * {scale!r}{bias}, dim=-1) @ {v}", S * E)
+        b.emit(f"torch.softmax(({q} @ {k}.mT) * {scale!r}{bias}, dim=-1) @ {v}")
         return
-    b.emit(f"F.scaled_dot_product_attention({q}, {k}, {v}{''.join(', ' + e for e in extra)})", S * E)
+    b.emit(f"F.scaled_dot_product_attention({q}, {k}, {v}{''.join(', ' + e for e in extra)})")
 
 
 # ---------------------------------------------------------------- gathers
@@ -774,7 +798,8 @@ def _outputs(b: Builder) -> None:
 
 
 def _meta(b: Builder) -> dict:
-    floats = {str(v.dtype)[6:] for v in b.vals.values() if v.dtype.is_floating_point}
+    dtypes = b.dtypes | {v.dtype for v in b.vals.values()}
+    floats = {str(d)[6:] for d in dtypes if d.is_floating_point and str(d)[6:] in TOLERANCE}
     loosest = max(floats, key=lambda d: TOLERANCE[d]) if floats else "float64"
     return {"loosest": loosest, "eps": EPS[loosest], "reductions": list(b.reductions)}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -134,21 +135,24 @@ def signature(result: dict) -> str:
 
 
 def campaign(worker: Worker, programs: int, seed: int, chunk: int = 200, log=None, max_statements: int = 6,
-             known=None) -> dict:
+             known=None, match=None, first: bool = False) -> dict:
     """Hypothesis runs of `chunk` programs each (seed, seed + 1, ...) until `programs` programs were checked.
     A chunk that fails is shrunk by hypothesis; its minimal program is recorded and the next chunk starts.
-    `known(job, result)` names a known issue (such a failure is counted, not shrunk); returns the tallies."""
+    `known(job, result)` names a known issue (such a failure is counted, not shrunk). With `match` (a
+    compiled regex), only failures whose report it matches count (a hunt for one bug; others are tallied
+    under "other"); with `first`, the campaign ends at the first failure. Returns the tallies."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
 
     from .check import describe
     from .ops import programs as strategy
 
-    tally = {"programs": 0, "chunks": 0, "failures": [], "known": {}, "fallbacks": {}, "seconds": 0.0}
+    tally = {"programs": 0, "generated": 0, "chunks": 0, "failures": [], "known": {}, "other": 0, "fallbacks": {},
+             "seconds": 0.0}
     t0 = time.time()
     k = 0
     while tally["programs"] < programs:
-        found = []
+        found, first_at, count = [], [], [0]
 
         @hseed(seed + k)
         @settings(max_examples=chunk, deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -158,6 +162,8 @@ def campaign(worker: Worker, programs: int, seed: int, chunk: int = 200, log=Non
             job = p.to_json()
             result = worker.check(job)
             tally["programs"] += 1
+            if not found:
+                count[0] += 1
             why = result["stats"].get("fallback")
             if why:
                 key = why.split("(")[0].strip()[:60]
@@ -168,6 +174,11 @@ def campaign(worker: Worker, programs: int, seed: int, chunk: int = 200, log=Non
             if name:
                 tally["known"][name] = tally["known"].get(name, 0) + 1
                 return
+            if match is not None and not match.search(describe(job, result)):
+                tally["other"] += 1
+                return
+            if not found:  # the chunk's first failure: generation stops, shrinking starts
+                first_at.append(tally["generated"] + count[0])
             found.append((job, result))
             raise AssertionError(describe(job, result))
 
@@ -175,21 +186,25 @@ def campaign(worker: Worker, programs: int, seed: int, chunk: int = 200, log=Non
             run()
         except AssertionError:
             job, result = found[-1]  # the last failure hypothesis saw is its minimal one
-            entry = {"seed": seed + k, "signature": signature(result), "report": describe(job, result)}
+            entry = {"seed": seed + k, "found_after": first_at[0], "signature": signature(result),
+                     "report": describe(job, result)}
             tally["failures"].append(entry)
             if log:
                 log.write(json.dumps({"failure": entry}) + "\n")
         except Exception as exc:  # noqa: BLE001 (hypothesis gave up on a chunk: note it, go on)
             if log:
                 log.write(json.dumps({"chunk_error": repr(exc)[:500], "seed": seed + k}) + "\n")
+        tally["generated"] += count[0]
         k += 1
         tally["chunks"] = k
         tally["seconds"] = round(time.time() - t0, 1)
         if log:
-            log.write(json.dumps({"progress": {x: tally[x] for x in ("programs", "chunks", "known", "fallbacks",
-                                                                       "seconds")},
+            log.write(json.dumps({"progress": {x: tally[x] for x in ("programs", "generated", "chunks", "known",
+                                                                       "other", "fallbacks", "seconds")},
                                   "failures": len(tally["failures"])}) + "\n")
             log.flush()
+        if first and tally["failures"]:
+            break
     return tally
 
 
@@ -201,6 +216,8 @@ def main(argv=None):
     ap.add_argument("--statements", type=int, default=6)
     ap.add_argument("--log", default="fuzz.jsonl")
     ap.add_argument("--no-known", action="store_true", help="report known issues as failures too")
+    ap.add_argument("--match", help="hunt: only failures whose report matches this regex (DOTALL) count")
+    ap.add_argument("--first", action="store_true", help="stop at the first (minimal) failure")
     args = ap.parse_args(argv)
     known = None
     if not args.no_known:
@@ -208,12 +225,14 @@ def main(argv=None):
     worker = Worker()
     try:
         with open(args.log, "a") as log:
-            tally = campaign(worker, args.programs, args.seed, args.chunk, log, args.statements, known)
+            match = re.compile(args.match, re.DOTALL) if args.match else None
+            tally = campaign(worker, args.programs, args.seed, args.chunk, log, args.statements, known, match,
+                             args.first)
     finally:
         worker.close()
     print(json.dumps({k: v for k, v in tally.items() if k != "failures"}, indent=1))
     for f in tally["failures"]:
-        print(f["signature"])
+        print(f"\n--- found after {f['found_after']} generated programs (seed {f['seed']}), minimal:\n{f['report']}")
 
 
 if __name__ == "__main__":
