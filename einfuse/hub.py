@@ -95,12 +95,12 @@ def smollm2_dir() -> str:
     final = hub_dir(SMOLLM2_DIR)
     if os.path.isdir(final):
         return final
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from safetensors.torch import save_model
-
     os.makedirs(hub_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=hub_dir(), prefix=".tmp-") as work:
         gguf = _smollm2_gguf(work)
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         folder, name = os.path.split(gguf)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

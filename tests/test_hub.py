@@ -15,7 +15,6 @@ import torch
 
 from einfuse import hub
 
-
 # ------------------------------------------------------------------ a tiny R serializer, for synthetic databases
 
 def _xdr(obj) -> bytes:
