@@ -47,7 +47,6 @@ def optimize(module, passes=None, dump_dir=None, like=None, check=False, first_m
     checker = NumericCheck(like) if check else None
     if checker is not None:
         instruments.append(checker)
-    passes = default_pipeline() if passes is None else list(passes)
     out = run_pipeline(module, passes, instruments)
     timings = [{"index": 0, "pass": "lower", "ms": first_ms, "statements": len(module.body)}] + timing.records
     if checker is not None:  # each pass's worst relative change of the outputs, beside its time
@@ -271,7 +270,7 @@ def _forward_compiler(gm: torch.fx.GraphModule, example_inputs):
     names = {i.name for i in v.ir.inputs}
 
     def forward(args):
-        inputs = {p: a for p, a in zip(cap.user_inputs, args) if p in names}
+        inputs = {**v.bindings, **{p: a for p, a in zip(cap.user_inputs, args) if p in names}}
         args.clear()  # boxed calling convention: let the caller's inputs be freed
         with torch.no_grad():
             out = v.run(inputs)

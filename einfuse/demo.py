@@ -37,7 +37,9 @@ def run_demo(dump_dir: str = "einfuse_dump", seq: int = 32, model: str = "llama"
     print(f"== einfuse demo: {model}, sequence length {seq}")
     net, args, kwargs, fresh_args, fresh_kwargs = _example(model, seq)
     with torch.no_grad():
-        cm = einfuse.compile(net, args, kwargs, dump_dir=dump_dir)
+        # Triton kernels, run under the interpreter on a CPU (the CPU default, backend="torch", runs a
+        # generated torch program at eager's speed instead)
+        cm = einfuse.compile(net, args, kwargs, dump_dir=dump_dir, backend="triton")
     print(f"\n== IR after every pass, in {dump_dir}/")
     for f in sorted(os.listdir(dump_dir)):
         if f.endswith(".ir"):

@@ -30,7 +30,7 @@ passes = cleanup_passes() + [p if not isinstance(p, FuseKernels) else FuseKernel
 x = torch.randn(32, 64)
 for label, pipeline in (("default rules", None), ("custom rule", passes)):
     dump = tempfile.mkdtemp(prefix="einfuse-rule-")
-    cm = einfuse.compile(Block(), (x,), passes=pipeline, dump_dir=dump)
+    cm = einfuse.compile(Block(), (x,), passes=pipeline, dump_dir=dump, backend="triton")
     print(f"{label}: {len(cm.variant.run.specs)} kernels, max error {(cm(x) - Block.forward(cm._model[0], x)).abs().max():.1e}")
     last = sorted(f for f in os.listdir(dump) if f.endswith(".ir"))[-1]
     print("".join(line for line in open(os.path.join(dump, last)) if line.lstrip().startswith("kernel ")))

@@ -263,9 +263,10 @@ def test_every_pass_keeps_llama_numerics(zoo, monkeypatch):
     monkeypatch.setattr(NumericCheck, "start", spy)
     case = zoo["llama"]
     einfuse.compile(case.model, (), case.inputs(0), check=True)  # raises PassNumericsError naming a bad pass
-    [check] = checks
-    assert [e["pass"] for e in check.errors] == [p.pass_name for p in default_pipeline()]
-    assert max(e["max_rel_error"] for e in check.errors) <= TOL
+    assert checks  # one per region the pipeline ran on (the repeated layer once, and the rest of the model)
+    for check in checks:
+        assert [e["pass"] for e in check.errors] == [p.pass_name for p in default_pipeline()]
+        assert max(e["max_rel_error"] for e in check.errors) <= TOL
 
 
 def test_new_sequence_length_compiles_a_second_variant(zoo):

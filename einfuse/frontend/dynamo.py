@@ -12,6 +12,9 @@ COMPILED: list = []  # the variant (final IR, lowering report, timings) of every
 
 
 def as_captured(gm: torch.fx.GraphModule) -> Captured:
-    """AOTAutograd's forward graph as a capture: every placeholder (weights included) is a call input."""
+    """AOTAutograd's forward graph as a capture: every placeholder (weights included) is a call input;
+    tensors the graph holds itself (constants made in forward, `get_attr` nodes) are bound constants."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    return Captured(gm, {n: "in" for n in names}, {}, names, None)
+    constants = {n.name: getattr(gm, n.target) for n in gm.graph.nodes
+                 if n.op == "get_attr" and isinstance(getattr(gm, n.target, None), torch.Tensor)}
+    return Captured(gm, {n: "in" for n in names}, constants, names, None)

@@ -29,9 +29,10 @@ def _narrow(cond: Expr, ranges: dict, truth: bool) -> dict:
     if diff is None or cond.op in ("eq", "ne"):
         return ranges
     syms = [s for s in diff.free_symbols if s in ranges]
-    if len(syms) > 1:
+    linear = len(syms) == 1 and diff.is_polynomial(syms[0]) and sympy.degree(diff, syms[0]) == 1
+    if syms and not linear:  # over several ranks, or through // and % (`i % 32 < 16`): a guard fact
         return _guard(diff, ranges, cond.op if truth else {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}[cond.op])
-    if len(syms) != 1 or not diff.is_polynomial(syms[0]) or sympy.degree(diff, syms[0]) != 1:
+    if not linear:
         return ranges
     s = syms[0]
     coef = diff.coeff(s)
@@ -58,8 +59,9 @@ def _tighten(lo_hi: tuple, op: str, bound) -> tuple:
 
 
 def _guard(diff, ranges: dict, op: str) -> dict:
-    """A condition over several ranks (`64*m1 + m0 < S`) bounds that whole expression: kept as a fact
-    that bounds an index differing from it by a constant (see `_guarded`)."""
+    """A condition over several ranks (`64*m1 + m0 < S`), or over one through `//` and `%` (`i % 32 < 16`),
+    bounds that whole expression: kept as a fact that bounds an index differing from it by terms of
+    known range (see `_guarded`)."""
     ranks = [t for t in sympy.Add.make_args(diff) if t.free_symbols & set(k for k in ranges if not isinstance(k, tuple))]
     a = sympy.Add(*ranks)
     bound = -(diff - a)  # cond: a <op> bound

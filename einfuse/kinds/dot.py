@@ -118,8 +118,9 @@ class DotKind(KernelKind):
     # ---- tiling
     def _tiles(self, g: Group, block_mn: int = 64, block_k: int | None = None) -> Mapping:
         """A contraction's K tile is 64 for 16-bit operands (half the loop trips of 32, which the
-        interpreter runs one by one) and 32 for 32-bit ones, whose operand tiles take twice the registers
-        (IEEE f32 keeps both in registers for its FMA loop; tf32 with two accumulators spills at 64)."""
+        interpreter runs one by one), 32 for tf32 (with two accumulators it spills at 64) and 16 for IEEE
+        f32, whose FMA loop on CUDA cores keeps both operand tiles in registers: at 32, 64 x 64 tiles
+        spill thousands of bytes on sm_80 and sm_90a (AOT-compiled 2026-11-29; 16 uses 128 registers)."""
         s = self._anchor(g.statements, g.info.dtype_of)
         c = contraction(s, g.info.dtype_of)
         ext = s.ranks()
@@ -130,10 +131,13 @@ class DotKind(KernelKind):
 
         bm = _clamp_pow2(numel(c.m), 16, block_mn)
         bn = _clamp_pow2(numel(c.n), 16, block_mn)
-        bk = _clamp_pow2(numel(red), 16, block_k or (64 if c.operand.bits <= 16 else 32))
         prec = float32_precision() if c.operand == dt.f32 else ""
+        bk = _clamp_pow2(numel(red), 16, block_k or (64 if c.operand.bits <= 16 else 16 if prec == "ieee" else 32))
+        # IEEE f32's FMA loop with 4 warps spills at some tile shapes (64 x 32 with two accumulators on
+        # sm_80); 8 warps compile every shape the sweep tried without spills
         return Mapping("dot", rows=c.m, cols=c.n, red=red, batch=c.batch,
-                       tiles=(("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)), input_precision=prec)
+                       tiles=(("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)), input_precision=prec,
+                       num_warps=8 if prec == "ieee" else 4)
 
     def mapping(self, g: Group) -> Mapping:
         return self._tiles(g)
@@ -141,7 +145,7 @@ class DotKind(KernelKind):
     def candidates(self, g: Group) -> list[Mapping]:
         """The default tiling and a few variants of the whole group, for the CUDA autotuner."""
         base = self._tiles(g)
-        variants = [self._tiles(g, mn, k) for mn, k in ((64, 32), (128, 32), (64, 64), (32, 32))]
+        variants = [self._tiles(g, mn, k) for mn, k in ((64, 32), (128, 32), (64, 64), (32, 32), (64, 16), (32, 16))]
         return [base] + list(dict.fromkeys(v for v in variants if v != base))
 
     @staticmethod
@@ -324,7 +328,10 @@ class DotKind(KernelKind):
         for s in maps:
             own = em.rank_names(list(s.index))
             em.delinearize("eflat", list(s.index), own)
-            t = Tile(em, {**names, **own}, {r: "emask" for r in s.index} if mask else {}, held=held)
+            # reads in the output's layout reuse eflat instead of re-linearizing the ranks (which, per
+            # element of a 64 x 64 tile, costs registers the accumulators need)
+            t = Tile(em, {**names, **own}, {r: "emask" for r in s.index} if mask else {}, held=held,
+                     flats=em.flats("eflat", list(s.index), own))
             code, d = t.value(s.expr, s.name)
             kb.place(t.block)
             values[s.name] = (code, d)

@@ -219,8 +219,13 @@ class Tile:
         if e.op == "pow" and isinstance(e.args[1], Const) and e.args[1].value in (2, 2.0, 3, 3.0, 0.5):
             b = codes[0]
             code = {2: f"{b} * {b}", 3: f"{b} * {b} * {b}", 0.5: f"tl.sqrt({b})"}[e.args[1].value]
-        elif e.op == "pow":
-            code = f"libm.pow({codes[0]}, ({codes[1]}) + tl.zeros_like({codes[0]}))"
+        elif e.op == "pow":  # libdevice's pow takes two tensors of one shape: a literal takes the other's
+            base, exp = codes
+            if isinstance(e.args[0], Const):
+                base = f"tl.zeros_like({exp}) + {base}"
+            else:
+                exp = f"({exp}) + tl.zeros_like({base})"
+            code = f"libm.pow({base}, {exp})"
         else:
             template = TRITON_OPS.get(e.op)
             if template is None:

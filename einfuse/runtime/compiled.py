@@ -584,13 +584,15 @@ class CompiledModule(torch.nn.Module):
         return rep
 
     def check_gpu(self, archs=(80, 90), jobs=None):
-        """Compile every kernel ahead of time for each CUDA arch (no GPU needed): ok, registers,
-        spills, shared memory and tensor-core use per kernel."""
+        """Compile every distinct kernel ahead of time for each CUDA arch (no GPU needed): ok, registers,
+        spills, shared memory and tensor-core use per kernel (a kernel launched for every layer, once)."""
         from ..codegen.aot import check_gpu
 
         if self._last.ir is None:
             raise RuntimeError(f"einfuse: no GPU check: the model runs in eager PyTorch ({self._last.fallback})")
-        return check_gpu(self._triton_runner(self._last).specs, archs=archs, jobs=jobs)
+        specs = self._triton_runner(self._last).specs
+        distinct = list({(spec.name, spec.source): spec for spec in specs}.values())  # one kernel launched per layer
+        return check_gpu(distinct, archs=archs, jobs=jobs)
 
     def __repr__(self) -> str:
         return f"CompiledModule({type(self._model[0]).__name__}, {len(self._variants)} variant(s))"
