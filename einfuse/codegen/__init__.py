@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..ir.expr import Access, Call, Const, Expr
-from ..ir.module import Kernel, Module, Statement
+from ..ir.module import Kernel, Module, Opaque, Statement, Update
 from ..kinds import Arg, Cost, Group, KernelSpec, Mapping, ModuleInfo, Unsupported, kind_named, single, statement_kind
 from ..kinds.dot import float32_precision
 
@@ -17,7 +17,7 @@ def _units(m: Module, info: ModuleInfo) -> list:
     groups = m.group_of()
     out, done = [], set()
     for op in m.body:
-        if not isinstance(op, Statement) or op.name in done:
+        if isinstance(op, Opaque) or op.name in done:
             continue
         k = groups.get(op.name)
         if k is not None:
@@ -57,6 +57,10 @@ def structure(info: ModuleInfo, k: Kernel, stored: set) -> tuple[tuple, list]:
     parts = [k.kind, k.roles, k.attrs]
     for n in k.members:
         s = info.producers[n]
+        if isinstance(s, Update):
+            index = tuple(_expr_key(p, name) if isinstance(p, Expr) else p for p in s.index)
+            parts.append((name(s.name), name(s.target), index, s.ranks, _expr_key(s.expr, name)))
+            continue
         parts.append((name(s.name), s.type, s.index, s.reduce, s.iterate, _expr_key(s.expr, name), n in stored))
     parts.append(tuple(info.types[n] for n in order))
     return tuple(parts), list(order)

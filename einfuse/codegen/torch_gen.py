@@ -45,9 +45,9 @@ from ..ir.contraction import peel_invariant
 from ..ir.evaluator import apply_call, literal_tensor
 from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, canonical, index_difference, index_symbols,
                        map_indices, rewrite, substitute, walk)
-from ..ir.module import Kernel, Module, Opaque, Statement, TensorType
+from ..ir.module import Kernel, Module, Opaque, Statement, TensorType, Update
 from ..ir.ops import MAP_OPS, REDUCE_OPS, infer
-from ..ir.printer import fmt_statement
+from ..ir.printer import fmt_op
 
 NEG_INF = Const(-math.inf)
 log = logging.getLogger("einfuse")
@@ -1147,10 +1147,8 @@ class TorchGen:
         self.lines = None
 
     @staticmethod
-    def _comment(s: Statement | Opaque) -> list:
-        from ..ir.printer import fmt_opaque
-
-        text = fmt_statement(s.replace(loc=None)) if isinstance(s, Statement) else fmt_opaque(s.replace(loc=None))
+    def _comment(s: Statement | Opaque | Update) -> list:
+        text = fmt_op(s.replace(loc=None))
         out = [f"# IR: {text}"]
         if s.loc:
             out.append(f"# {s.loc}")
@@ -1194,6 +1192,8 @@ class TorchGen:
         for n, op in enumerate(m.body):
             if isinstance(op, Opaque):
                 self.opaque(n, op)
+            elif isinstance(op, Update):
+                self.update(n, op)
             elif op.name in at_end:
                 self.attention_step(at_end[op.name])
             elif op.name in epilogues:
@@ -1306,6 +1306,16 @@ class TorchGen:
         for name, typ in op.outputs_typed:
             self.layout[name] = Layout.dense(typ.shape)
         self.end(list(op.outputs))
+
+    def update(self, n: int, op: Update) -> None:
+        """A write into a state (a KV cache): in place, the new version is the state's own buffer."""
+        self.begin(self._comment(op))
+        names = sorted(op.reads())
+        self.reads |= set(names)
+        args = ", ".join(f"{r!r}: {self.pyname(r)}" for r in names)
+        self.emit(f"{self.pyname(op.name)} = rt.update({n}, {{{args}}}, {self.sizes_dict()})")
+        self.layout[op.name] = self.layout[op.target]
+        self.end([op.name])
 
     # ---- one statement
     def _count_shared(self, e: Expr) -> None:

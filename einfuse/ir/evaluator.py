@@ -16,7 +16,7 @@ from . import dtypes as dt
 from . import index as ix
 from .contraction import peel_invariant
 from .expr import Access, Call, Const, Expr, IndexValue, substitute
-from .module import Module, Opaque, Statement, TensorRef, TensorType
+from .module import Module, Opaque, Statement, TensorRef, TensorType, Update
 from .ops import MAP_OPS, REDUCE_OPS, infer
 
 _MATERIALIZE_LIMIT = 1 << 26  # elements; a reduction over a bigger space is evaluated in chunks
@@ -332,6 +332,8 @@ def evaluate(m: Module, inputs: dict, keep: bool = False) -> dict:
     for n, op in enumerate(m.body):
         if isinstance(op, Statement):
             env[op.name] = _statement(op, env, types, sizes)
+        elif isinstance(op, Update):
+            env[op.name] = run_update(op, env, types, sizes)
         else:
             run_opaque(op, env, sizes)
         for name in last_use.get(n, ()):
@@ -339,6 +341,26 @@ def evaluate(m: Module, inputs: dict, keep: bool = False) -> dict:
     if keep:
         return env
     return {name: env[name] for name in m.outputs}
+
+
+def run_update(u: Update, env: dict, types: dict, sizes: dict) -> torch.Tensor:
+    """Write `u` into its target's buffer in place and return it (the new version is the same tensor). A
+    point whose position falls outside the target (a padded block table entry, -1) writes nothing."""
+    where = f"update {u.name!r}" + (f" ({u.loc})" if u.loc else "")
+    target = env.get(u.target)
+    if target is None:
+        raise EvaluationError(f"{where}: writes into {u.target!r} before it is defined")
+    extents = {r: int(sympy.sympify(n).xreplace(sizes)) for r, n in u.ranks}
+    ev = _StatementEval(env, types, extents, sizes, where)
+    ranks = tuple(r for r, _ in u.ranks)
+    shape = [extents[r] for r in ranks]
+    value = ev.value(u.expr).to(ranks).expand(shape).to(target.dtype)
+    positions = [(ev.value(p) if isinstance(p, Expr) else ev.index(p)).to(ranks).expand(shape).long() for p in u.index]
+    inside = torch.ones(shape, dtype=torch.bool)
+    for d, pos in enumerate(positions):
+        inside &= (pos >= 0) & (pos < target.shape[d])
+    target.index_put_(tuple(pos[inside] for pos in positions), value[inside])
+    return target
 
 
 def random_inputs(m: Module, like: dict | None = None, seed: int = 0, sizes: dict | None = None) -> dict:

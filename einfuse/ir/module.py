@@ -47,9 +47,14 @@ class TensorType:
         return shape
 
 
+INPUT_KINDS = ("in", "param", "buffer", "const", "state")
+
+
 @dataclass(frozen=True)
 class Input:
-    """A tensor the module reads from outside; `kind` is in | param | buffer | const."""
+    """A tensor the module reads from outside; `kind` is in | param | buffer | const | state. A `state` is
+    persistent memory the runtime owns across calls (a KV cache's blocks): the module reads it and writes
+    new versions of it with Update ops, in place."""
 
     name: str
     type: TensorType
@@ -193,6 +198,47 @@ class Opaque:
         return out.replace(outputs_typed=tuple((mapping.get(n, n), t) for n, t in self.outputs_typed))
 
 
+@dataclass(frozen=True)
+class Update:
+    """`name = target[index] <- expr for ranks`: `name` is `target` (a state, or an earlier version of it)
+    with the elements at `index` set to `expr`, for every point of `ranks`. It is written in place: the
+    runtime keeps one buffer per state, and nothing may read `target` once `name` exists (the verifier
+    checks). An index position is index arithmetic or a gather (a block table lookup)."""
+
+    name: str
+    target: str
+    index: tuple  # positions in `target`: sympy expressions or integer Exprs
+    ranks: tuple  # ((symbol, extent), ...): the points written
+    expr: Expr
+    loc: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "expr", rewrite(self.expr, canonical))
+        object.__setattr__(self, "index", tuple(p if isinstance(p, Expr) else sympy.sympify(p) for p in self.index))
+        object.__setattr__(self, "ranks", tuple((r, sympy.sympify(n)) for r, n in self.ranks))
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def reads(self) -> set[str]:
+        out = {self.target} | tensors_read(self.expr)
+        for p in self.index:
+            if isinstance(p, Expr):
+                out |= tensors_read(p)
+        return out
+
+    def replace(self, **kw) -> "Update":
+        return dataclasses.replace(self, **kw)
+
+    def rename_reads(self, mapping: dict) -> "Update":
+        return self.replace(target=mapping.get(self.target, self.target), expr=rename_tensors(self.expr, mapping),
+                            index=tuple(rename_tensors(p, mapping) if isinstance(p, Expr) else p for p in self.index))
+
+    def renamed(self, mapping: dict) -> "Update":
+        return self.rename_reads(mapping).replace(name=mapping.get(self.name, self.name))
+
+
 def iter_refs(value) -> Iterator[TensorRef]:
     """Tensor references inside an opaque call's (nested) arguments."""
     if isinstance(value, TensorRef):
@@ -202,7 +248,7 @@ def iter_refs(value) -> Iterator[TensorRef]:
             yield from iter_refs(v)
 
 
-Op = Union[Statement, Opaque]
+Op = Union[Statement, Opaque, Update]
 
 
 @dataclass(frozen=True)
@@ -281,6 +327,8 @@ class Module:
             for op in self.body:
                 if isinstance(op, Statement):
                     out[op.name] = op.type
+                elif isinstance(op, Update):
+                    out[op.name] = out[op.target]  # a new version of the same buffer
                 else:
                     out.update(dict(op.outputs_typed))
             return out

@@ -10,10 +10,9 @@ import torch
 from . import dtypes as dt
 from . import index as ix
 from .expr import Access, Call, Const, Expr, IndexValue, canonical
-from .module import Input, Iterate, Kernel, Module, Opaque, Reduce, Statement, TensorRef, TensorType
+from .module import INPUT_KINDS, Input, Iterate, Kernel, Module, Opaque, Reduce, Statement, TensorRef, TensorType, Update
 from .ops import MAP_OPS, PREC_ADD, PREC_CMP, PREC_MUL, PREC_UNARY, REDUCE_OPS, TypeRuleError, infer
 
-INPUT_KINDS = ("in", "param", "buffer", "const")
 
 
 class ParseError(ValueError):
@@ -243,7 +242,11 @@ class _ModuleParser:
         """Element types of the tensors defined so far."""
         out = {i.name: i.type.dtype for i in self.inputs}
         for op in self.body:
-            out.update({n: t.dtype for n, t in (op.outputs_typed if isinstance(op, Opaque) else [(op.name, op.type)])})
+            if isinstance(op, Update):
+                out[op.name] = out.get(op.target)
+            else:
+                out.update({n: t.dtype for n, t in (op.outputs_typed if isinstance(op, Opaque)
+                                                    else [(op.name, op.type)])})
         return out
 
     def size_only(self, name):
@@ -296,6 +299,8 @@ class _ModuleParser:
                 names.append(line.name("an output name"))
             self.outputs = tuple(names)
             line.end()
+        elif first.kind == "NAME" and second.value == "=" and line.peek(2).kind == "NAME" and line.peek(3).value == "[":
+            self.body.append(self.update(line))
         elif first.kind == "NAME" and second.value == "[":
             self.body.append(self.statement(line))
         elif first.kind == "NAME" and second.value == ":":
@@ -374,6 +379,48 @@ class _ModuleParser:
         expr = _ExprParser(line, lambda n: self.sizes.get(n) or ranks.get(n), known.get).parse()
         loc = line.end()
         return Statement(name, typ, tuple(index), expr, reduce, iterate, loc)
+
+    def update(self, line: _Line) -> Update:
+        """`name = target[index] <- expr for r:n, ...`: index positions may be gathers; every name there
+        that is no size is a rank, declared with its extent after `for`."""
+        name = line.name()
+        line.expect("=")
+        target = line.name("the state to write into")
+        ranks: dict[str, sympy.Symbol] = {}
+
+        def bind(n):
+            return self.sizes.get(n) or ranks.setdefault(n, ix.rank(n))
+
+        known = self.dtypes()
+        line.expect("[")
+        index = []
+        while True:
+            tok = line.peek()
+            e = _ExprParser(line, bind, known.get).parse()
+            index.append(_ExprParser(line, bind, known.get).position(e, tok))
+            if line.accept("]"):
+                break
+            line.expect(",")
+        line.expect("<")
+        line.expect("-")
+        expr = _ExprParser(line, bind, known.get).parse()
+        line.expect("for")
+        extents = []
+        while True:
+            rtok = line.peek()
+            r = line.name("a rank name")
+            line.expect(":")
+            extents.append((bind(r), _index(line, self.size_only)))
+            if r in self.sizes:
+                line.error(f"{r!r} is a size; it cannot name a rank", rtok)
+            if not line.accept(","):
+                break
+        declared = {str(r) for r, _ in extents}
+        missing = sorted(set(ranks) - declared)
+        if missing:
+            line.error(f"rank(s) {', '.join(missing)} of the update have no extent (add `{missing[0]}:N` after `for`)")
+        loc = line.end()
+        return Update(name, target, tuple(index), tuple(extents), expr, loc)
 
     def reduce(self, line: _Line, ranks: dict) -> Reduce:
         tok = line.peek()

@@ -9,7 +9,7 @@ import torch
 
 from . import index as ix
 from .expr import Access, Call, Const, Expr, IndexValue
-from .module import Input, Iterate, Kernel, Module, Opaque, Reduce, Statement, TensorRef, TensorType
+from .module import Input, Iterate, Kernel, Module, Opaque, Reduce, Statement, TensorRef, TensorType, Update
 from .ops import MAP_OPS, PREC_ADD, PREC_ATOM, PREC_MUL, PREC_UNARY
 
 _INDEX_PREC = {1: PREC_ADD, 2: PREC_MUL, 3: PREC_UNARY, 4: PREC_ATOM}
@@ -150,9 +150,18 @@ def fmt_opaque(o: Opaque, rename=_same) -> str:
     return f"{outs} = opaque {fmt_target(o.target)}({', '.join(args)})" + _fmt_loc(o.loc)
 
 
+def fmt_update(u: Update, rename=_same) -> str:
+    """`name = target[index] <- expr for r:n, ...`"""
+    ranks = ", ".join(f"{r}:{ix.to_str(n)}" for r, n in u.ranks)
+    return (f"{rename(u.name)} = {rename(u.target)}[{', '.join(fmt_pos(p, rename) for p in u.index)}] <- "
+            f"{fmt_expr(u.expr, rename)} for {ranks}" + _fmt_loc(u.loc))
+
+
 def fmt_op(op, rename=_same) -> str:
-    """A body entry (statement or opaque call) as its line, without indentation."""
-    return fmt_statement(op, rename) if isinstance(op, Statement) else fmt_opaque(op, rename)
+    """A body entry (statement, update or opaque call) as its line, without indentation."""
+    if isinstance(op, Statement):
+        return fmt_statement(op, rename)
+    return fmt_update(op, rename) if isinstance(op, Update) else fmt_opaque(op, rename)
 
 
 def fmt_kernel(k: Kernel, rename=_same) -> str:

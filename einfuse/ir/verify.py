@@ -4,10 +4,10 @@ from __future__ import annotations
 import sympy
 
 from . import index as ix
-from .expr import Access, Call, Expr, IndexValue, index_difference, walk
-from .module import Module, Opaque, Statement, iter_refs
+from .expr import Access, Call, Expr, IndexValue, index_difference, index_symbols, walk
+from .module import INPUT_KINDS, Module, Opaque, Statement, Update, iter_refs
 from .ops import MAP_OPS, REDUCE_OPS, TypeRuleError, infer
-from .printer import fmt_opaque, fmt_statement
+from .printer import fmt_op
 
 
 class VerifyError(ValueError):
@@ -16,8 +16,8 @@ class VerifyError(ValueError):
 
 def _fail(m: Module, n: int, op, msg: str):
     line = 2 + len(m.sizes) + len(m.inputs) + n
-    name = op.name if isinstance(op, Statement) else ", ".join(op.outputs)
-    text = fmt_statement(op) if isinstance(op, Statement) else fmt_opaque(op)
+    name = ", ".join(op.outputs)
+    text = fmt_op(op)
     raise VerifyError(f"{name!r} (line {line}): {msg}\n    {text}")
 
 
@@ -87,6 +87,8 @@ def _dead(ranges: dict) -> bool:
 class _Checker:
     def __init__(self, m: Module):
         self.m = m
+        self.superseded: set = set()  # state versions an update has replaced
+        self.state_versions = {i.name for i in m.inputs if i.kind == "state"}
         self.types = {}
         for i in m.inputs:
             self.types[i.name] = i.type
@@ -100,7 +102,7 @@ class _Checker:
         for i in m.inputs:
             if i.name in names:
                 raise VerifyError(f"input {i.name!r} is declared twice")
-            if i.kind not in ("in", "param", "buffer", "const"):
+            if i.kind not in INPUT_KINDS:
                 raise VerifyError(f"input {i.name!r} has unknown kind {i.kind!r}")
             names.add(i.name)
             try:
@@ -112,8 +114,14 @@ class _Checker:
                 if out in self.types or out in op.outputs[:d]:
                     _fail(m, n, op, f"{out!r} is already defined")
             try:
+                stale = op.reads() & self.superseded
+                if stale:
+                    raise _Problem(f"reads {sorted(stale)[0]!r} after a newer version of it was written (an update "
+                                   "writes in place: read the newest version)")
                 if isinstance(op, Statement):
                     self.statement(op)
+                elif isinstance(op, Update):
+                    self.update(op)
                 else:
                     self.opaque(op)
             except _Problem as p:
@@ -190,6 +198,53 @@ class _Checker:
             raise _Problem(f"the expression is {got} but the statement declares {s.type.dtype}")
         rng = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in ranks.items()}
         self.expr(s.expr, known, rng, s)
+
+    def update(self, u: Update):
+        """Writes into a state (or its newest version) at positions inside it, a value of its dtype, every
+        rank of the update used by the index (else several points would write one element). Gathered
+        positions (a block table) must be distinct per point: the runtime guarantees it, the text cannot."""
+        t = self.types.get(u.target)
+        if t is None:
+            raise _Problem(f"writes into {u.target!r}, which is not defined")
+        if u.target not in self.state_versions:
+            raise _Problem(f"writes into {u.target!r}, which is not a state (declare it `state {u.target}: ...`)")
+        if len(u.index) != t.rank:
+            raise _Problem(f"{u.target} has rank {t.rank} but is written with {len(u.index)} indices")
+        ranks = dict(u.ranks)
+        known = set(ranks) | set(self.m.sizes)
+        for r, n in u.ranks:
+            if r in self.m.sizes:
+                raise _Problem(f"{r} is a size; it cannot name a rank")
+            self._shape((n,), f"the extent of {r}")
+        used = set()
+        rng = {r: (sympy.Integer(0), sympy.sympify(n) - 1) for r, n in ranks.items()}
+        for d, p in enumerate(u.index):
+            if isinstance(p, Expr):
+                self.expr(p, known, rng, u)
+                if not self._is_int(p):
+                    raise _Problem(f"index {d} of {u.target} is not an integer expression")
+                used |= {x for x in index_symbols(p) if x in ranks}
+                continue
+            self._symbols(p, known)
+            used |= sympy.sympify(p).free_symbols & set(ranks)
+            lo, hi = ix.bounds(p, rng)
+            if ix.proven(lo < 0) or ix.proven(hi > t.shape[d] - 1):
+                raise _Problem(f"writes index {d} of {u.target}, {ix.to_str(p)}, over [{lo}, {hi}] outside "
+                               f"[0, {ix.to_str(t.shape[d] - 1)}]")
+        unused = set(ranks) - used
+        if unused:
+            raise _Problem(f"rank(s) {', '.join(sorted(map(str, unused)))} do not appear in the index: several "
+                           "points would write one element")
+        try:
+            got = infer(u.expr, self.dtype_of)[0]
+        except KeyError as e:
+            raise _Problem(f"reads {e.args[0]!r} before it is defined") from None
+        if got != t.dtype:
+            raise _Problem(f"writes a {got} value into {u.target}, a {t.dtype} tensor")
+        self.expr(u.expr, known, rng, u)
+        self.types[u.name] = t
+        self.superseded.add(u.target)
+        self.state_versions.add(u.name)
 
     def iterate(self, s: Statement):
         it = s.iterate

@@ -8,7 +8,7 @@ import sympy
 from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.module import Statement
-from ..ir.printer import fmt_statement
+from ..ir.printer import fmt_op
 from .base import Group
 from .builder import KernelBuilder
 from .spec import Arg, KernelSpec, Mapping
@@ -135,8 +135,8 @@ class Emitter:
         g = self.g
         if len(g.statements) == 1:
             s = g.statements[0]
-            return [f"IR line {g.line}: {fmt_statement(s.replace(loc=None))}", f"source: {s.loc or 'unknown'}"]
-        lines = [fmt_statement(s.replace(loc=None)) + ("" if s.name in self.stored else "   (in registers)")
+            return [f"IR line {g.line}: {fmt_op(s.replace(loc=None))}", f"source: {s.loc or 'unknown'}"]
+        lines = [fmt_op(s.replace(loc=None)) + ("" if s.name in self.stored else "   (in registers)")
                  for s in g.statements]
         locs = sorted({s.loc for s in g.statements if s.loc})
         return lines + [f"source: {', '.join(locs) or 'unknown'}"]

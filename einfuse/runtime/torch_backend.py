@@ -17,8 +17,8 @@ from ..codegen.cache import Cache, key_of
 from ..codegen.torch_gen import generate
 from ..ir import dtypes as dt
 from ..ir import index as ix
-from ..ir.evaluator import EvaluationError, bind_sizes, check_inputs, evaluate, run_opaque, unpack
-from ..ir.module import Input, Module, Opaque, Statement, TensorType
+from ..ir.evaluator import EvaluationError, bind_sizes, check_inputs, evaluate, run_opaque, run_update, unpack
+from ..ir.module import Input, Module, Opaque, Statement, TensorType, Update
 from .backends import register_backend
 
 log = logging.getLogger("einfuse")
@@ -76,7 +76,7 @@ class TorchRunner:
         self._program = load_program(self.path, self.directory.rstrip("/").rsplit("/", 1)[-1])
         self._inputs = [i.name for i in self.module.inputs]
         self._types = self.module.types()
-        self._ops = {n: op for n, op in enumerate(self.module.body) if isinstance(op, Opaque)}
+        self._ops = {n: op for n, op in enumerate(self.module.body) if isinstance(op, (Opaque, Update))}
 
     @property
     def name(self) -> str:
@@ -196,6 +196,11 @@ class TorchRunner:
         env = dict(tensors)
         run_opaque(op, env, {ix.size(k): v for k, v in sizes.items()})
         return tuple(_dense(env[o]) for o in op.outputs)
+
+    def update(self, index: int, tensors: dict, sizes: dict) -> torch.Tensor:
+        """An update of a state, in place (the new version is the state's own buffer)."""
+        op = self._ops[index]
+        return run_update(op, dict(tensors), self._types, {ix.size(k): v for k, v in sizes.items()})
 
 
 @register_backend("torch")

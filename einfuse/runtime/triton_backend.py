@@ -142,7 +142,7 @@ class TritonRunner:
     def __post_init__(self):
         by_stmt = {n: s for s in self.specs for n in s.statements}
         for op in self.module.body:
-            if isinstance(op, Statement):
+            if not isinstance(op, Opaque):  # a statement or an update: a kernel
                 spec = by_stmt[op.name]
                 if spec.statements[0] != op.name:  # a later member of a kernel group: it ran with the first
                     self.steps.append(Step(op, None, None, skip=True))
@@ -210,10 +210,13 @@ class TritonRunner:
 
     def _launch(self, step: Step, env, pool, holders, outputs, sizes, device):
         spec = step.spec
+        aliases = spec.meta.get("aliases", {})
         for name in spec.outputs:  # tensors a group keeps in registers get no memory at all
             t = self._types[name]
             shape = t.concrete_shape(sizes)
-            if name in outputs:
+            if name in aliases:  # an update writes into its state's buffer: the new version is that buffer
+                env[name] = env[aliases[name]]
+            elif name in outputs:
                 env[name] = torch.empty(shape, dtype=t.dtype.storage, device=device)
             else:
                 env[name], holders[name] = pool.take(name, shape, t.dtype.storage)
