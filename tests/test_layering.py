@@ -1,8 +1,8 @@
 """Imports run one way (DESIGN.md): `ir` imports nothing of einfuse; the kernel kinds import `ir`; `frontend`
 imports `ir`; `passes` import `ir` and the kinds; `codegen` imports `ir` and the kinds; `runtime` imports
-`codegen` and `ir`; only the api, the CLI and the package's top-level modules import `api`/`frontend`. No
-module imports a private (`_name`) name from another module. Read from the source with `ast`, so an
-import inside a function counts too."""
+`codegen` and `ir`; only the api, the CLI, `serve` (api-level) and the package's top-level modules import
+`api`/`frontend`; no compiler package imports `serve`. No module imports a private (`_name`) name from another
+module. Read from the source with `ast`, so an import inside a function counts too."""
 from __future__ import annotations
 
 import ast
@@ -64,7 +64,7 @@ def violations(path: Path, source: str | None = None) -> list[str]:
         else:
             to = parts[1]
         where = f"{path.relative_to(PACKAGE)}:{line}"
-        if to in {"api", "frontend"} and layer not in {"api", "cli", "__init__", "frontend"}:
+        if to in {"api", "frontend"} and layer not in {"api", "cli", "__init__", "frontend", "serve"}:
             out.append(f"{where} imports einfuse.{to}: only the api, the CLI and the package root may")
         if allowed is not None and to not in allowed and to != "einfuse":
             out.append(f"{where} ({layer}) imports einfuse.{to}; {layer} may import {sorted(allowed)}")
@@ -87,4 +87,6 @@ def test_the_checker_finds_violations():
     assert violations(PACKAGE / "ir" / "x.py", "from ..kinds import KINDS")
     assert violations(PACKAGE / "runtime" / "x.py", "from ..frontend.lower import lower_graph")
     assert violations(PACKAGE / "kinds" / "x.py", "from ..ir.index import _simplify_node")
+    assert violations(PACKAGE / "runtime" / "x.py", "from ..serve import LLM")
+    assert not violations(PACKAGE / "serve" / "x.py", "from ..api import compile")
     assert not violations(PACKAGE / "kinds" / "x.py", "from ..ir.index import simplify")
