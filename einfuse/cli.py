@@ -135,6 +135,50 @@ def cmd_demo(ns) -> int:
     return run_demo(dump_dir=ns.dump_dir, seq=ns.seq, model=ns.model, fusion_seq=ns.fusion_seq)
 
 
+def load_causal_lm(name: str):
+    """(model in eval mode, tokenizer) for `einfuse generate`: "smollm2" (einfuse.hub), a `.gguf` file
+    (transformers reads it with the `gguf` package) or a local transformers folder."""
+    if name == "smollm2":
+        from .hub import smollm2
+
+        return smollm2()
+    if not (name.endswith(".gguf") and os.path.isfile(name)) and not os.path.isdir(name):
+        raise UsageError(f"einfuse: {name} is not a transformers model folder, a .gguf file or 'smollm2'")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.isdir(name):
+        return (AutoModelForCausalLM.from_pretrained(name, local_files_only=True).eval(),
+                AutoTokenizer.from_pretrained(name, local_files_only=True))
+    folder, file = os.path.split(os.path.abspath(name))
+    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(folder, gguf_file=file))
+
+
+def cmd_generate(ns) -> int:
+    import time
+
+    from .serve import LLM
+
+    model, tokenizer = load_causal_lm(ns.model)
+    llm = LLM(model, tokenizer)
+    start = time.perf_counter()
+    try:
+        for _, text in llm.stream(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                                  top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed):
+            print(text, end="", flush=True)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    generated = sum(s.tokens_generated for s in llm.stats)
+    prompt = sum(s.tokens_prefilled for s in llm.stats)
+    print()
+    print(f"einfuse: {generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
+          f"({prompt} prompt tokens, {len(llm.stats)} steps, {type(llm.runner).__name__})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -169,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", type=int, action="append", default=None, help="CUDA arch (80, 90); repeatable")
     g.add_argument("--dump-dir", default=None)
     g.set_defaults(fn=cmd_check_gpu)
+
+    n = sub.add_parser("generate", help="stream a completion of a prompt from a causal LM (einfuse.LLM)")
+    n.add_argument("model", help="a transformers model folder, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct)")
+    n.add_argument("--prompt", required=True)
+    n.add_argument("--max-new-tokens", type=int, default=64)
+    n.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    n.add_argument("--top-k", type=int, default=None)
+    n.add_argument("--top-p", type=float, default=None)
+    n.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    n.set_defaults(fn=cmd_generate)
 
     v = sub.add_parser("parse", help="parse and verify an IR file (or - for stdin), printing it back")
     v.add_argument("file")

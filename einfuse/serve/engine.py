@@ -140,16 +140,19 @@ class LLM:
         self.runner = runner if runner is not None else make_runner(model, self.cache, backend)
         self.runner.bind(self.cache)
 
-        limits = [getattr(config, "max_position_embeddings", None), self.scheduler.max_sequence_tokens()]
+        limits = {"the model's positions": getattr(config, "max_position_embeddings", None),
+                  f"scheduler {self.scheduler.name!r}'s step budget (max_batch_tokens; 'chunked' has none)":
+                      self.scheduler.max_sequence_tokens()}
         if cache_policy.window is None:
-            limits.append(num_blocks * block_size)
+            limits[f"the KV cache: {num_blocks} blocks of {block_size} (give LLM more num_blocks or "
+                   f"cache_bytes)"] = num_blocks * block_size
         else:  # a lone sequence advancing one token at a time holds its sinks and its window
             need = -(-cache_policy.sink_tokens // block_size) + -(-cache_policy.window // block_size) + 1
             if num_blocks < need:
                 raise ValueError(f"einfuse: {num_blocks} blocks of {block_size} cannot hold a window of "
                                  f"{cache_policy.window} positions (+{cache_policy.sink_tokens} sink tokens); "
                                  f"give num_blocks >= {need}")
-        self.max_model_len = min(n for n in limits if n)
+        self.max_model_len, self._length_bound = min((n, why) for why, n in limits.items() if n)
 
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
@@ -199,11 +202,8 @@ class LLM:
             raise ValueError(f"einfuse: token ids {bad[:8]} are outside the model's vocabulary "
                              f"[0, {self.vocab_size}); check the tokenizer matches the model")
         if len(ids) > self.max_model_len:
-            raise ValueError(
-                f"einfuse: a prompt of {len(ids)} tokens can never run: the longest is {self.max_model_len} "
-                f"(KV cache {self.blocks.num_blocks} blocks x {self.blocks.block_size} tokens, "
-                f"{'the' if self.scheduler.max_sequence_tokens() is None else 'scheduler budget ' + str(self.scheduler.max_batch_tokens) + ', the'}"
-                f" model's positions); shorten the prompt or give LLM more num_blocks / cache_bytes")
+            raise ValueError(f"einfuse: a prompt of {len(ids)} tokens can never run: the longest is "
+                             f"{self.max_model_len}, set by {self._length_bound}; shorten the prompt")
         return ids
 
     def abort(self, request_id: int) -> RequestOutput | None:

@@ -88,7 +88,7 @@ class EagerRunner:
         self.cache: CacheConfig | None = None
         self.last_step_bytes = None
         self._tokens: dict[int, list[int]] = {}  # every token each request passed to step, in order
-        self._owner: dict[int, int] = {}  # block -> the request whose table holds it
+        self.owners: dict[int, int] = {}  # block -> the request whose table holds it, as steps showed it
         self.forwards = 0  # model calls made (a prefill chunk that is not sampled costs none)
 
     def bind(self, cache: CacheConfig) -> None:
@@ -96,11 +96,11 @@ class EagerRunner:
 
     def release(self, request_id: int, blocks: list[int]) -> None:
         for b in blocks:
-            if self._owner.get(b, request_id) != request_id:  # a block no step used yet has no owner
+            if self.owners.get(b, request_id) != request_id:  # a block no step used yet has no owner
                 raise RuntimeError(f"einfuse: request {request_id} released block {b}, owned by "
-                                   f"{self._owner.get(b)}")
-            self._owner.pop(b, None)
-        if not any(owner == request_id for owner in self._owner.values()):
+                                   f"{self.owners.get(b)}")
+            self.owners.pop(b, None)
+        if not any(owner == request_id for owner in self.owners.values()):
             self._tokens.pop(request_id, None)  # finished, aborted or preempted: it holds no block any more
 
     def _check(self, e: StepEntry) -> None:
@@ -117,9 +117,9 @@ class EagerRunner:
             if block == DEAD:
                 raise RuntimeError(f"einfuse: request {e.request_id} writes position {i * bs}+ with no live block")
         for block in e.block_table:
-            if block != DEAD and self._owner.setdefault(block, e.request_id) != e.request_id:
+            if block != DEAD and self.owners.setdefault(block, e.request_id) != e.request_id:
                 raise RuntimeError(f"einfuse: block {block} is in request {e.request_id}'s table but still "
-                                   f"belongs to request {self._owner[block]}")
+                                   f"belongs to request {self.owners[block]}")
         seen.extend(e.token_ids)
 
     @torch.no_grad()

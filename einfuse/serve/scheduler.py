@@ -10,7 +10,8 @@ never preempts an older one, so the oldest request always advances.
   admitted only when its whole prompt fits in what is left of the budget.
 
 Both admit waiting requests first come, first served (a request that does not fit holds back the younger
-ones), and never more running requests than the token budget, so every running decode fits every step.
+ones; a step that preempted admits none), and never more running requests than the token budget, so every
+running decode fits every step.
 """
 from __future__ import annotations
 
@@ -116,7 +117,10 @@ class Scheduler:
 
     def _admit(self, plan: _Plan, waiting: list[Request], whole: bool) -> None:
         """Admit waiting requests oldest first while the budget, the running limit and the free blocks allow
-        (`whole`: only with all their tokens); stop at the first that does not fit."""
+        (`whole`: only with all their tokens); stop at the first that does not fit. None in a step that
+        preempted: the preempted requests (back in waiting next step) go before younger ones."""
+        if plan.out.preempted:
+            return
         for req in sorted(waiting, key=lambda r: r.arrival):
             if len(plan.running) >= self.max_running:
                 return
