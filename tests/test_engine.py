@@ -12,8 +12,20 @@ import torch
 
 from einfuse.cli import main as cli_main
 from einfuse.models import tiny_decoder, tiny_gpt2, tiny_llama
-from einfuse.serve import (DEAD, LLM, BlockManager, CacheConfig, CachePolicy, ChunkedPrefill, EagerRunner, Request,
-                           SamplingParams, StepEntry, WholePrompt, kv_bytes_per_token)
+from einfuse.serve import (
+    DEAD,
+    LLM,
+    BlockManager,
+    CacheConfig,
+    CachePolicy,
+    ChunkedPrefill,
+    EagerRunner,
+    Request,
+    SamplingParams,
+    StepEntry,
+    WholePrompt,
+    kv_bytes_per_token,
+)
 from einfuse.serve.sampling import filter_logits, sample
 
 
@@ -130,6 +142,42 @@ def test_sliding_window_frees_blocks_and_matches_transformers():
         LLM(model, block_size=2, num_blocks=3)
 
 
+class TableRecorder(EagerRunner):
+    """The eager runner, keeping every step's entries and every release."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.entries, self.released = [], []
+
+    def step(self, entries):
+        self.entries.append(entries)
+        return super().step(entries)
+
+    def release(self, request_id, blocks):
+        self.released.append((request_id, list(blocks)))
+        super().release(request_id, blocks)
+
+
+def test_streaming_llm_keeps_sinks_and_window(llama):
+    """StreamingLLM (opt-in): 4 sink positions + the last 8; a 60-token sequence runs in 5 blocks of 4, its
+    table keeps the sink block, marks evicted ones DEAD, and every freed block is reported to the runner."""
+    runner = TableRecorder(llama)
+    llm = LLM(llama, block_size=4, num_blocks=5, max_batch_tokens=4, runner=runner,
+              cache_policy=CachePolicy.streaming_llm(window=8, sink_tokens=4))
+    out = llm.generate(random_prompts([30])[0], max_new_tokens=30, ignore_eos=True)
+    assert len(out) == 30 and llm.max_model_len == 4096
+    last = runner.entries[-1][0]
+    assert last.start == 58 and len(last.block_table) == 15  # positions 0..58: 15 blocks' worth
+    table = last.block_table
+    assert table[0] != DEAD and table[1:12] == (DEAD,) * 11 and DEAD not in table[12:]
+    for entries in runner.entries:  # each step can read its sinks and its window
+        for e in entries:
+            live = [p for p in range(e.start + len(e.token_ids)) if e.block_table[p // 4] != DEAD]
+            assert set(range(4)) | set(range(max(0, e.start - 7), e.start)) <= set(live)
+    assert sum(len(b) for _, b in runner.released[:-1]) == 11 and len(runner.released[-1][1]) == 4  # evicted, then the rest
+    assert llm.blocks.blocks_in_use == 0 and runner.owners == {}
+
+
 def test_staggered_arrivals_each_as_alone(llama):
     """Eight requests joining at steps 0..7 (continuous batching) each produce what transformers produces for
     it alone; afterwards every block is free and the runner holds none."""
@@ -183,8 +231,7 @@ def test_strings_in_and_out_and_streamed_text(llama):
 # ---------------------------------------------------------------------------------------------------- sampling
 
 def test_sampling_filters_are_transformers_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * 3
     logits[0, :10] = 5.0  # ties at the k-th value

@@ -6,6 +6,6 @@ from .runner import CacheConfig, EagerRunner, ModelRunner, StepEntry, make_runne
 from .sampling import SamplingParams
 from .scheduler import ChunkedPrefill, Request, Schedule, Scheduler, WholePrompt
 
-__all__ = ["DEAD", "BlockManager", "CacheConfig", "CachePolicy", "ChunkedPrefill", "EagerRunner", "LLM",
+__all__ = ["DEAD", "LLM", "BlockManager", "CacheConfig", "CachePolicy", "ChunkedPrefill", "EagerRunner",
            "ModelRunner", "Request", "RequestOutput", "SamplingParams", "Schedule", "Scheduler", "StepEntry",
            "StepStats", "WholePrompt", "kv_bytes_per_token", "make_runner"]

@@ -33,12 +33,12 @@ class CachePolicy:
             raise ValueError("einfuse: sink tokens need a window (StreamingLLM keeps sinks + a recent window)")
 
     @staticmethod
-    def streaming_llm(window: int = 1020, sink_tokens: int = 4) -> "CachePolicy":
+    def streaming_llm(window: int = 1020, sink_tokens: int = 4) -> CachePolicy:
         """StreamingLLM (Xiao et al., 2023): keep the first `sink_tokens` positions and the last `window`."""
         return CachePolicy(window=window, sink_tokens=sink_tokens)
 
     @staticmethod
-    def of_model(config) -> "CachePolicy":
+    def of_model(config) -> CachePolicy:
         """The model's own policy: its sliding window when every layer has it (Mistral), else full attention
         (a model mixing sliding and global layers, Gemma-2, needs every position for its global layers)."""
         config = config.get_text_config() if hasattr(config, "get_text_config") else config

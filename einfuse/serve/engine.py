@@ -141,8 +141,8 @@ class LLM:
         self.runner.bind(self.cache)
 
         limits = {"the model's positions": getattr(config, "max_position_embeddings", None),
-                  f"scheduler {self.scheduler.name!r}'s step budget (max_batch_tokens; 'chunked' has none)":
-                      self.scheduler.max_sequence_tokens()}
+                  f"scheduler {self.scheduler.name!r}, which runs a whole sequence in one step of at most "
+                  f"max_batch_tokens (raise it, or use scheduler='chunked')": self.scheduler.max_sequence_tokens()}
         if cache_policy.window is None:
             limits[f"the KV cache: {num_blocks} blocks of {block_size} (give LLM more num_blocks or "
                    f"cache_bytes)"] = num_blocks * block_size
@@ -170,6 +170,8 @@ class LLM:
         """Queue a request; returns its id. `prompt`: a string (needs a tokenizer) or token ids. Sampling:
         a SamplingParams or its fields as keywords (max_new_tokens, temperature, top_k, top_p, seed, stop,
         ignore_eos)."""
+        if params is not None and sampling:
+            raise ValueError(f"einfuse: give sampling as params= or as keywords, not both ({sorted(sampling)})")
         params = params or SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
         ids = self._encode(prompt)
         if any(isinstance(s, str) for s in params.stop) and self.tokenizer is None:
@@ -218,8 +220,8 @@ class LLM:
                     return seq.result()
         if isinstance(request_id, int) and 0 <= request_id < self._next_id:
             return None
-        raise KeyError(f"einfuse: no request {request_id!r}; ids come from LLM.add_request (0 to "
-                       f"{self._next_id - 1} so far)")
+        raise KeyError(f"einfuse: no request {request_id!r}; ids come from LLM.add_request ({self._next_id} "
+                       f"issued so far, from 0)")
 
     def has_unfinished(self) -> bool:
         return bool(self._running or self._waiting)

@@ -40,7 +40,7 @@ positions for StreamingLLM (position = slot in the cache) does so itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -55,7 +55,7 @@ class CacheConfig:
     block_size: int
     max_batch_tokens: int
     dtype: torch.dtype
-    policy: CachePolicy = CachePolicy()
+    policy: CachePolicy = field(default_factory=CachePolicy)
 
 
 @dataclass(frozen=True)
