@@ -2,6 +2,7 @@
 driver; `einfuse.compile` makes one variant per input signature."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ class Driver:
     backend: str
     check: bool
     backend_options: dict
+    prepare: tuple = ()  # passes run on the whole lowered module before the pipeline (which may run per layer)
 
     def build(self, cap: Captured, name: str, like: dict, out_dir: str | None, report: LoweringReport) -> Variant:
         """A variant computing `cap`'s graph; `like` holds example inputs by IR name for the numeric check."""
@@ -97,6 +99,8 @@ class Driver:
             except Exception as exc:
                 return eager_variant(report, f"lowering failed ({_first_line(exc)})", self.backend)
             lowered.report.capture = report.capture
+            if self.prepare:
+                lowered.module = run_pipeline(lowered.module, list(self.prepare), [Verify()])
             ms = round((time.perf_counter() - t0) * 1e3, 3)
             like = {**cap.bindings, **{k: v for k, v in like.items() if k in {i.name for i in lowered.module.inputs}}}
             final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms, lowered.instances)
@@ -115,7 +119,7 @@ class Driver:
     def _key(self, cap: Captured, name: str) -> str:
         shapes = [(n.name, str(n.meta.get("val").shape) if hasattr(n.meta.get("val"), "shape") else "",
                    str(getattr(n.meta.get("val"), "dtype", ""))) for n in cap.gm.graph.nodes if n.op == "placeholder"]
-        fps = [p.fingerprint() for p in (self.passes if self.passes is not None else default_pipeline())]
+        fps = [p.fingerprint() for p in list(self.prepare) + (self.passes if self.passes is not None else default_pipeline())]
         return key_of(cap.gm.code, repr(shapes), repr(fps), name)
 
     def _cached(self, cap: Captured, name: str):
@@ -289,3 +293,52 @@ def register_dynamo_backend() -> None:
 
     if "einfuse" not in _COMPILER_FNS:
         register_backend(name="einfuse")(einfuse_backend)
+
+
+# ---------------------------------------------------------------- serving: programs over a paged KV cache
+
+@dataclass
+class CachedPrograms:
+    """A decoder's prefill program (one sequence, T new tokens after a cached prefix) and decode program
+    (B sequences, one token each), derived from one capture (passes.serving): both read and write the same
+    paged KV cache, the `states` (each [NB, block_size, ...]), through `block_table[b, j]`."""
+
+    prefill: Variant
+    decode: Variant
+    states: tuple  # Input (kind "state") of each cache, shapes over the symbolic NB
+    block_size: int
+
+
+def compile_cached(model: torch.nn.Module, *, block_size: int = 16, backend: str | None = None,
+                   dump_dir: str | None = None, check: bool | None = None) -> CachedPrograms:
+    """Capture `model`'s forward once (input_ids and position_ids of B sequences of T tokens, the logits of
+    the last token only) and derive its prefill and decode programs over a paged KV cache."""
+    from .passes import cleanup_passes, fusion_passes
+    from .passes.serving import CacheKV, Specialize
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=g)
+    kwargs = {"input_ids": ids, "position_ids": torch.arange(8).expand(2, 8).contiguous(), "use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    batch, tokens = torch.export.Dim("batch", min=1), torch.export.Dim("tokens", min=1)
+    dims = {k: ({0: batch, 1: tokens} if k in ("input_ids", "position_ids") else None) for k in kwargs}
+    dump_dir, check, backend = _settings(dump_dir, check, backend, [ids])
+    try:
+        cap = export(model, (), kwargs, dynamic_shapes=dims)
+    except Exception as exc:
+        raise RuntimeError(f"einfuse: cannot capture {type(model).__name__} for serving: {_first_line(exc)}") from exc
+    programs = {}
+    for label, fixed in (("prefill", {"input_ids": {0: 1}}), ("decode", {"input_ids": {1: 1}})):
+        passes = cleanup_passes() + [CacheKV(block_size)] + cleanup_passes() + fusion_passes()
+        out_dir = os.path.join(dump_dir, label) if dump_dir else None
+        like = dict(zip(cap.user_inputs, torch.utils._pytree.tree_leaves(((), kwargs))))
+        driver = Driver(passes, out_dir, backend, check, {}, prepare=(Specialize(fixed),))
+        v = driver.build(cap, f"{type(model).__name__.lower()}_{label}", like, out_dir, LoweringReport())
+        if v.fallback is not None:
+            raise RuntimeError(f"einfuse: the {label} program of {type(model).__name__} cannot be compiled: "
+                               f"{v.fallback}")
+        programs[label] = v
+    states = tuple(i for i in programs["decode"].ir.inputs if i.kind == "state")
+    return CachedPrograms(programs["prefill"], programs["decode"], states, block_size)

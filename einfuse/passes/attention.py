@@ -160,7 +160,7 @@ def match(m: Module, av: Statement) -> Cascade | None:
     ps = ps[-1:]
     lead = [r for r in out if r not in ps and r not in fs]
     shared = {a.tensor for a in accesses(av.expr)} & {a.tensor for a in accesses(sm.expr)}
-    ex = next((prod[t] for t in shared if is_map(prod[t])), None)
+    ex = next((prod[t] for t in shared if is_map(prod.get(t))), None)
     return Cascade(qk, mx, sm, av, ex, key, lead, ps[0], fs[0], score, value, safe_den or safe_shift)
 
 

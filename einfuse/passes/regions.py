@@ -47,14 +47,14 @@ class Partition:
         plan = self._plan(finals)
         if plan is None:
             return None
-        units, outputs = plan
+        units, skeleton = plan
         body, kernels = [], []
         for unit, rename in units:
             if isinstance(unit, Kernel):
                 kernels.append(_rename_kernel(unit, rename))
             else:
                 body.append(unit.renamed(rename) if rename else unit)
-        return self.lowered.replace(body=tuple(body), kernels=tuple(kernels), outputs=outputs)
+        return skeleton.replace(body=tuple(body), kernels=tuple(kernels))
 
     def stitch_text(self, modules: list[Module], cache: dict) -> str:
         """The whole module's text (for per-pass dumps) without building it: each region's lines are
@@ -62,8 +62,9 @@ class Partition:
         plan = self._plan(modules)
         if plan is None:
             return ""
-        units, outputs = plan
-        lines, kernel_lines = header_lines(self.lowered), []
+        units, skeleton = plan
+        outputs = skeleton.outputs
+        lines, kernel_lines = header_lines(skeleton), []
         for unit, rename in units:
             hit = cache.get(id(unit))
             if hit is None or hit[0] is not unit:
@@ -74,15 +75,21 @@ class Partition:
         return "\n".join(lines + kernel_lines + [f"  out {', '.join(outputs)}"]) + "\n"
 
     def _plan(self, finals: list[Module]):
-        """(units in body order as (op or kernel, rename or None), the module's outputs), or None."""
+        """(units in body order as (op or kernel, rename or None), the module without its body: inputs,
+        sizes and outputs, with what the passes added — a state, a block table — per instance), or None."""
         entries = []  # (position, ops, kernels, rename): what must stay together, and its names
         used = set(self.positions)  # every lowered name: a name made for an instance must be new
         outputs = dict(zip(self.lowered.outputs, self.lowered.outputs))
+        inputs: dict = {}  # whole-module input name -> Input, as the regions' pipelines left them
+        extra_outputs: list = []
         for region, final in zip(self.regions, finals):
             out_map = dict(zip(region.module.outputs, final.outputs))
             if len(set(final.outputs)) < len(final.outputs):
                 return None
+            added = final.outputs[len(region.module.outputs):]  # outputs a pass added (a state's new version)
             if region.instances is None:  # the outer region keeps its names; its kernel groups stay whole
+                inputs.update({i.name: i for i in final.inputs})
+                extra_outputs += added
                 outputs.update({o: out_map[o] for o in outputs if o in out_map})
                 grouped = final.group_of()
                 last = 0
@@ -96,10 +103,16 @@ class Partition:
                         entries.append((last, [o for o in final.body if o.outputs[0] in members], [k], None))
                     used.update(op.outputs)
                 continue
+            known = {i.name for i in region.module.inputs}
             for n, (names, first) in enumerate(region.instances):
                 rename = _instance_names(final, names, region.internal, out_map, n, used)
                 if rename is None:
                     return None
+                for i in final.inputs:  # an input a pass added is the instance's own if named after its statements
+                    if i.name not in known and i.name not in rename:
+                        rename[i.name] = _derived(i.name, names, region.internal, n, used, shared=True)
+                    inputs.setdefault(rename.get(i.name, i.name), Input(rename.get(i.name, i.name), i.type, i.kind))
+                extra_outputs += [rename.get(o, o) for o in added]
                 entries.append((first, list(final.body), list(final.kernels), rename))
         defined = {}
         for n, (_, ops, _, rename) in enumerate(entries):
@@ -119,7 +132,13 @@ class Partition:
             done.add(n)
             _, ops, kernels, rename = entries[n]
             units += [(op, rename) for op in ops] + [(k, rename) for k in kernels]
-        return units, tuple(outputs[o] for o in self.lowered.outputs)
+        order = [i.name for i in self.lowered.inputs] + [n for n in inputs if n not in self.positions]
+        module_inputs = tuple(inputs[n] for n in dict.fromkeys(order) if n in inputs)
+        sizes = tuple(dict.fromkeys(x for f in finals for x in f.sizes))
+        hints = tuple(dict.fromkeys((x, v) for f in finals for x, v in f.size_hints))
+        skeleton = self.lowered.replace(inputs=module_inputs, sizes=sizes, size_hints=hints, body=(), kernels=(),
+                                        outputs=tuple(outputs[o] for o in self.lowered.outputs) + tuple(extra_outputs))
+        return units, skeleton
 
 
 def _rename_kernel(k: Kernel, rename: dict | None) -> Kernel:
@@ -140,25 +159,29 @@ def _instance_names(final: Module, names: dict, internal: frozenset, out_map: di
             if after in names and names[after] != names[before]:
                 return None
             out[after] = names[before]
-    by_length = sorted((k for k in names if k in internal), key=len, reverse=True)
-
-    def derived(name: str, prefix: str = "") -> str:
-        base = next((b for b in by_length if name.startswith(prefix + b)), None)
-        new = (prefix + names[base] + name[len(prefix + base):]) if base is not None else f"{name}_{n}"
-        while new in used:
-            new += f"_{n}"
-        used.add(new)
-        return new
-
     for op in final.body:
         for o in op.outputs:
             if o not in out:
-                out[o] = derived(o)
+                out[o] = _derived(o, names, internal, n, used)
             used.add(out[o])
     for k in final.kernels:
         prefix = k.name[:len(k.name) - len(k.members[-1])] if k.name.endswith(k.members[-1]) else ""
-        out[k.name] = prefix + out[k.members[-1]] if prefix else derived(k.name)
+        out[k.name] = prefix + out[k.members[-1]] if prefix else _derived(k.name, names, internal, n, used)
     return out
+
+
+def _derived(name: str, names: dict, internal: frozenset, n: int, used: set, shared: bool = False) -> str:
+    """An instance's name for a template name a pass made: the instance's name of the template statement
+    it extends (`sdpa_lm` -> `sdpa_3_lm`); without one, `name_n` — or `name` itself when `shared` (an input
+    every instance reads alike, a block table)."""
+    base = max((b for b in names if b in internal and name.startswith(b)), key=len, default=None)
+    if base is None and shared:
+        return name
+    new = names[base] + name[len(base):] if base is not None else f"{name}_{n}"
+    while new in used:
+        new += f"_{n}"
+    used.add(new)
+    return new
 
 
 def partition(m: Module, instances: list, inlinable=None) -> Partition | None:
