@@ -140,6 +140,9 @@ def test_sliding_window_frees_blocks_and_matches_transformers():
     assert max(s.blocks_in_use for s in llm.stats) <= 6 and llm.blocks.blocks_in_use == 0
     with pytest.raises(ValueError, match="cannot hold a window of 6"):
         LLM(model, block_size=2, num_blocks=3)
+    whole = LLM(model, block_size=2, num_blocks=6, max_batch_tokens=32, scheduler="none")  # no chunks to evict
+    with pytest.raises(ValueError, match="longest is 12, set by the KV cache: 6 blocks of 2"):
+        whole.add_request(prompts[0])
 
 
 class TableRecorder(EagerRunner):

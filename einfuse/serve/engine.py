@@ -112,7 +112,8 @@ class LLM:
         (StreamingLLM: 4 sink tokens + a recent window; positions outside it are evicted) or a CachePolicy.
 
     `max_model_len`: the longest prompt; a request stops ("length") when prompt + output reaches it. It is
-    the smallest of the model's positions, the cache (without a window) and, for "none", the budget.
+    the smallest of the model's positions, the cache (unless a window lets "chunked" evict as it goes) and,
+    for "none", the budget (a preempted request recomputes its whole sequence in one step).
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_tokens: int = 256, block_size: int = 16,
@@ -143,10 +144,10 @@ class LLM:
         limits = {"the model's positions": getattr(config, "max_position_embeddings", None),
                   f"scheduler {self.scheduler.name!r}, which runs a whole sequence in one step of at most "
                   f"max_batch_tokens (raise it, or use scheduler='chunked')": self.scheduler.max_sequence_tokens()}
-        if cache_policy.window is None:
+        if cache_policy.window is None or self.scheduler.max_sequence_tokens() is not None:  # all cached at once
             limits[f"the KV cache: {num_blocks} blocks of {block_size} (give LLM more num_blocks or "
                    f"cache_bytes)"] = num_blocks * block_size
-        else:  # a lone sequence advancing one token at a time holds its sinks and its window
+        if cache_policy.window is not None:  # a lone sequence advancing one token at a time holds sinks + window
             need = -(-cache_policy.sink_tokens // block_size) + -(-cache_policy.window // block_size) + 1
             if num_blocks < need:
                 raise ValueError(f"einfuse: {num_blocks} blocks of {block_size} cannot hold a window of "
