@@ -27,6 +27,10 @@ KNOWN = (
     Known("triton: floor division of floats uses `//` (InterpreterError: unexpected type fp32)",
           "test_triton_float_floor_divide",
           lambda f, job: _triton(f) and "unexpected type fp" in f["error"]),
+    # (programs with a bf16 value and an f64 one or an arange, whose index values the IR casts through f64)
+    Known("triton: a cast from f64 to bf16 gives wrong values under the interpreter", "test_triton_f64_to_bf16_cast",
+          lambda f, job: _triton(f) and f["kind"] == "mismatch" and "bfloat16" in job["source"]
+          and ("float64" in job["source"] or "arange" in job["source"])),
 )
 
 

@@ -26,6 +26,7 @@ MAX_INPUT_NUMEL = 192
 SIZES = (1, 2, 3, 4, 5, 7, 8, 16, 6, 11, 13, 17, 9)  # small, primes, non-powers of two; 0 is drawn apart
 FLOAT_SCALARS = ("2.0", "0.5", "-1.5", "3.0", "0.1", "-0.25", "1e-3", "float('inf')")
 INT_SCALARS = ("2", "1", "3", "-1", "0", "7")
+DTYPES = ("float32", "float32", "float64", "bfloat16", "float16", "int64", "int32", "bool", "int8", "uint8", "int16")
 
 
 class Recorder(TorchDispatchMode):
@@ -70,6 +71,7 @@ class Builder:
         self.holder = torch.nn.Module()  # the submodules, as `self` in the statements
         self.reductions: list = []  # lengths of the reductions the program performs
         self.dtypes: set = set()  # every dtype eager computes in (intermediates within a statement too)
+        self.sizes, self.allowed = SIZES, set(DTYPES)  # the swarm's palette (see `swarm`)
 
     # ---------------------------------------------------------------- draws
     def choice(self, seq):
@@ -83,7 +85,11 @@ class Builder:
         return self.draw(st.integers(0, 99)) >= 100 - pct
 
     def size(self, zero_pct: int = 2) -> int:
-        return 0 if self.chance(zero_pct) else self.choice(SIZES)
+        return 0 if self.chance(zero_pct) else self.choice(self.sizes)
+
+    def among(self, options):
+        """One of `options` (sizes), leaving out 1 when the palette does."""
+        return self.choice([n for n in options if n != 1 or 1 in self.sizes] or options)
 
     def shape(self, rank: int | None = None, cap: int = MAX_INPUT_NUMEL, zero_pct: int = 2) -> tuple:
         rank = self.choice((2, 1, 3, 0, 4)) if rank is None else rank
@@ -94,9 +100,8 @@ class Builder:
         return tuple(dims)
 
     def dtype(self, kinds: str = "fib") -> str:
-        table = [d for d in ("float32", "float32", "float64", "bfloat16", "float16", "int64", "int32", "bool",
-                             "int8", "uint8", "int16") if kind_of(getattr(torch, d)) in kinds]
-        return self.choice(table)
+        table = [d for d in DTYPES if kind_of(getattr(torch, d)) in kinds]
+        return self.choice([d for d in table if d in self.allowed] or table)
 
     def fdtype(self) -> str:
         return self.dtype("f")
@@ -216,7 +221,7 @@ def _broadcast_partner(b: Builder, shape: tuple) -> tuple:
     if shape and b.chance(25):  # fewer dimensions (right-aligned)
         out = out[b.int(1, len(out)):]
     elif len(shape) < 4 and b.chance(10):  # more dimensions
-        out = [b.choice(SIZES[:5])] + out
+        out = [b.among(SIZES[:5])] + out
     return tuple(out)
 
 
@@ -376,7 +381,7 @@ def op_matmul(b: Builder):
     if form == 5 and x.dim() >= 2:  # x @ x^T: one value on both sides
         b.emit(f"{a} @ {a}.mT")
         return
-    n = 1 if b.chance(15) else b.size(1)
+    n = 1 if b.chance(15) and 1 in b.sizes else b.size(1)
     if form == 0 or x.dim() == 1:  # a matrix (or a vector) on the right
         other = b.like((k,) if b.chance(15) else (k, n), dtype)
     else:  # batched: the batch dims as they are or broadcast
@@ -404,7 +409,7 @@ def op_linear(b: Builder):
     if x.dim() == 0:
         return
     k, dtype = x.shape[-1], str(x.dtype)[6:]
-    n = 1 if b.chance(20) else b.size(1)
+    n = 1 if b.chance(20) and 1 in b.sizes else b.size(1)
     bias = not b.chance(30)
     if b.chance(25):  # the weight as an input
         w = b.like((n, k), dtype)
@@ -580,7 +585,7 @@ def op_cat(b: Builder):
     parts = [a]
     for _ in range(b.int(1, 2)):
         shape = list(x.shape)
-        shape[d] = b.choice((1, 2, 3, 0, 5))
+        shape[d] = b.among((1, 2, 3, 0, 5))
         parts.append(a if b.chance(15) else b.like(tuple(shape), dtype))
     perm = b.draw(st.permutations(list(range(len(parts)))))
     b.emit(f"torch.cat([{', '.join(parts[p] for p in perm)}], dim={d})")
@@ -647,12 +652,12 @@ def op_attention(b: Builder):
     """scaled_dot_product_attention (masks: none, causal, boolean, additive, sliding window; GQA; one
     query row), or the same written out as matmul + softmax + matmul."""
     dtype = b.fdtype()
-    batch = b.choice(((1,), (2,), (), (1, 2)))
-    hk = b.choice((1, 2))
+    batch = b.choice(((1,), (2,), (), (1, 2)) if 1 in b.sizes else ((2,), (), (3, 2)))
+    hk = b.among((1, 2))
     h = hk * b.choice((1, 2))
     gqa = h != hk
-    L, S = b.choice((1, 2, 3, 5, 8, 4)), b.choice((1, 3, 4, 7, 8, 2))
-    E = b.choice((4, 8, 1, 2, 16, 3))
+    L, S = b.among((1, 2, 3, 5, 8, 4)), b.among((1, 3, 4, 7, 8, 2))
+    E = b.among((4, 8, 1, 2, 16, 3))
     Ev = E if b.chance(80) else b.choice((2, 4, 5))
     lead = batch + (h,)
     q = b.like(lead + (L, E), dtype)
@@ -702,7 +707,7 @@ def op_attention(b: Builder):
 def op_gather(b: Builder):
     form = b.int(0, 4)
     if form == 0:  # an embedding table
-        vocab, dim = b.choice((5, 16, 3, 1, 7)), b.choice((4, 8, 3, 1))
+        vocab, dim = b.among((5, 16, 3, 1, 7)), b.among((4, 8, 3, 1))
         ids = b.index_input(b.shape(b.choice((1, 2)), cap=16), vocab)
         dtype = b.fdtype()
         kw = "" if dtype == "float32" else f", dtype=torch.{dtype}"
@@ -724,11 +729,11 @@ def op_gather(b: Builder):
         else:
             b.emit(f"{a}[{pre}{idx}]")
     elif form == 2:
-        idx = b.index_input((b.choice((1, 2, 3, 5)),), n)
+        idx = b.index_input((b.among((1, 2, 3, 5)),), n)
         b.emit(f"torch.index_select({a}, {d}, {idx})")
     elif form == 3:  # gather: an index no larger than the input in the other dimensions
         shape = tuple(b.int(1, s) if s else 0 for s in x.shape)
-        shape = shape[:d] + (b.choice((1, 2, 3, 4)),) + shape[d + 1:]
+        shape = shape[:d] + (b.among((1, 2, 3, 4)),) + shape[d + 1:]
         if math.prod(shape) > 64:
             return
         idx = b.index_input(shape, n)
@@ -804,16 +809,29 @@ def _meta(b: Builder) -> dict:
     return {"loosest": loosest, "eps": EPS[loosest], "reductions": list(b.reductions)}
 
 
+def swarm(b: Builder, ops) -> list:
+    """Swarm testing: each program draws a palette — some op families, sizes without 1, some dtypes — so
+    that programs also avoid a feature entirely (a bug that every size-1 dimension triggers would otherwise
+    mask the rest). Shrinks to the full palette."""
+    enabled = [op for op in ops if not b.chance(35)] or list(ops)
+    if b.chance(30):
+        b.sizes = tuple(n for n in SIZES if n != 1)
+    if b.chance(30):
+        b.allowed = {"float32"} | {d for d in DTYPES if not b.chance(50)}
+    return enabled
+
+
 @st.composite
 def programs(draw, max_statements: int = 6, ops=OPS):
     """A random program: 1..max_statements ops over a couple of inputs (more appear as ops need them)."""
     seed = draw(st.integers(0, 2 ** 16))
     with torch.random.fork_rng():
         b = Builder(draw, seed)
+        enabled = swarm(b, ops)
         b.new_input(b.shape(), b.dtype("f") if b.chance(80) else b.dtype())
         used = []
         for _ in range(draw(st.integers(1, max_statements))):
-            op = b.choice(ops)
+            op = b.choice(enabled)
             before = len(b.p.body)
             op(b)
             used += [op.__name__] * (len(b.p.body) - before)
