@@ -177,7 +177,8 @@ def test_streaming_llm_keeps_sinks_and_window(llama):
         for e in entries:
             live = [p for p in range(e.start + len(e.token_ids)) if e.block_table[p // 4] != DEAD]
             assert set(range(4)) | set(range(max(0, e.start - 7), e.start)) <= set(live)
-    assert sum(len(b) for _, b in runner.released[:-1]) == 11 and len(runner.released[-1][1]) == 4  # evicted, then the rest
+    evicted, (_, last_blocks) = runner.released[:-1], runner.released[-1]
+    assert sum(len(b) for _, b in evicted) == 11 and len(last_blocks) == 4  # evictions, then the live blocks
     assert llm.blocks.blocks_in_use == 0 and runner.owners == {}
 
 

@@ -4,8 +4,8 @@ from .blocks import DEAD, BlockManager, CachePolicy
 from .engine import LLM, RequestOutput, StepStats, kv_bytes_per_token
 from .runner import CacheConfig, EagerRunner, ModelRunner, StepEntry, make_runner
 from .sampling import SamplingParams
-from .scheduler import ChunkedPrefill, Request, Schedule, Scheduler, WholePrompt
+from .scheduler import ChunkedPrefill, Plan, Request, Schedule, Scheduler, WholePrompt
 
 __all__ = ["DEAD", "LLM", "BlockManager", "CacheConfig", "CachePolicy", "ChunkedPrefill", "EagerRunner",
-           "ModelRunner", "Request", "RequestOutput", "SamplingParams", "Schedule", "Scheduler", "StepEntry",
+           "ModelRunner", "Plan", "Request", "RequestOutput", "SamplingParams", "Schedule", "Scheduler", "StepEntry",
            "StepStats", "WholePrompt", "kv_bytes_per_token", "make_runner"]

@@ -139,8 +139,8 @@ class EagerRunner:
                 self.forwards += 1
             else:
                 rows.append(None)
-        vocab = next(r.shape[0] for r in rows if r is not None) if any(r is not None for r in rows) else 1
-        return torch.stack([r if r is not None else torch.zeros(vocab, device=device) for r in rows])
+        unread = torch.zeros(self.model.config.get_text_config().vocab_size, device=device)  # sample=False rows
+        return torch.stack([r if r is not None else unread for r in rows])
 
 
 def make_runner(model, cache: CacheConfig, backend: str | None = None) -> ModelRunner:

@@ -56,8 +56,8 @@ class Schedule:
         return sum(n for _, n in self.chunks)
 
 
-class _Plan:
-    """The state of one `schedule` call: what still runs, the budget left, the chunks so far."""
+class Plan:
+    """The state of one `schedule` call: what still runs (oldest first), the budget left, the chunks so far."""
 
     def __init__(self, running: list[Request], blocks: BlockManager, budget: int):
         self.running = sorted(running, key=lambda r: r.arrival)  # oldest first
@@ -84,8 +84,9 @@ class _Plan:
 
 
 class Scheduler:
-    """A scheduling policy over a per-step token budget (`max_batch_tokens`). Subclasses implement `schedule`
-    with the helpers here (advance a running request, admit waiting ones)."""
+    """A scheduling policy over a per-step token budget (`max_batch_tokens`). Subclasses implement `schedule`,
+    usually as: `plan = Plan(running, blocks, budget)`, `advance` running requests and `admit` waiting ones in
+    the policy's order, `return plan.finish()`."""
     name = "base"
 
     def __init__(self, max_batch_tokens: int = 256, max_running: int | None = None):
@@ -103,7 +104,7 @@ class Scheduler:
         """The longest sequence (prompt + generated) this policy can ever run, or None for no bound of its own."""
         return None
 
-    def _advance(self, plan: _Plan, req: Request, n: int, shrink: bool) -> None:
+    def advance(self, plan: Plan, req: Request, n: int, shrink: bool) -> None:
         """Schedule `n` tokens of the running `req` (with `shrink`, fewer — down to one — when blocks are
         short), preempting the newest running requests while its blocks cannot be allocated; `req` itself
         is preempted when it is the newest."""
@@ -115,7 +116,7 @@ class Scheduler:
             if plan.preempt_newest() is req:
                 return
 
-    def _admit(self, plan: _Plan, waiting: list[Request], whole: bool) -> None:
+    def admit(self, plan: Plan, waiting: list[Request], whole: bool) -> None:
         """Admit waiting requests oldest first while the budget, the running limit and the free blocks allow
         (`whole`: only with all their tokens); stop at the first that does not fit. None in a step that
         preempted: the preempted requests (back in waiting next step) go before younger ones."""
@@ -140,15 +141,15 @@ class ChunkedPrefill(Scheduler):
     name = "chunked"
 
     def schedule(self, running, waiting, blocks):
-        plan = _Plan(running, blocks, self.max_batch_tokens)
+        plan = Plan(running, blocks, self.max_batch_tokens)
         order = ([r for r in plan.running if r.remaining == 1] +  # decodes
                  [r for r in plan.running if r.remaining > 1])  # prefills cut short by the budget last step
         for req in order:
             if plan.budget == 0:
                 break
             if req in plan.running:  # not preempted by an older request this step
-                self._advance(plan, req, min(req.remaining, plan.budget), shrink=True)
-        self._admit(plan, waiting, whole=False)
+                self.advance(plan, req, min(req.remaining, plan.budget), shrink=True)
+        self.admit(plan, waiting, whole=False)
         return plan.finish()
 
 
@@ -159,11 +160,11 @@ class WholePrompt(Scheduler):
     name = "none"
 
     def schedule(self, running, waiting, blocks):
-        plan = _Plan(running, blocks, self.max_batch_tokens)
+        plan = Plan(running, blocks, self.max_batch_tokens)
         for req in list(plan.running):
             if req in plan.running and req.remaining <= plan.budget:
-                self._advance(plan, req, req.remaining, shrink=False)
-        self._admit(plan, waiting, whole=True)
+                self.advance(plan, req, req.remaining, shrink=False)
+        self.admit(plan, waiting, whole=True)
         return plan.finish()
 
     def max_sequence_tokens(self) -> int:
