@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -308,23 +309,57 @@ class CachedPrograms:
     states: tuple  # Input (kind "state") of each cache, shapes over the symbolic NB
     block_size: int
 
+    def rebind(self, model: torch.nn.Module) -> None:
+        """Point both programs' weights at `model`'s tensors as they are now (a replaced parameter of the
+        same shape and dtype is read from then on); a changed shape or dtype is an error."""
+        live = dict(model.named_parameters(remove_duplicate=False))
+        live.update(model.named_buffers(remove_duplicate=False))
+        for v in (self.prefill, self.decode):
+            for name, target in v.targets.items():
+                t = live.get(target)
+                if t is None or name not in v.bindings:
+                    continue
+                old = v.bindings[name]
+                if t.shape != old.shape or t.dtype != old.dtype:
+                    raise RuntimeError(f"einfuse: {target} is now {t.dtype}{list(t.shape)}, compiled for "
+                                       f"{old.dtype}{list(old.shape)}; make a new LLM (or runner) for the model")
+                v.bindings[name] = t
+
+
+_CACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(block size, backend): programs}
+
 
 def compile_cached(model: torch.nn.Module, *, block_size: int = 16, backend: str | None = None,
                    dump_dir: str | None = None, check: bool | None = None) -> CachedPrograms:
     """Capture `model`'s forward once (input_ids and position_ids of B sequences of T tokens, the logits of
-    the last token only) and derive its prefill and decode programs over a paged KV cache."""
+    the last token only) and derive its prefill and decode programs over a paged KV cache. The programs
+    are kept per model (a second runner for it compiles nothing) and read its weights as they are at each
+    call of this function."""
+    device = next(model.parameters()).device
+    _, _, chosen = _settings(None, False, backend, [torch.empty(0, device=device)])
+    memo = _CACHED.setdefault(model, {})
+    key = (block_size, chosen, str(device), next(model.parameters()).dtype)
+    if key not in memo or dump_dir:
+        memo[key] = _compile_cached(model, block_size, chosen, dump_dir, check)
+    memo[key].rebind(model)
+    return memo[key]
+
+
+def _compile_cached(model, block_size, backend, dump_dir, check) -> CachedPrograms:
     from .passes import cleanup_passes, fusion_passes
     from .passes.serving import CacheKV, Specialize
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 8), generator=g)
-    kwargs = {"input_ids": ids, "position_ids": torch.arange(8).expand(2, 8).contiguous(), "use_cache": False}
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (2, 8), generator=g).to(device)
+    kwargs = {"input_ids": ids, "position_ids": torch.arange(8, device=device).expand(2, 8).contiguous(), "use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     batch, tokens = torch.export.Dim("batch", min=1), torch.export.Dim("tokens", min=1)
     dims = {k: ({0: batch, 1: tokens} if k in ("input_ids", "position_ids") else None) for k in kwargs}
     dump_dir, check, backend = _settings(dump_dir, check, backend, [ids])
+    model = model.eval()
     try:
         cap = export(model, (), kwargs, dynamic_shapes=dims)
     except Exception as exc:
@@ -339,6 +374,7 @@ def compile_cached(model: torch.nn.Module, *, block_size: int = 16, backend: str
         if v.fallback is not None:
             raise RuntimeError(f"einfuse: the {label} program of {type(model).__name__} cannot be compiled: "
                                f"{v.fallback}")
+        v.targets = dict(cap.targets)
         programs[label] = v
     states = tuple(i for i in programs["decode"].ir.inputs if i.kind == "state")
     return CachedPrograms(programs["prefill"], programs["decode"], states, block_size)

@@ -52,6 +52,9 @@ _SMALL = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_ke
 # sliding windows (6) are shorter than the sequences the tests use (16 tokens); soft-caps are small enough to bend
 # the tiny models' scores and logits.
 DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_SMALL)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_SMALL)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_SMALL, sliding_window=6)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # eager attention: the one applying the soft-cap
                dict(_SMALL, head_dim=16, sliding_window=6, attn_logit_softcapping=1.0, final_logit_softcapping=0.5,

@@ -85,8 +85,12 @@ def _dead(ranges: dict) -> bool:
 
 
 class _Checker:
-    def __init__(self, m: Module):
+    def __init__(self, m: Module, since: Module | None = None):
         self.m = m
+        # statements of an already verified module with the same sizes: one that is still there (the same
+        # object) and reads tensors of the same types as there verifies the same, so it is not checked again
+        self.since = {id(op): op for op in since.body} if since is not None and since.sizes == m.sizes else {}
+        self.since_types = since.types() if self.since else {}
         self.superseded: set = set()  # state versions an update has replaced
         self.state_versions = {i.name for i in m.inputs if i.kind == "state"}
         self.types = {}
@@ -118,7 +122,9 @@ class _Checker:
                 if stale:
                     raise _Problem(f"reads {sorted(stale)[0]!r} after a newer version of it was written (an update "
                                    "writes in place: read the newest version)")
-                if isinstance(op, Statement):
+                if isinstance(op, Statement) and self._known(op):
+                    self.types[op.name] = op.type
+                elif isinstance(op, Statement):
                     self.statement(op)
                 elif isinstance(op, Update):
                     self.update(op)
@@ -132,6 +138,11 @@ class _Checker:
         for o in m.outputs:
             if o not in self.types:
                 raise VerifyError(f"output {o!r} is never defined")
+
+    def _known(self, s: Statement) -> bool:
+        if self.since.get(id(s)) is not s:
+            return False
+        return all(self.types.get(r) == self.since_types.get(r) for r in s.reads() - {s.name})
 
     def kernels(self):
         """Kernel groups name statements, each at most once, in body order."""
@@ -320,7 +331,9 @@ class _Problem(Exception):
     pass
 
 
-def verify(m: Module) -> Module:
-    """Check `m` and return it; raises VerifyError naming the first offending statement."""
-    _Checker(m).run()
+def verify(m: Module, since: Module | None = None) -> Module:
+    """Check `m` and return it; raises VerifyError naming the first offending statement. `since`: a module
+    verified before (the input of the pass that made `m`): statements the pass kept unchanged, reading
+    tensors of unchanged types, are not checked again."""
+    _Checker(m, since).run()
     return m

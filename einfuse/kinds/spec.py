@@ -72,7 +72,10 @@ class KernelSpec:
         """The same kernel (source, tiling) launched for another group of identical structure: its
         statements and outputs, and every argument bound to the tensor `refs` maps it to."""
         args = [Arg(a.name, a.kind, refs.get(a.ref, a.ref), a.dtype) for a in self.args]
-        return replace(self, statements=tuple(statements), outputs=tuple(outputs), args=args)
+        meta = dict(self.meta)
+        if "aliases" in meta:  # an update's new version is its own state's buffer
+            meta["aliases"] = {refs.get(k, k): refs.get(v, v) for k, v in meta["aliases"].items()}
+        return replace(self, statements=tuple(statements), outputs=tuple(outputs), args=args, meta=meta)
 
     @property
     def key(self) -> str:

@@ -33,7 +33,7 @@ class Verify(Instrument):
 
     def after(self, p, before, after, ms, index):
         try:
-            verify(after)
+            verify(after, since=before)
         except VerifyError as e:
             raise PassError(p.pass_name, f"produced an invalid module: {e}") from None
 

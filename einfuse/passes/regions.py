@@ -132,6 +132,7 @@ class Partition:
             done.add(n)
             _, ops, kernels, rename = entries[n]
             units += [(op, rename) for op in ops] + [(k, rename) for k in kernels]
+        units = _live(units, set(outputs.values()) | set(extra_outputs))
         order = [i.name for i in self.lowered.inputs] + [n for n in inputs if n not in self.positions]
         module_inputs = tuple(inputs[n] for n in dict.fromkeys(order) if n in inputs)
         sizes = tuple(dict.fromkeys(x for f in finals for x in f.sizes))
@@ -139,6 +140,23 @@ class Partition:
         skeleton = self.lowered.replace(inputs=module_inputs, sizes=sizes, size_hints=hints, body=(), kernels=(),
                                         outputs=tuple(outputs[o] for o in self.lowered.outputs) + tuple(extra_outputs))
         return units, skeleton
+
+
+def _live(units: list, outputs: set) -> list:
+    """`units` without the statements nothing reads: a region's output that only another region's
+    pre-pass form read (a mask a serving pass replaced) is dead once they are stitched. Kernel members stay."""
+    def named(rename, n):
+        return rename.get(n, n) if rename else n
+
+    members = {named(r, n) for k, r in units if isinstance(k, Kernel) for n in k.members}
+    needed, keep = set(outputs), []
+    for unit, rename in reversed(units):
+        names = set() if isinstance(unit, Kernel) else {named(rename, o) for o in unit.outputs}
+        if isinstance(unit, Kernel) or names & (needed | members):
+            keep.append((unit, rename))
+            if not isinstance(unit, Kernel):
+                needed.update(named(rename, r) for r in unit.reads())
+    return keep[::-1]
 
 
 def _rename_kernel(k: Kernel, rename: dict | None) -> Kernel:

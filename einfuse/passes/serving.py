@@ -10,7 +10,8 @@ module so that it serves from a paged cache:
   `block_table[b, pos[b, t] // BS]` names — straight from the source, no step copies the cache;
 - the cascade is rebuilt over the cache: keys 0 .. NBT*BS - 1 read through the block table, the
   model's mask re-expressed in absolute positions (a key is visible to a query at position P when it is
-  at most P, and inside the model's window when it has one).
+  at most P, its block is live — a table entry of -1 is an evicted block — and it is inside the model's
+  window when it has one).
 
 Sizes: B sequences of T new tokens (symbolic, from the capture), NBT block-table columns, NB blocks.
 The same module is a prefill program (B = 1, T tokens of one prompt, after a cached prefix of any
@@ -230,7 +231,8 @@ def _cached_score(m: Module, c: Cascade, qk_name: str, batch, bs: int) -> Expr:
         if absolute not in kept:
             kept.append(absolute)
     causal = Call("le", (IndexValue(c.key), query_pos))  # a cache holds the past: later slots are stale
-    cond = causal
+    live = Call("ge", (Access(TABLE, (batch, ix.FloorDiv(c.key, bs))), Const(0)))  # an evicted block is DEAD (-1)
+    cond = Call("and", (causal, live))
     for k in kept:
         if k != causal:
             cond = Call("and", (cond, k))
