@@ -161,7 +161,9 @@ def cmd_generate(ns) -> int:
     from .serve import LLM
 
     model, tokenizer = load_causal_lm(ns.model)
-    llm = LLM(model, tokenizer)
+    start = time.perf_counter()
+    llm = LLM(model, tokenizer, backend=ns.backend)
+    print(f"einfuse: {type(llm.runner).__name__} ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     start = time.perf_counter()
     try:
         for _, text in llm.stream(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--top-k", type=int, default=None)
     n.add_argument("--top-p", type=float, default=None)
     n.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    n.add_argument("--backend", default=None, choices=("torch", "triton", "reference", "eager"),
+                   help="compiled programs' backend (default: triton on CUDA, else torch); 'eager' runs the "
+                        "transformers model as it is (the reference runner)")
     n.set_defaults(fn=cmd_generate)
 
     v = sub.add_parser("parse", help="parse and verify an IR file (or - for stdin), printing it back")

@@ -37,3 +37,13 @@ def float32_matmul_precision(value: str):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and other tests share the two cores (use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

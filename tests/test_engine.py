@@ -1,4 +1,5 @@
-"""The serving engine (einfuse/serve): `LLM` with the eager reference runner against transformers' `generate`
+"""The serving engine (einfuse/serve): `LLM` with the eager reference runner (the compiled runner's own tests are
+in test_paged.py) against transformers' `generate`
 token for token (batched, chunked, staggered arrivals, preemption, sliding windows), sampling against
 transformers' warpers, the scheduler and block manager on their own, bad input, and `einfuse generate`."""
 from __future__ import annotations
@@ -29,13 +30,7 @@ from einfuse.serve import (
 from einfuse.serve.sampling import filter_logits, sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and other tests share the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +46,10 @@ def gpt2():
 def random_prompts(lengths, seed=0, vocab=256):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def EagerLLM(model, *args, **kwargs):  # noqa: N802 - LLM with the reference runner: these tests are the engine's
+    return LLM(model, *args, backend="eager", **kwargs)
 
 
 _REFERENCE = {}
@@ -94,7 +93,7 @@ def byte_tokenizer():
 def test_greedy_batch_matches_transformers(family, scheduler, llama, gpt2):
     model = {"llama": llama, "gpt2": gpt2}[family]
     prompts = random_prompts([1, 6, 13, 29])
-    llm = LLM(model, max_batch_tokens=64 if scheduler == "none" else 12, block_size=4, scheduler=scheduler)
+    llm = EagerLLM(model, max_batch_tokens=64 if scheduler == "none" else 12, block_size=4, scheduler=scheduler)
     outs = llm.generate(prompts, max_new_tokens=24)
     refs = [hf_greedy(model, p, 24) for p in prompts]
     assert outs == refs
@@ -113,7 +112,7 @@ def test_eos_and_token_stop_sequences_as_transformers(llama):
     before = llama.generation_config.eos_token_id
     llama.generation_config.eos_token_id = eos
     try:
-        llm = LLM(llama, block_size=4)
+        llm = EagerLLM(llama, block_size=4)
     finally:
         llama.generation_config.eos_token_id = before
     assert llm.generate(prompt, max_new_tokens=24) == hf_greedy(llama, prompt, 24, eos=eos)
@@ -121,7 +120,7 @@ def test_eos_and_token_stop_sequences_as_transformers(llama):
 
     pair = tuple(ref[5:7])
     cut = next(i for i in range(len(ref)) if tuple(ref[i:i + 2]) == pair) + 2
-    llm = LLM(llama, block_size=4)
+    llm = EagerLLM(llama, block_size=4)
     i = llm.add_request(prompt, max_new_tokens=24, stop=[list(pair), [999]])
     (out,) = run_all(llm)
     assert out.request_id == i and out.token_ids == ref[:cut]
@@ -135,12 +134,12 @@ def test_sliding_window_frees_blocks_and_matches_transformers():
     assert CachePolicy.of_model(model.config) == CachePolicy(window=6)
     assert CachePolicy.of_model(tiny_decoder("gemma2").config) == CachePolicy()  # global layers need everything
     prompts = random_prompts([20, 9])
-    llm = LLM(model, block_size=2, num_blocks=6, max_batch_tokens=4)
+    llm = EagerLLM(model, block_size=2, num_blocks=6, max_batch_tokens=4)
     assert llm.generate(prompts, max_new_tokens=30) == [hf_greedy(model, p, 30) for p in prompts]
     assert max(s.blocks_in_use for s in llm.stats) <= 6 and llm.blocks.blocks_in_use == 0
     with pytest.raises(ValueError, match="cannot hold a window of 6"):
-        LLM(model, block_size=2, num_blocks=3)
-    whole = LLM(model, block_size=2, num_blocks=6, max_batch_tokens=32, scheduler="none")  # no chunks to evict
+        EagerLLM(model, block_size=2, num_blocks=3)
+    whole = EagerLLM(model, block_size=2, num_blocks=6, max_batch_tokens=32, scheduler="none")  # no chunks to evict
     with pytest.raises(ValueError, match="longest is 12, set by the KV cache: 6 blocks of 2"):
         whole.add_request(prompts[0])
 
@@ -165,7 +164,7 @@ def test_streaming_llm_keeps_sinks_and_window(llama):
     """StreamingLLM (opt-in): 4 sink positions + the last 8; a 60-token sequence runs in 5 blocks of 4, its
     table keeps the sink block, marks evicted ones DEAD, and every freed block is reported to the runner."""
     runner = TableRecorder(llama)
-    llm = LLM(llama, block_size=4, num_blocks=5, max_batch_tokens=4, runner=runner,
+    llm = EagerLLM(llama, block_size=4, num_blocks=5, max_batch_tokens=4, runner=runner,
               cache_policy=CachePolicy.streaming_llm(window=8, sink_tokens=4))
     out = llm.generate(random_prompts([30])[0], max_new_tokens=30, ignore_eos=True)
     assert len(out) == 30 and llm.max_model_len == 4096
@@ -187,7 +186,7 @@ def test_staggered_arrivals_each_as_alone(llama):
     it alone; afterwards every block is free and the runner holds none."""
     prompts = random_prompts([3, 17, 1, 30, 8, 12, 25, 5], seed=1)
     news = [16, 8, 20, 12, 16, 10, 14, 18]
-    llm = LLM(llama, max_batch_tokens=16, block_size=4)
+    llm = EagerLLM(llama, max_batch_tokens=16, block_size=4)
     ids, done = {}, {}
     for step in range(200):
         if step < len(prompts):
@@ -206,7 +205,7 @@ def test_preemption_when_blocks_run_out(scheduler, llama):
     """12 blocks of 4 tokens for 8 requests needing up to 9 blocks each: the newest are preempted (recomputed
     later) and every request still ends with transformers' tokens."""
     prompts = random_prompts([3, 17, 1, 20, 8, 12, 19, 5], seed=2)
-    llm = LLM(llama, max_batch_tokens=48, block_size=4, num_blocks=12, scheduler=scheduler)
+    llm = EagerLLM(llama, max_batch_tokens=48, block_size=4, num_blocks=12, scheduler=scheduler)
     outs = llm.generate(prompts, max_new_tokens=16)
     assert outs == [hf_greedy(llama, p, 16) for p in prompts]
     assert sum(s.preempted for s in llm.stats) > 0
@@ -217,7 +216,7 @@ def test_preemption_when_blocks_run_out(scheduler, llama):
 def test_strings_in_and_out_and_streamed_text(llama):
     tok = byte_tokenizer()
     text = "Emma Woodhouse, handsome, clever, and rich — été"
-    llm = LLM(llama, tok, block_size=4, max_batch_tokens=16)
+    llm = EagerLLM(llama, tok, block_size=4, max_batch_tokens=16)
     ref_ids = hf_greedy(llama, tok(text)["input_ids"], 20)
     ref = tok.decode(ref_ids)
     assert llm.generate(text, max_new_tokens=20) == ref
@@ -259,10 +258,10 @@ def test_sampling_draws_from_the_softmax():
 def test_seeded_sampling_is_independent_of_the_batch(llama):
     prompts = random_prompts([5, 11, 2, 23], seed=4)
     params = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
-    llm = LLM(llama, max_batch_tokens=12, block_size=4)
+    llm = EagerLLM(llama, max_batch_tokens=12, block_size=4)
     alone = llm.generate(prompts[1], seed=7, **params)
     assert llm.generate(prompts, seed=[1, 7, 2, 3], **params)[1] == alone
-    assert LLM(llama, max_batch_tokens=64, num_blocks=9, block_size=4).generate(
+    assert EagerLLM(llama, max_batch_tokens=64, num_blocks=9, block_size=4).generate(
         prompts[::-1], seed=[3, 2, 7, 1], **params)[2] == alone
     assert llm.generate(prompts[1], seed=8, **params) != alone
     # top_k=1 sampling is greedy: transformers' tokens
@@ -272,7 +271,7 @@ def test_seeded_sampling_is_independent_of_the_batch(llama):
 # --------------------------------------------------------------------------------------------------- bad input
 
 def test_bad_input_is_a_clear_error(llama):
-    llm = LLM(llama, block_size=4, num_blocks=4)
+    llm = EagerLLM(llama, block_size=4, num_blocks=4)
     with pytest.raises(ValueError, match="einfuse: a prompt of 17 tokens can never run: the longest is 16"):
         llm.generate(random_prompts([17])[0])
     llm.generate(random_prompts([16])[0], max_new_tokens=4)  # exactly the cache: runs
@@ -294,9 +293,9 @@ def test_bad_input_is_a_clear_error(llama):
     with pytest.raises(ValueError, match="top_p must be in"):
         llm.generate([4, 5], top_p=0)
     with pytest.raises(ValueError, match="unknown scheduler 'fifo'"):
-        LLM(llama, scheduler="fifo")
+        EagerLLM(llama, scheduler="fifo")
     with pytest.raises(ValueError, match="longest is 8"):  # whole prompts: the step budget bounds a sequence
-        LLM(llama, scheduler="none", max_batch_tokens=8).add_request(list(range(3, 12)))
+        EagerLLM(llama, scheduler="none", max_batch_tokens=8).add_request(list(range(3, 12)))
 
     # max_new_tokens=0: a documented no-op, finished at once with no tokens
     steps = len(llm.stats)
@@ -312,7 +311,7 @@ def test_bad_input_is_a_clear_error(llama):
 
 
 def test_abort_mid_stream_frees_blocks(llama):
-    llm = LLM(llama, max_batch_tokens=16, block_size=4)
+    llm = EagerLLM(llama, max_batch_tokens=16, block_size=4)
     a, b = random_prompts([9, 14], seed=5)
     seen = {}
     for rid, token in llm.stream([a, b], max_new_tokens=24):
@@ -338,7 +337,7 @@ def test_kv_cache_size_from_the_config(llama, gpt2):
         cache = model(torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
         held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         assert kv_bytes_per_token(model.config, torch.float32) == held // 3
-    assert LLM(llama, block_size=16, cache_bytes=512 * 16 * 10).blocks.num_blocks == 10
+    assert EagerLLM(llama, block_size=16, cache_bytes=512 * 16 * 10).blocks.num_blocks == 10
 
 
 def test_eager_runner_checks_the_protocol(llama):

@@ -141,6 +141,7 @@ class KernelBuilder:
         self.root = Block()
         self.current = self.root
         self.helpers: list = []
+        self._values: dict = {}  # (block id, code) -> (name, names it reads, block): value numbering in `let`
 
     def fresh(self, hint: str) -> str:
         """A new name from `hint` (letters, digits, _): the hint itself, else hint_2, hint_3, ..."""
@@ -161,17 +162,28 @@ class KernelBuilder:
 
     # ---- statements into the current block (or into `to`)
     def let(self, hint: str, code: str, to: Block | None = None) -> str:
+        """A new name for `code` — or the name an earlier `let` of the same code in this block holds, when
+        nothing it reads was reassigned (in any block) and no effect (a store) came between: a gathered
+        index two statements compute (a block table read for the keys and for the mask) is loaded once."""
+        block = to or self.current
+        key = (id(block), code)
+        if key in self._values:
+            return self._values[key][0]
         name = self.fresh(hint)
-        self.assign(name, code, to)
+        reads = names_read(code)
+        block.items.append(Assign(name, code, reads))
+        self._values[key] = (name, reads, block)  # holding the block keeps its id from being reused
         return name
 
     def assign(self, name: str, code: str, to: Block | None = None) -> str:
         """(Re)assign an existing name: a loop-carried accumulator, a rank bound from an index."""
         (to or self.current).items.append(Assign(name, code, names_read(code)))
+        self._values = {k: v for k, v in self._values.items() if v[0] != name and name not in v[1]}
         return name
 
     def effect(self, code: str, to: Block | None = None) -> None:
         (to or self.current).items.append(Effect(code, names_read(code)))
+        self._values = {}
 
     def store(self, ptr: str, offset: str, value: str, mask: str | None = None, to: Block | None = None) -> None:
         self.effect(f"tl.store({ptr} + {offset}, {value}" + (f", mask={mask})" if mask else ")"), to)

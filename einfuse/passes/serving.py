@@ -61,7 +61,7 @@ class CacheKV(Pass):
         B, T = pos.type.shape
         nbt, nb = ix.size("NBT"), ix.size("NB")
         m = m.replace(sizes=m.sizes + tuple(s for s in (nbt, nb) if s not in m.sizes),
-                      inputs=m.inputs + (Input(TABLE, TensorType(dt.i64, (B, nbt))),),
+                      inputs=m.inputs + (Input(TABLE, TensorType(dt.i32, (B, nbt))),),
                       size_hints=m.size_hints + ((nbt, 4), (nb, 16)))
         original = m
         for c in cascades:

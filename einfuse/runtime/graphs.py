@@ -18,11 +18,13 @@ def _cuda_capture(graph):
 class GraphReplay:
     """Replays `run(inputs) -> outputs` as one graph. `stable` names inputs bound by reference (weights):
     they are never copied; if a call passes another tensor for one (a replaced parameter), the graph is
-    captured again. Outputs are copied out of the graph's static buffers (the next replay overwrites them)."""
+    captured again. Outputs are copied out of the graph's static buffers (the next replay overwrites them);
+    `keep` names the outputs to return (default: all) — a state written in place is read where it lives."""
 
     def __init__(self, run: Callable[[dict], dict], stable=(), new_graph: Callable | None = None,
-                 capture: Callable = _cuda_capture):
+                 capture: Callable = _cuda_capture, keep=None):
         self.run, self.stable = run, set(stable)
+        self.keep = None if keep is None else tuple(keep)
         self.new_graph = new_graph or torch.cuda.CUDAGraph
         self.capture = capture
         self.graph = None
@@ -55,4 +57,4 @@ class GraphReplay:
                 if k not in self.stable and v.data_ptr() != self.static[k].data_ptr():
                     self.static[k].copy_(v)
         self.graph.replay()
-        return {k: v.clone() for k, v in self.static_out.items()}
+        return {k: v.clone() for k, v in self.static_out.items() if self.keep is None or k in self.keep}

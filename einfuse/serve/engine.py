@@ -106,7 +106,8 @@ class LLM:
     block_size, num_blocks: the paged KV cache; num_blocks=None sizes it to `cache_bytes` (default 256 MiB)
         from the model config's layers, KV heads and head dimension.
     dtype: the model's and the cache's dtype (None: the model's; another converts the model in place).
-    backend, runner: the ModelRunner (runner.py); runner=None asks `make_runner` (today: the EagerRunner).
+    backend, runner: the ModelRunner (runner.py); runner=None asks `make_runner`: backend "eager" is the
+        reference runner (the transformers model, recomputed), any other the compiled PagedRunner (paged.py).
     scheduler: "chunked" (Sarathi-style chunked prefill), "none" (whole prompts) or a Scheduler instance.
     cache_policy: None (the model's own: its sliding window when every layer has one), "streaming"
         (StreamingLLM: 4 sink tokens + a recent window; positions outside it are evicted) or a CachePolicy.

@@ -31,8 +31,9 @@ def bucket(n: int) -> int:
 class PagedRunner:
     """Runs `model` through einfuse's compiled prefill and decode programs over a paged KV cache (see the
     module docstring). backend: as for einfuse.compile; cuda_graphs: replay each decode bucket as a CUDA
-    graph (default: on CUDA); graph_factory: makes the replayer for a bucket (tests pass one that captures
-    nothing, to run the bookkeeping on CPU)."""
+    graph (default: on CUDA); graph_factory: makes the replayer for a bucket, called like
+    `runtime.graphs.GraphReplay(run, stable=..., keep=...)` (tests pass one whose CUDA calls are replaced,
+    to run the bookkeeping on CPU)."""
 
     def __init__(self, model, backend: str | None = None, *, cuda_graphs: bool | None = None,
                  graph_factory=None, dump_dir: str | None = None):
@@ -70,9 +71,9 @@ class PagedRunner:
 
     def _table(self, entries: list[StepEntry], rows: int) -> torch.Tensor:
         width = bucket(max(len(e.block_table) for e in entries))
-        table = torch.full((rows, width), DEAD, dtype=torch.int64)
+        table = torch.full((rows, width), DEAD, dtype=torch.int32)
         for n, e in enumerate(entries):
-            table[n, :len(e.block_table)] = torch.tensor(e.block_table, dtype=torch.int64)
+            table[n, :len(e.block_table)] = torch.tensor(e.block_table, dtype=torch.int32)
         return table.to(self.device)
 
     def _call(self, label: str, ids: torch.Tensor, pos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -89,11 +90,10 @@ class PagedRunner:
         return out.reshape(out.shape[0], -1, out.shape[-1])[:, -1].float()
 
     def _replayer(self, v):
-        if self.graph_factory is not None:
-            return self.graph_factory(v.run, stable=set(v.bindings) | set(self.states))
         from ..runtime.graphs import GraphReplay
 
-        return GraphReplay(v.run, stable=set(v.bindings) | set(self.states))
+        make = self.graph_factory or GraphReplay
+        return make(v.run, stable=set(v.bindings) | set(self.states), keep=v.ir.outputs[:1])
 
     @torch.no_grad()
     def step(self, entries: list[StepEntry]) -> torch.Tensor:

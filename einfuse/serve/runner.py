@@ -144,13 +144,15 @@ class EagerRunner:
 
 
 def make_runner(model, cache: CacheConfig, backend: str | None = None) -> ModelRunner:
-    """The runner `LLM(model, runner=None)` uses — THE HOOK for the compiled paged runner: prefill and decode
-    programs derived from one capture of `model`, keeping K/V in the blocks `cache` describes (see the
-    protocol above). Until it exists every backend gets the EagerRunner; `cache.dtype` other than the model's
-    converts the model in place (`model.to(dtype)`), as loading it in that dtype would."""
-    if backend not in (None, "eager"):
-        raise ValueError(f"einfuse: backend {backend!r} has no paged serving runner yet; use backend=None or "
-                         f"'eager' (the reference runner), or pass runner=")
+    """The runner `LLM(model, runner=None)` uses: "eager" is the EagerRunner (the reference); any other
+    backend (None: einfuse's default, "torch", "triton", "reference") is the compiled PagedRunner (paged.py):
+    prefill and decode programs derived from one capture of `model`, keeping K/V in the blocks `cache`
+    describes. `cache.dtype` other than the model's converts the model in place (`model.to(dtype)`), as
+    loading it in that dtype would."""
     if next(model.parameters()).dtype != cache.dtype:
         model.to(cache.dtype)
-    return EagerRunner(model)
+    if backend == "eager":
+        return EagerRunner(model)
+    from .paged import PagedRunner
+
+    return PagedRunner(model, backend)
