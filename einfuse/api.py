@@ -340,9 +340,84 @@ def compile_cached(model: torch.nn.Module, *, block_size: int = 16, backend: str
     memo = _CACHED.setdefault(model, {})
     key = (block_size, chosen, str(device), next(model.parameters()).dtype)
     if key not in memo or dump_dir:
-        memo[key] = _compile_cached(model, block_size, chosen, dump_dir, check)
+        disk = key_of("serving", _model_fingerprint(model), str(block_size), chosen, device.type)
+        warm = None if (dump_dir or check) else _load_cached_programs(disk, model, chosen)
+        memo[key] = warm or _compile_cached(model, block_size, chosen, dump_dir, check)
+        if warm is None and not dump_dir:
+            _store_cached_programs(disk, memo[key], model)
     memo[key].rebind(model)
     return memo[key]
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """What a capture of `model` depends on besides its weights' values: its class, its config, its
+    tensors' names, shapes and dtypes, and the transformers version (the forward's source)."""
+    config = getattr(model, "config", None)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    attn = getattr(config, "_attn_implementation", None)
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in list(model.named_parameters(remove_duplicate=False))
+               + list(model.named_buffers(remove_duplicate=False))]
+    try:
+        import transformers
+
+        version = transformers.__version__
+    except ImportError:
+        version = ""
+    return f"{type(model).__module__}.{type(model).__qualname__}|{text}|{attn}|{tensors}|{version}"
+
+
+def _store_cached_programs(key: str, programs: "CachedPrograms", model: torch.nn.Module) -> None:
+    """The derived programs' IR, where their weights come from in the model (state-dict names) and the
+    constants the capture made (safetensors, never pickle): a later start skips the capture."""
+    from safetensors.torch import save
+
+    live = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    live |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    meta, constants = {"block_size": programs.block_size}, {}
+    for label in ("prefill", "decode"):
+        v = getattr(programs, label)
+        meta[label] = {"targets": v.targets, "user_inputs": v.user_inputs, "out_leaves": v.out_leaves}
+        for name, t in v.bindings.items():
+            if v.targets.get(name) not in live:
+                constants[f"{label}/{name}"] = t.detach().cpu().contiguous()
+    try:
+        blob = json.dumps(meta)
+    except TypeError:  # an output constant JSON cannot hold: no disk entry
+        return
+    Cache("serving").put(key, {"prefill.ir": str(programs.prefill.ir), "decode.ir": str(programs.decode.ir),
+                               "meta.json": blob, "constants.safetensors": save(constants)})
+
+
+def _load_cached_programs(key: str, model: torch.nn.Module, backend: str) -> "CachedPrograms | None":
+    from safetensors.torch import load
+
+    entry = Cache("serving").get(key)
+    if entry is None:
+        return None
+    meta = json.loads(entry["meta.json"])
+    constants = load(entry["constants.safetensors"])
+    device = next(model.parameters()).device
+    live = dict(model.named_parameters(remove_duplicate=False))
+    live.update(model.named_buffers(remove_duplicate=False))
+    programs = {}
+    for label in ("prefill", "decode"):
+        ir = parse(entry[f"{label}.ir"].decode())
+        m = meta[label]
+        bindings = {}
+        for i in ir.inputs:
+            if i.kind == "in" or i.kind == "state":
+                continue
+            t = constants.get(f"{label}/{i.name}")
+            bindings[i.name] = t.to(device) if t is not None else live.get(m["targets"].get(i.name))
+            if bindings[i.name] is None:
+                return None  # the model no longer has what the entry names: compile afresh
+        timings = [{"index": 0, "pass": "serving cache hit", "ms": None, "statements": len(ir.body)}]
+        v = Variant(ir, backends.build(backend, ir), bindings, m["user_inputs"],
+                    [tuple(x) for x in m["out_leaves"]], None, LoweringReport(), timings, backend)
+        v.targets = m["targets"]
+        programs[label] = v
+    states = tuple(i for i in programs["decode"].ir.inputs if i.kind == "state")
+    return CachedPrograms(programs["prefill"], programs["decode"], states, meta["block_size"])
 
 
 def _compile_cached(model, block_size, backend, dump_dir, check) -> CachedPrograms:

@@ -147,6 +147,17 @@ def test_replaced_weights_are_read():
         LLM(model, backend="torch", block_size=4)
 
 
+def test_a_second_model_of_the_same_shape_starts_from_the_disk_cache():
+    """Another model object of the same class, config and tensor shapes skips the capture (the programs come
+    from the disk cache) and computes with its own weights and the capture's constants."""
+    first, second = tiny_decoder("llama", seed=7), tiny_decoder("llama", seed=8)
+    prompt = random_prompts([6], seed=7)[0]
+    assert LLM(first, backend="torch", block_size=8).generate(prompt, max_new_tokens=8) == hf_greedy(first, prompt, 8)
+    llm = LLM(second, backend="torch", block_size=8)
+    assert llm.runner.programs.decode.timings[0]["pass"] == "serving cache hit"
+    assert llm.generate(prompt, max_new_tokens=8) == hf_greedy(second, prompt, 8) != hf_greedy(first, prompt, 8)
+
+
 # ----------------------------------------------------------------------------------- StreamingLLM eviction
 
 class Recorder(PagedRunner):
