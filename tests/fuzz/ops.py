@@ -702,6 +702,48 @@ def op_attention(b: Builder):
     b.emit(f"F.scaled_dot_product_attention({q}, {k}, {v}{''.join(', ' + e for e in extra)})")
 
 
+def op_attention_block(b: Builder):
+    """Self-attention as models write it: q, k, v projected from one (batch, tokens, features) value by Linear
+    layers and split into heads (GQA: fewer k/v heads), maybe a rotary embedding (rotate_half: slices and a
+    cat), SDPA (causal or not), heads merged back. Sequences of one token included (a decoder's step)."""
+    dtype = b.fdtype()
+    x = b.pick("f", pred=lambda v: v.dim() == 3 and v.shape[-1] > 0 and v.numel() > 0, new_pct=50, rank=3)
+    if b.v(x).dim() != 3 or b.chance(50):
+        x = b.new_input((b.among((1, 2)), b.among((1, 2, 3, 5, 8)), b.choice((8, 16, 6))), dtype)
+    B, L, D = b.v(x).shape
+    dtype = str(b.v(x).dtype)[6:]
+    hk = b.among((1, 2))
+    h = hk * b.choice((1, 2))
+    E = b.among((4, 2, 8, 1))
+    kw = "" if dtype == "float32" else f", dtype=torch.{dtype}"
+    bias = "" if b.chance(50) else ", bias=False"
+    qkv = []
+    for n in (h, hk, hk):
+        m = b.module(f"torch.nn.Linear({D}, {n * E}{bias}{kw})")
+        qkv.append(b.emit(f"self.{m}({x}).view({B}, {L}, {n}, {E}).transpose(1, 2)"))
+        if qkv[-1] is None:
+            b.drop_module(m)
+            return
+    q, k, v = qkv
+    if E % 2 == 0 and b.chance(50):  # rotary: x * cos + rotate_half(x) * sin
+        cos, sin = b.new_input((L, E), dtype), b.new_input((L, E), dtype)
+        half = E // 2
+        q, k = (b.emit(f"{t} * {cos} + torch.cat((-{t}[..., {half}:], {t}[..., :{half}]), dim=-1) * {sin}")
+                for t in (q, k))
+        if q is None or k is None:
+            return
+    gqa = ""
+    if h != hk and b.chance(50):  # GQA as Hugging Face's repeat_kv writes it: expand + reshape
+        k, v = (b.emit(f"{t}[:, :, None].expand({B}, {hk}, {h // hk}, {L}, {E}).reshape({B}, {h}, {L}, {E})")
+                for t in (k, v))
+        if k is None or v is None:
+            return
+    elif h != hk:
+        gqa = ", enable_gqa=True"
+    causal = ", is_causal=True" if b.chance(50) else ""
+    b.emit(f"F.scaled_dot_product_attention({q}, {k}, {v}{causal}{gqa}).transpose(1, 2).reshape({B}, {L}, {h * E})")
+
+
 # ---------------------------------------------------------------- gathers
 
 def op_gather(b: Builder):
@@ -765,7 +807,7 @@ def op_factory(b: Builder):
 # ---------------------------------------------------------------- programs
 
 OPS = (op_unary, op_binary, op_compare, op_where, op_cast, op_reduce, op_matmul, op_linear, op_einsum, op_view,
-       op_cat, op_split, op_softmax, op_norm, op_attention, op_gather, op_factory)
+       op_cat, op_split, op_softmax, op_norm, op_attention, op_attention_block, op_gather, op_factory)
 
 
 def _aliasing(b: Builder) -> None:
