@@ -242,6 +242,20 @@ def test_triton_f64_to_bf16_cast(worker):
         """, loosest="bfloat16", backends=("triton",)))
 
 
+@pytest.mark.xfail(strict=True, reason="kinds (Triton operators): IR `add` of two bools is torch's (logical or) but "
+                                       "emits an int1 add, which wraps: True + True gives False")
+def test_triton_bool_add(worker):
+    assert_matches(worker, job("""
+        import torch
+        class Program(torch.nn.Module):
+            def forward(self, x0, x1):
+                return (x0 + x1,)
+        def inputs(seed, shared=True, out_of_range=False):
+            g = torch.Generator().manual_seed(seed)
+            return (torch.rand(8, generator=g) < 0.5, torch.rand(8, generator=g) < 0.5)
+        """, backends=("triton",)))
+
+
 def test_known_issues_name_their_xfail():
     names = {n for n, v in globals().items() if n.startswith("test_") and callable(v)}
     assert all(k.test in names for k in KNOWN), [k.test for k in KNOWN if k.test not in names]

@@ -41,12 +41,15 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.dtypes: set = set()
         self.reductions: list = []
+        self.calls: set = set()  # "op:dtype,dtype" of every aten op (known issues match on them)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         self.dtypes.update(t.dtype for t in outs)
         name = func._opname
+        ins = [str(a.dtype)[6:] for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        self.calls.add(f"{name}:{','.join(ins)}")
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if name in self.CONTRACT:
             self.reductions.append(args[self.CONTRACT[name]].shape[-1])
@@ -71,6 +74,7 @@ class Builder:
         self.holder = torch.nn.Module()  # the submodules, as `self` in the statements
         self.reductions: list = []  # lengths of the reductions the program performs
         self.dtypes: set = set()  # every dtype eager computes in (intermediates within a statement too)
+        self.calls: set = set()  # every aten op eager runs, with its operands' dtypes ("add:bool,bool")
         self.sizes, self.allowed = SIZES, set(DTYPES)  # the swarm's palette (see `swarm`)
 
     # ---------------------------------------------------------------- draws
@@ -173,6 +177,7 @@ class Builder:
         self.vals[name] = val.detach()
         self.dtypes |= rec.dtypes
         self.reductions += rec.reductions
+        self.calls |= rec.calls
         return name
 
     def module(self, ctor: str) -> str:
@@ -848,7 +853,7 @@ def _meta(b: Builder) -> dict:
     dtypes = b.dtypes | {v.dtype for v in b.vals.values()}
     floats = {str(d)[6:] for d in dtypes if d.is_floating_point and str(d)[6:] in TOLERANCE}
     loosest = max(floats, key=lambda d: TOLERANCE[d]) if floats else "float64"
-    return {"loosest": loosest, "eps": EPS[loosest], "reductions": list(b.reductions)}
+    return {"loosest": loosest, "eps": EPS[loosest], "reductions": list(b.reductions), "aten": sorted(b.calls)}
 
 
 def swarm(b: Builder, ops) -> list:
