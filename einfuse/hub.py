@@ -302,3 +302,25 @@ def perplexity(model, tokenizer, text: str, segment: int = 1024, max_segments: i
         nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         count += len(targets)
     return math.exp(nll / count)
+
+
+def austen_prompts(count: int = 4, seed: int = 0, novel: str = "persuasion") -> list[str]:
+    """`count` real prompts of different lengths: opening sentences of paragraphs of `novel` (whitespace
+    joined), from one word-count band per prompt — 8 to 16 words, 16 to 32, 32 to 64, ... cycling."""
+    import random
+    import re
+
+    text = austen(novel)[novel]
+    sentences = []
+    for para in text.split("\n\n"):
+        words = " ".join(para.split())
+        first = re.split(r"(?<=[.!?])\s", words, maxsplit=1)[0]
+        if first and not first.isupper() and not first.startswith("Chapter"):
+            sentences.append(first)
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        lo = 8 << (n % 3)
+        band = [s for s in sentences if lo <= len(s.split()) < 2 * lo and s not in out]
+        out.append(rng.choice(band))
+    return out

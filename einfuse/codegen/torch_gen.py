@@ -1308,12 +1308,25 @@ class TorchGen:
         self.end(list(op.outputs))
 
     def update(self, n: int, op: Update) -> None:
-        """A write into a state (a KV cache): in place, the new version is the state's own buffer."""
+        """A write into a state (a KV cache): in place, the new version is the state's own buffer — one
+        `index_put_` of the values at their positions (computed over the update's ranks like a statement's
+        operands), points outside the state dropped; what has no torch form runs through the evaluator."""
         self.begin(self._comment(op))
-        names = sorted(op.reads())
-        self.reads |= set(names)
-        args = ", ".join(f"{r!r}: {self.pyname(r)}" for r in names)
-        self.emit(f"{self.pyname(op.name)} = rt.update({n}, {{{args}}}, {self.sizes_dict()})")
+        target = self.pyname(op.target)
+        self.reads |= set(op.reads())
+        try:
+            ctx = Ctx(self, [r for r, _ in op.ranks], {r: (0, e) for r, e in op.ranks})
+            want = self.types[op.target].dtype
+            value = ctx.value(op.expr, want)
+            value = ctx.full(ctx.convert(ctx.const_tensor(value.scalar, want) if value.is_scalar else value, want))
+            positions = [ctx.full(ctx.value(p) if isinstance(p, Expr) else ctx.index_value(p)).op() for p in op.index]
+            self.emit(f"rt.put({target}, ({', '.join(positions)},), {value.op()})")
+        except Unsupported as why:
+            self.fallbacks.append((op.name, _reason(why)))
+            names = sorted(op.reads())
+            args = ", ".join(f"{r!r}: {self.pyname(r)}" for r in names)
+            self.emit(f"rt.update({n}, {{{args}}}, {self.sizes_dict()})")
+        self.emit(f"{self.pyname(op.name)} = {target}")
         self.layout[op.name] = self.layout[op.target]
         self.end([op.name])
 

@@ -356,7 +356,7 @@ def run_update(u: Update, env: dict, types: dict, sizes: dict) -> torch.Tensor:
     shape = [extents[r] for r in ranks]
     value = ev.value(u.expr).to(ranks).expand(shape).to(target.dtype)
     positions = [(ev.value(p) if isinstance(p, Expr) else ev.index(p)).to(ranks).expand(shape).long() for p in u.index]
-    inside = torch.ones(shape, dtype=torch.bool)
+    inside = torch.ones(shape, dtype=torch.bool, device=target.device)
     for d, pos in enumerate(positions):
         inside &= (pos >= 0) & (pos < target.shape[d])
     target.index_put_(tuple(pos[inside] for pos in positions), value[inside])

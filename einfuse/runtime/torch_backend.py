@@ -197,6 +197,19 @@ class TorchRunner:
         run_opaque(op, env, {ix.size(k): v for k, v in sizes.items()})
         return tuple(_dense(env[o]) for o in op.outputs)
 
+    @staticmethod
+    def put(target: torch.Tensor, positions: tuple, value: torch.Tensor) -> None:
+        """target[positions] = value in place, for the points whose positions all fall inside `target` (a
+        padded block-table entry, -1, writes nothing); positions and value share one shape."""
+        inside = None
+        for d, p in enumerate(positions):
+            ok = (p >= 0) & (p < target.shape[d])
+            inside = ok if inside is None else inside & ok
+        if inside is None or bool(inside.all()):
+            target.index_put_(tuple(p.long() for p in positions), value)
+        else:
+            target.index_put_(tuple(p[inside].long() for p in positions), value[inside])
+
     def update(self, index: int, tensors: dict, sizes: dict) -> torch.Tensor:
         """An update of a state, in place (the new version is the state's own buffer)."""
         op = self._ops[index]
