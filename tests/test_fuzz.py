@@ -256,6 +256,25 @@ def test_triton_bool_add(worker):
         """, backends=("triton",)))
 
 
+@pytest.mark.xfail(strict=True, reason="kinds / Triton runtime: integer floor division and remainder by zero return "
+                                       "garbage where eager raises (RuntimeError: ZeroDivisionError); the torch and "
+                                       "reference backends raise")
+def test_triton_integer_division_by_zero_raises(worker):
+    assert_matches(worker, job("""
+        import torch
+        class Program(torch.nn.Module):
+            def forward(self, x0, x1):
+                return (torch.floor_divide(x0, x1), x0 % x1)
+        def inputs(seed, shared=True, out_of_range=False):
+            g = torch.Generator().manual_seed(seed)
+            x0 = torch.randint(-5, 6, (4,), generator=g)
+            x1 = torch.randint(1, 4, (4,), generator=g)
+            if seed == 1:  # the fresh call divides by zero
+                x1[0] = 0
+            return (x0, x1)
+        """, backends=("triton",)))
+
+
 def test_known_issues_name_their_xfail():
     names = {n for n, v in globals().items() if n.startswith("test_") and callable(v)}
     assert all(k.test in names for k in KNOWN), [k.test for k in KNOWN if k.test not in names]

@@ -48,8 +48,11 @@ class Worker:
         self.restarts += 1
 
     def _stderr_tail(self, n: int = 3000) -> str:
+        """The end of the child's stderr, from faulthandler's report when there is one."""
         self.err.seek(0)
-        return self.err.read().decode(errors="replace")[-n:]
+        text = self.err.read().decode(errors="replace")
+        at = text.rfind("Fatal Python error")
+        return text[at:at + n] if at >= 0 else text[-n:]
 
     def check(self, job: dict) -> dict:
         self.checked += 1
