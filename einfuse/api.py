@@ -326,6 +326,24 @@ class CachedPrograms:
                 v.bindings[name] = t
 
 
+    def kernels(self) -> list:
+        """The Triton kernels of both programs, each distinct one once (a layer's are launched per layer)."""
+        from .runtime.triton_backend import triton_backend
+
+        specs = []
+        for v in (self.prefill, self.decode):
+            specs += (v.run if hasattr(v.run, "specs") else triton_backend(v.ir, autotune=False)).specs
+        return list({(s.name, s.source): s for s in specs}.values())
+
+    def check_gpu(self, archs=(80, 90), jobs=None, kinds=None) -> list:
+        """Compile every distinct kernel of both programs ahead of time for each CUDA arch (no GPU needed);
+        `kinds` keeps only kernels of those kinds (e.g. ("update", "attention"))."""
+        from .codegen.aot import check_gpu
+
+        specs = [s for s in self.kernels() if kinds is None or s.mapping.kind in kinds]
+        return check_gpu(specs, archs=archs, jobs=jobs)
+
+
 _CACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(block size, backend): programs}
 
 

@@ -150,3 +150,18 @@ module libm
 def test_libm_functions_compile(tmp_path):
     checks = aot.check_gpu(generate(parse(LIBM)), archs=(80, 90), cache_dir=tmp_path)
     assert all(c.ok for c in checks), "\n".join(c.error for c in checks if not c.ok)
+
+
+def test_serving_kernels_compile_for_gpus(fresh_einfuse_cache):
+    """The kernels serving adds — cache writes (update) and attention reading K/V through a block table —
+    of a tiny Llama's prefill and decode programs compile for sm_80 and sm_90a without spills."""
+    from einfuse.api import compile_cached
+    from einfuse.models import tiny_llama
+
+    programs = compile_cached(tiny_llama(seed=0), block_size=16, backend="triton")
+    checks = programs.check_gpu(archs=(80, 90), kinds=("update", "attention"))
+    kinds = {s.mapping.kind for s in programs.kernels()}
+    assert {"update", "attention"} <= kinds
+    assert len(checks) >= 2 * 3  # K and V writes and the attention, for each arch
+    bad = [(c.name, c.arch, c.error or c.spills) for c in checks if not c.ok or c.spills]
+    assert not bad, bad

@@ -282,3 +282,15 @@ def test_decode_bytes_at_context_1024_batch_4():
     assert kv == runner.cache_bytes  # the whole cache is live here
     assert moved <= 1.1 * (weights + kv + logits.numel() * 4), moved / (weights + kv + logits.numel() * 4)
     assert moved >= kv  # every live key and value was read
+
+
+def test_gpu_benchmark_script_says_it_needs_a_gpu():
+    """benchmarks/gpu.py (the GPU run) parses its options and, without CUDA, exits 2 with a clear message."""
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the script would run")
+    run = subprocess.run([sys.executable, "benchmarks/gpu.py", "--budget", "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "needs a CUDA GPU" in run.stderr
