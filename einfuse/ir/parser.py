@@ -9,6 +9,8 @@ import torch
 
 from . import dtypes as dt
 from . import index as ix
+from .collective import KINDS as COLLECTIVES
+from .collective import as_collective
 from .expr import Access, Call, Const, Expr, IndexValue, canonical
 from .module import INPUT_KINDS, Input, Iterate, Kernel, Module, Opaque, Reduce, Statement, TensorRef, TensorType, Update
 from .ops import MAP_OPS, PREC_ADD, PREC_CMP, PREC_MUL, PREC_UNARY, REDUCE_OPS, TypeRuleError, infer
@@ -469,11 +471,14 @@ class _ModuleParser:
             if not line.accept(","):
                 break
         line.expect("=")
-        line.expect("opaque")
-        t = line.next()
-        if t.kind not in ("NAME", "STRING"):
-            line.error("expected the callee (`aten.op.overload` or \"module:function\")", t)
-        target = t.value if t.kind == "NAME" else _unquote(t.value)
+        if line.peek().value in COLLECTIVES and line.peek(1).value == "(":  # `x: T = all_reduce(y, ...)`
+            target = f"einfuse.ir.collective:{line.next().value}"
+        else:
+            line.expect("opaque")
+            t = line.next()
+            if t.kind not in ("NAME", "STRING"):
+                line.error("expected the callee (`aten.op.overload` or \"module:function\")", t)
+            target = t.value if t.kind == "NAME" else _unquote(t.value)
         line.expect("(")
         args, kwargs = [], []
         if not line.accept(")"):
@@ -488,7 +493,7 @@ class _ModuleParser:
                     break
                 line.expect(",")
         loc = line.end()
-        return Opaque(tuple(outs), target, tuple(args), tuple(kwargs), loc)
+        return as_collective(Opaque(tuple(outs), target, tuple(args), tuple(kwargs), loc))
 
     def literal(self, line: _Line):
         t = line.next()

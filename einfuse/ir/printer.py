@@ -145,9 +145,13 @@ def fmt_arg(v, rename=_same) -> str:
 
 
 def fmt_opaque(o: Opaque, rename=_same) -> str:
+    """`outs = opaque target(args)`; a collective is written by its kind: `x: T = all_reduce(y, ...)`."""
+    from .collective import is_collective_target
+
     outs = ", ".join(f"{rename(n)}: {fmt_type(t)}" for n, t in o.outputs_typed)
     args = [fmt_arg(a, rename) for a in o.args] + [f"{k}={fmt_arg(v, rename)}" for k, v in o.kwargs]
-    return f"{outs} = opaque {fmt_target(o.target)}({', '.join(args)})" + _fmt_loc(o.loc)
+    callee = o.target.rsplit(":", 1)[1] if is_collective_target(o.target) else f"opaque {fmt_target(o.target)}"
+    return f"{outs} = {callee}({', '.join(args)})" + _fmt_loc(o.loc)
 
 
 def fmt_update(u: Update, rename=_same) -> str:

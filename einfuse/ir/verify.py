@@ -4,6 +4,8 @@ from __future__ import annotations
 import sympy
 
 from . import index as ix
+from .collective import Collective
+from .collective import check as check_collective
 from .expr import Access, Call, Expr, IndexValue, index_difference, index_symbols, walk
 from .module import INPUT_KINDS, Module, Opaque, Statement, Update, iter_refs
 from .ops import MAP_OPS, REDUCE_OPS, TypeRuleError, infer
@@ -168,6 +170,10 @@ class _Checker:
         for r in iter_refs((o.args, tuple(v for _, v in o.kwargs))):
             if r.name not in self.types:
                 raise _Problem(f"reads {r.name!r} before it is defined")
+        if isinstance(o, Collective):
+            wrong = check_collective(o, self.types[o.src])
+            if wrong:
+                raise _Problem(wrong)
         for name, t in o.outputs_typed:
             self._shape(t.shape, f"output {name!r}")
             self.types[name] = t
