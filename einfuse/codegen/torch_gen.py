@@ -41,6 +41,7 @@ import torch
 
 from ..ir import dtypes as dt
 from ..ir import index as ix
+from ..ir.collective import Collective
 from ..ir.contraction import peel_invariant
 from ..ir.evaluator import apply_call, literal_tensor
 from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, canonical, index_difference, index_symbols,
@@ -1189,8 +1190,19 @@ class TorchGen:
             at_end[plan.out.name] = plan
         epilogues = self._addmm_candidates(skip | set(at_end))
         deferred = {acc.name for acc in epilogues.values()}
+        marks = any(isinstance(op, Collective) for op in m.body)  # a distributed program records a timeline
+        pending: dict = {}  # collectives in flight (async_op=True): waited for where first read
         for n, op in enumerate(m.body):
-            if isinstance(op, Opaque):
+            for name in sorted(op.reads() & set(pending)):
+                self.wait_step(pending.pop(name))
+            if marks:
+                self.begin([])
+                self.emit(f"rt.mark({n})")
+                self.end([])
+            if isinstance(op, Collective):
+                self.collective(n, op)
+                pending[op.name] = op
+            elif isinstance(op, Opaque):
                 self.opaque(n, op)
             elif isinstance(op, Update):
                 self.update(n, op)
@@ -1200,7 +1212,28 @@ class TorchGen:
                 self.addmm_step(epilogues[op.name], op)
             elif op.name not in skip and op.name not in deferred:
                 self.statement_step(op)
+        for op in pending.values():
+            self.wait_step(op)
+        if marks:
+            self.begin([])
+            self.emit(f"rt.mark({len(m.body)})")
+            self.end([])
         return TorchProgram(m.name, self.source(), self.fallbacks, self.attention)
+
+    def collective(self, n: int, op: Collective) -> None:
+        """Issue a collective asynchronously: the name holds the call in flight until `wait_step`."""
+        self.begin(self._comment(op))
+        self.reads.add(op.src)
+        self.emit(f"{self.pyname(op.name)} = rt.collective({n}, {self.pyname(op.src)})")
+        self.layout[op.name] = Layout.dense(op.type.shape)
+        self.end([op.name])
+
+    def wait_step(self, op: Collective) -> None:
+        """Wait for a collective where its result is first read."""
+        self.begin([f"# wait for {op.kind} {op.name}"])
+        self.reads.add(op.name)
+        self.emit(f"{self.pyname(op.name)} = rt.wait({self.pyname(op.name)})")
+        self.end([op.name])
 
     def statement_step(self, s: Statement) -> None:
         self.begin(self._comment(s))

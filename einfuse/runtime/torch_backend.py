@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from ..codegen.cache import Cache, key_of
 from ..codegen.torch_gen import generate
 from ..ir import dtypes as dt
+from ..ir import collective as collectives
 from ..ir import index as ix
 from ..ir.evaluator import EvaluationError, bind_sizes, check_inputs, evaluate, run_opaque, run_update, unpack
 from ..ir.module import Input, Module, Opaque, Statement, TensorType, Update
@@ -70,6 +72,7 @@ class TorchRunner:
     _consts: dict = field(default_factory=dict)
     _aranges: dict = field(default_factory=dict)
     _sub: dict = field(default_factory=dict)
+    timeline: list | None = None  # (body position, perf_counter s) from `mark`, when a timeline is recorded
 
     def __post_init__(self):
         self.path = f"{self.directory}/{self.meta['file']}"
@@ -190,6 +193,20 @@ class TorchRunner:
         if sub.sizes:
             env["__sizes"] = torch.zeros((), dtype=torch.uint8).expand(*[sizes[str(s)] for s in sub.sizes])
         return _dense(evaluate(sub, env)[name])
+
+    def collective(self, index: int, x: torch.Tensor):
+        """Issue the collective at body position `index` (async); the program waits where it reads it."""
+        op = self._ops[index]
+        return collectives.start(op.kind, x, op.ranks, op=op.op, dim=op.dim, what=f"{op.kind} {op.name}")
+
+    @staticmethod
+    def wait(pending) -> torch.Tensor:
+        return pending.wait()
+
+    def mark(self, index: int) -> None:
+        """The program reached body position `index` (a timeline records when; nothing when none is on)."""
+        if self.timeline is not None:
+            self.timeline.append((index, time.perf_counter()))
 
     def opaque(self, index: int, tensors: dict, sizes: dict) -> tuple:
         op = self._ops[index]
