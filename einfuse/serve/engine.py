@@ -140,6 +140,15 @@ class LLM:
         self.scheduler = make_scheduler(scheduler, max_batch_tokens)
         self.cache = CacheConfig(num_blocks, block_size, self.scheduler.max_batch_tokens, dtype, cache_policy)
         self.runner = runner if runner is not None else make_runner(model, self.cache, backend)
+        layered = getattr(self.scheduler, "num_layers", None)  # a layered scheduler (layered.py)
+        if layered is not None:
+            if not getattr(self.runner, "runs_layer_groups", False):
+                raise ValueError(f"einfuse: scheduler {self.scheduler.name!r} advances prefills one layer group "
+                                 f"per step; {type(self.runner).__name__} runs whole models only — pass "
+                                 f"runner=einfuse.serve.layered.LayerGroupRunner(model)")
+            if layered != config.num_hidden_layers:
+                raise ValueError(f"einfuse: scheduler {self.scheduler.name!r} was made for {layered} layers; the "
+                                 f"model has {config.num_hidden_layers}")
         self.runner.bind(self.cache)
 
         limits = {"the model's positions": getattr(config, "max_position_embeddings", None),
@@ -270,7 +279,9 @@ class LLM:
             return [], []
 
         entries = [StepEntry(seq.id, tuple(seq.tokens[seq.num_computed:seq.num_computed + n]), seq.num_computed,
-                             tuple(self.blocks.table(seq.id)), seq.num_computed + n == len(seq.tokens))
+                             tuple(self.blocks.table(seq.id)),
+                             seq.num_computed + n == len(seq.tokens) and seq.id not in plan.partial,
+                             plan.layers.get(seq.id))
                    for seq, n in plan.chunks]
         logits = self.runner.step(entries)
         greedy = [i for i, (seq, _) in enumerate(plan.chunks) if entries[i].sample and seq.params.greedy]
@@ -279,6 +290,8 @@ class LLM:
         prefilled = decoded = 0
         new_tokens, finished = [], []
         for i, ((seq, n), entry) in enumerate(zip(plan.chunks, entries)):
+            if seq.id in plan.partial:
+                continue  # a layered prefill part-way through the layers: computed when its last group runs
             if n == 1 and entry.sample and len(seq.tokens) > seq.prompt_len:
                 decoded += 1  # the token sampled last step
             else:

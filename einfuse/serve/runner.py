@@ -18,6 +18,10 @@ only runs it. The protocol, exactly:
         them and return anything there. An entry with start=0 begins a sequence (also a request coming back
         after preemption: it is recomputed from its first token). Entries come in no particular order;
         a request appears at most once per step; at most `max_batch_tokens` tokens in all.
+        An entry's `layers` is None (the whole model) except under a layered scheduler (layered.py), which
+        only runs with a runner that says `runs_layer_groups = True`: then (lo, hi) means pass the tokens
+        through the model's layers lo..hi-1 only (a prefill advancing one layer group per step; the hidden
+        state waits in the runner for the next group, and the logits row is read only when hi is the last).
 
     runner.release(request_id: int, blocks: list[int]) -> None    (optional)
         Called right after the engine returned `blocks` to the free list: on eviction (blocks wholly before a
@@ -66,6 +70,7 @@ class StepEntry:
     start: int
     block_table: tuple[int, ...]
     sample: bool = True
+    layers: tuple[int, int] | None = None
 
 
 @runtime_checkable

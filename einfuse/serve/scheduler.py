@@ -45,11 +45,15 @@ class Request:
 class Schedule:
     """One step's plan: `chunks` (request, number of its next tokens to process), in the order scheduled;
     `admitted` moved from waiting to running; `preempted` moved from running to waiting, their blocks freed
-    (`freed`: request id -> blocks)."""
+    (`freed`: request id -> blocks). A layered policy (layered.py) also sets `layers` (request id -> the model
+    layers [lo, hi) its chunk passes through this step; absent: all) and `partial` (the requests whose chunk
+    stops before the last layer: its tokens are not computed yet and nothing is sampled)."""
     chunks: list[tuple[Request, int]] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     freed: dict[int, list[int]] = field(default_factory=dict)
+    layers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    partial: set[int] = field(default_factory=set)
 
     @property
     def num_tokens(self) -> int:
