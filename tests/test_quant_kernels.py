@@ -185,3 +185,114 @@ def test_bad_group_size_is_refused():
         QGemm("w4a8", "i8", "f32", group=48)
     with pytest.raises(ValueError, match="no quantized GEMM scheme"):
         QGemm("w3a8", "i8", "f32", group=128)
+
+
+# --------------------------------------------------------------------------- the qdot kind on IR modules
+
+# docs/quant.md's statement forms: per-token int8 activations (their amax a rows kernel; the quantize
+# step fused into the GEMM's K loop), the progressive W4A8 dequantization, the int32 GEMM, the epilogue.
+W4A8_IR = """\
+module w4a8
+  in x: bf16[{B}, 1, {K}]
+  param W_q: u4[{N}, {K}]
+  param W_gs: u8[{N}, {G}]
+  param W_gz: u8[{N}, {G}]
+  param W_s: f32[{N}]
+  y_xa[b, t]: f32[{B}, 1] = max[k:{K}] abs(f32(x[b, t, k]))
+  y_xs[b, t]: f32[{B}, 1] = max(y_xa[b, t], 1e-08) / 127
+  y_xq[b, t, k]: i8[{B}, 1, {K}] = i8(min(max(round(f32(x[b, t, k]) / y_xs[b, t]), -127), 127))
+  W_w8[n, k]: i8[{N}, {K}] = i8(i16(W_q[n, k]) * i16(W_gs[n, k // {g}]) - i16(W_gz[n, k // {g}]))
+  y_acc[b, t, n]: i32[{B}, 1, {N}] = sum[k:{K}] i32(y_xq[b, t, k]) * i32(W_w8[n, k])
+  y[b, t, n]: bf16[{B}, 1, {N}] = bf16(f32(y_acc[b, t, n]) * y_xs[b, t] * W_s[n])
+  out y
+"""
+
+W4A16_IR = """\
+module w4a16
+  in x: {T}[{B}, {K}]
+  param W_q: u4[{N}, {K}]
+  param W_gs: {T}[{N}, {G}]
+  param W_gz: {T}[{N}, {G}]
+  W_dq[n, k]: {T}[{N}, {K}] = {T}((f32(W_q[n, k]) - f32(W_gz[n, k // {g}])) * f32(W_gs[n, k // {g}]))
+  y[m, n]: {T}[{B}, {N}] = sum[k:{K}] f32(x[m, k]) * f32(W_dq[n, k])
+  out y
+"""
+
+
+def compiled(text: str):
+    from einfuse.ir import parse
+    from einfuse.passes import default_pipeline, run_pipeline
+    from einfuse.runtime import backends
+
+    m = parse(text)
+    fused = run_pipeline(m, default_pipeline())
+    return m, fused, backends.build("triton", fused)
+
+
+def quant_inputs(m, seed: int) -> dict:
+    """Random inputs; the 8-bit scales and zeros any bytes (the 8-bit arithmetic wraps like the i8 cast)."""
+    from einfuse.ir.evaluator import random_inputs
+
+    inputs = random_inputs(m, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for name, t in inputs.items():
+        if t.dtype == torch.uint8 and name != "W_q":
+            inputs[name] = torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=g)
+        elif name in ("W_gs", "W_gz") and t.is_floating_point():
+            inputs[name] = (t.float().abs() * (0.05 if name == "W_gs" else 8)).to(t.dtype)
+    return inputs
+
+
+@pytest.mark.parametrize("B,N,K,g", [(1, 80, 576, 128), (5, 72, 96, 64)])
+def test_qdot_kind_w4a8_matches_the_evaluator(B, N, K, g, fresh_einfuse_cache):
+    """A ragged last group (576 = 4*128 + 64), M = 1, N not a multiple of the tile, a ragged K tile."""
+    from einfuse.ir.evaluator import evaluate
+
+    m, fused, run = compiled(W4A8_IR.format(B=B, N=N, K=K, G=-(-K // g), g=g))
+    assert [k.kind for k in fused.kernels] == ["qdot"]
+    (spec,) = [s for s in run.specs if s.kind == "qdot"]
+    assert "out_dtype=tl.int32" in spec.source and "tl.join" in spec.source  # int8 dot; nibbles split in registers
+    assert "W_w8" not in spec.source.split('"""')[-1].split("# source")[-1]  # the int8 weights never reach memory
+    inputs = quant_inputs(m, seed=B)
+    got, want = run(inputs)["y"], evaluate(m, inputs)["y"]
+    err = (got.double() - want.double()).abs()
+    assert (err <= 2 ** -7 * want.double().abs() + 1e-6).all(), err.max()  # one bf16 unit (interpreter truncates)
+
+
+@pytest.mark.parametrize("T", ["bf16", "f16"])
+def test_qdot_kind_w4a16_matches_the_evaluator(T, fresh_einfuse_cache):
+    from einfuse.ir.evaluator import evaluate
+
+    m, fused, run = compiled(W4A16_IR.format(T=T, B=3, N=40, K=160, G=3, g=64))
+    assert [k.kind for k in run.specs] == ["qdot"]
+    inputs = quant_inputs(m, seed=7)
+    got, want = run(inputs)["y"], evaluate(m, inputs)["y"]
+    ulp = 2 ** -7 if T == "bf16" else 2 ** -10
+    bound = (inputs["x"].double().abs() @ evaluate_dq(m, inputs).double().abs().T)  # rounding of each weight
+    err = (got.double() - want.double()).abs()
+    assert (err <= ulp * (want.double().abs() + bound) + 1e-6).all(), err.max()
+
+
+def evaluate_dq(m, inputs) -> torch.Tensor:
+    from einfuse.ir.evaluator import evaluate
+
+    probe = m.replace(outputs=("W_dq",))
+    return evaluate(probe, inputs)["W_dq"]
+
+
+def test_qdot_moves_the_packed_weight_once_per_row_tile(fresh_einfuse_cache):
+    """Bytes measured under the interpreter: the packed weight's bytes are loaded once (one M tile), each
+    group's scale and zero once per (row, group), not once per element."""
+    B, N, K, g = 4, 96, 576, 128
+    m, fused, run = compiled(W4A8_IR.format(B=B, N=N, K=K, G=-(-K // g), g=g))
+    run.measure = True
+    run(quant_inputs(m, seed=0))
+    (stats,) = [s for s in run.stats.values() if "y_acc" in s.statements]
+    weights = N * K // 2 + 2 * N * -(-K // g) + 4 * N  # packed codes, u8 scale + zero per group, f32 channel scale
+    acts = 2 * (B * K * 2 + B * 4)  # bf16 activations and their amax, once per N tile (2 of 64)
+    epilogue = B * N * 12  # the epilogue reads its scales per output element (at most three f32)
+    # (the dot kind's per-element dequantization would read every packed byte twice and the group scale and
+    # zero once per element: N * K * 2.5 bytes more)
+    assert stats.bytes_loaded <= weights + acts + epilogue, (stats.bytes_loaded, weights + acts + epilogue)
+    assert stats.bytes_loaded >= weights
+    assert stats.bytes_stored == B * N * 2

@@ -190,7 +190,7 @@ class DotKind(KernelKind):
                   flats=em.flats("rka", K, ka) + fl)
         tb = Tile(em, {**names, **kbn}, {**outer, **{r: "kmask_b" for r in K if k_rag}}, hoist=pre, variant=K,
                   flats=em.flats("rkb", K, kbn) + fl)
-        operands = [(ta.value(c.a)[0], tb.value(c.b)[0]) for _, c in dots]
+        operands = [(self.operand(em, ta, c.a, "a", mp), self.operand(em, tb, c.b, "b", mp)) for _, c in dots]
         # row statistics (an RMSNorm's sum of squares) accumulate over the same K loop as the operands
         stat_accs = []
         for st, expr, _ in stats:
@@ -235,6 +235,12 @@ class DotKind(KernelKind):
         bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
         grid = [ix.FloorDiv(em.numel(M) + bm - 1, bm) * ix.FloorDiv(em.numel(N) + bn - 1, bn), em.numel(B)]
         return em.finish(mp, grid)
+
+    def operand(self, em: Emitter, tile: Tile, e, side: str, mp: Mapping) -> str:
+        """The code of a contraction operand's tile inside the K loop ([BLOCK_M, BLOCK_K] for side "a",
+        [BLOCK_K, BLOCK_N] for "b"). A kind whose operands are stored in another format (packed 4-bit
+        weights with group scales: einfuse.kinds.qdot) overrides it."""
+        return tile.value(e)[0]
 
     @staticmethod
     def _full_tiles(em: Emitter, dots, M, N, K) -> list:

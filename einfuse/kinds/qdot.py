@@ -26,14 +26,22 @@ the bytes of its operands.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import sympy
 
+from ..ir import dtypes as dt
 from ..ir import index as ix
+from ..ir.contraction import contraction
+from ..ir.expr import Access, Call, Expr, accesses, index_symbols
+from ..ir.module import Module, Statement
+from .base import Group, register_kind
 from .builder import KernelBuilder
+from .dot import DotKind, is_contraction
+from .emit import Emitter
 from .spec import Arg, KernelSpec, Mapping
-from .tile import TL, IndexCode
+from .tile import TL, IndexCode, Tile, compute_dtype
 
 SCHEMES = ("w4a8", "w4a16", "w8a8", "fp8")
 RESERVED = {"pid", "num_n", "pid_m", "pid_n", "rm", "rn", "mmask", "nmask", "kx", "kw", "k0", "acc", "tl", "triton",
@@ -182,3 +190,158 @@ def emit_qgemm(name: str, q: QGemm, refs: dict, extents: dict, tiles: dict, *, s
     mp = Mapping("qdot", tiles=tuple((k, tiles[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), num_warps=num_warps)
     return KernelSpec(name, (refs.get("y", "y"),), (refs.get("y", "y"),), src, args, dict(tiles), grid, mp,
                       meta={"scheme": q.scheme})
+
+
+# ------------------------------------------------------------------------------------ the qdot kernel kind
+
+@dataclass(frozen=True)
+class PackedOperand:
+    """A contraction operand computed from a packed 4-bit tensor read at [lead.., k] and group tensors
+    (scales, zeros) read at [lead.., k // group]: the W4A8 / W4A16 weight formats of docs/quant.md."""
+
+    packed: Access
+    groups: tuple  # Access of each group tensor
+    group: int
+
+
+def packed_operand(e: Expr, k, types: dict) -> PackedOperand | None:
+    """Recognize an operand (`e`, over the contraction's single K rank `k`) that dequantizes a packed
+    4-bit tensor by group: every access that depends on k is the packed one at [lead.., k] or a group
+    tensor at [lead.., k // g] with the same leading positions and one g (a multiple of 16: a K tile of
+    the tensor cores lies inside a group). None otherwise."""
+    packed, grouped, group = None, [], None
+    for a in accesses(e):
+        if not (index_symbols(a) & {k}):
+            continue
+        if any(isinstance(p, Expr) for p in a.indices):
+            return None
+        *lead, last = a.indices
+        if any(k in sympy.sympify(p).free_symbols for p in lead):
+            return None
+        if types[a.tensor].dtype.packed:
+            if last != k or (packed is not None and packed != a):
+                return None
+            packed = a
+            continue
+        last = sympy.sympify(last)
+        if not (isinstance(last, ix.FloorDiv) and last.args[0] == k and last.args[1].is_Integer):
+            return None
+        g = int(last.args[1])
+        if group not in (None, g):
+            return None
+        group = g
+        if a not in grouped:
+            grouped.append(a)
+    if packed is None or group is None or group % 16 or any(a.indices[:-1] != packed.indices[:-1] for a in grouped):
+        return None
+    return PackedOperand(packed, tuple(grouped), group)
+
+
+def _qserve_int8(e: Expr, op: PackedOperand, dtype_of) -> bool:
+    """Whether `e` is exactly `i8(i16(q) * i16(s) - i16(zs))` with u8 scale and zero-times-scale: then
+    8-bit lanes that wrap give the same int8 (the i8 cast keeps the result modulo 256)."""
+    def cast_of(x, to):
+        return isinstance(x, Call) and x.op == "cast" and x.attr == to and len(x.args) == 1
+
+    if not (cast_of(e, dt.i8) and isinstance(e.args[0], Call) and e.args[0].op == "sub"):
+        return False
+    mul, zero = e.args[0].args
+    if not (isinstance(mul, Call) and mul.op == "mul" and cast_of(zero, dt.i16) and all(cast_of(x, dt.i16) for x in mul.args)):
+        return False
+    q, s, z = mul.args[0].args[0], mul.args[1].args[0], zero.args[0]
+    return (q == op.packed and s in op.groups and z in op.groups and s != z
+            and dtype_of(s.tensor) == dt.u8 and dtype_of(z.tensor) == dt.u8 and dtype_of(q.tensor) == dt.u4)
+
+
+class QDotKind(DotKind):
+    """Contractions with an operand stored as packed 4-bit values with group scales/zeros (W4A8: the
+    int8 level-1 weights; W4A16: 16-bit weights), with the dot kind's roles (accumulators, row
+    statistics, epilogue). The packed tile is loaded once as bytes ([BLOCK_K/2, BLOCK_N]) and split into
+    nibbles in registers; BLOCK_K divides the group, so each group's scale and zero are loaded once per
+    K tile; the dequantization is the IR's own expression over those registers (for W4A8's
+    `i8(i16(q) * i16(s) - i16(z*s))`: QServe's 8-bit multiply-then-subtract, which wraps to the same int8)."""
+
+    name = "qdot"
+    priority = 31  # before dot: a lone quantized contraction is a qdot kernel
+
+    def _packed(self, m: Module, s: Statement) -> list | None:
+        """The packed operands of a quantized contraction (a or b side), or None if it has none."""
+        types = m.types()
+        c = contraction(s, lambda n: types[n].dtype)
+        if c is None or len(c.k) != 1 or c.operand not in (dt.i8, dt.bf16, dt.f16):
+            return None
+        found = [p for p in (packed_operand(x, c.k[0], types) for x in (c.a, c.b)) if p is not None]
+        if not found or (c.int8 and any(p.group % 32 for p in found)):  # int8 tensor cores step 32 along K
+            return None
+        return found
+
+    def claims(self, m: Module, s: Statement) -> bool:
+        return super().claims(m, s) and self._packed(m, s) is not None
+
+    def group_roles(self, m: Module, members: list) -> tuple | None:
+        roles = super().group_roles(m, members)
+        if roles is None:
+            return None
+        prod = m.producers()
+        dots = [prod[n] for n, r in zip(members, roles) if r == "acc"]
+        return roles if all(self._packed(m, d) for d in dots) else None
+
+    def _tiles(self, g: Group, block_mn: int = 64, block_k: int | None = None) -> Mapping:
+        groups = {p.group for s in g.statements if s.reduce is not None for p in (self._packed(g.module, s) or [])}
+        bk = min(64, block_k or 64)
+        while any(x % bk for x in groups):
+            bk //= 2
+        return dataclasses.replace(super()._tiles(g, block_mn, bk), kind="qdot")
+
+    def candidates(self, g: Group) -> list[Mapping]:
+        """The dot kind's variants whose K tile still steps the tensor cores (32 for int8)."""
+        least = 32 if any(contraction(s, g.info.dtype_of).int8 for s in g.statements if is_contraction(g.module, s)) else 16
+        return [mp for mp in super().candidates(g) if dict(mp.tiles)["BLOCK_K"] >= least] or [self.mapping(g)]
+
+    def operand(self, em: Emitter, tile: Tile, e, side: str, mp: Mapping) -> str:
+        (k,) = mp.red
+        op = packed_operand(e, k, em.types)
+        if op is None:
+            return super().operand(em, tile, e, side, mp)
+        kb, hoist = em.kb, tile.hoist
+        lead = list(op.packed.indices[:-1])
+        K = em.extents[k]
+        t = em.types[op.packed.tensor]
+        lead_shape = list(t.shape[:-1])
+        lead_syms = set().union(*[sympy.sympify(p).free_symbols for p in lead]) if lead else set()
+        lead_masks = sorted({tile.masks[r] for r in lead_syms if r in tile.masks and r not in em.unit_ranks})
+        # bytes [BLOCK_K/2, BLOCK_N] (side b: K down the rows) or [BLOCK_M, BLOCK_K/2] (side a)
+        kp = hoist.emit("tl.arange(0, BLOCK_K // 2)" + ("[:, None]" if side == "b" else "[None, :]"), f"kp_{side}")
+        base = hoist.emit(f"{em.pointer(op.packed.tensor)} + "
+                          f"({hoist.index(ix.flat_offset(lead + [0], lead_shape + [(t.shape[-1] + 1) // 2]))})",
+                          f"{op.packed.tensor}_base")
+        kmask = [f"(k0 + 2 * {kp} < {em.ext(K)})"] if em.ragged([k], dict(mp.tiles)["BLOCK_K"]) else []
+        mask = " & ".join(lead_masks + kmask)
+        nbytes = tile.emit(f"tl.load({base} + k0 // 2 + {kp}" + (f", mask={mask}, other=0)" if mask else ")"),
+                           f"{op.packed.tensor}_bytes")
+        lo, hi = tile.emit(f"{nbytes} & 15", f"{op.packed.tensor}_lo"), tile.emit(f"{nbytes} >> 4", f"{op.packed.tensor}_hi")
+        if side == "b":  # row k of the tile is byte k // 2's nibble k % 2: [BK/2, BN, 2] -> [BK/2, 2, BN] -> [BK, BN]
+            codes = tile.emit(f"tl.reshape(tl.permute(tl.join({lo}, {hi}), (0, 2, 1)), (BLOCK_K, BLOCK_N))", op.packed.tensor)
+        else:
+            codes = tile.emit(f"tl.reshape(tl.join({lo}, {hi}), (BLOCK_M, BLOCK_K))", op.packed.tensor)
+        if t.dtype.signed:  # i4: two's complement nibbles
+            codes = tile.emit(f"tl.where({codes} >= 8, {codes}.to(tl.int8) - 16, {codes}.to(tl.int8))", op.packed.tensor)
+        held = {op.packed: codes}
+        gmask = " & ".join(lead_masks)
+        for a in op.groups:  # one scale / zero per (row, group): this K tile's group
+            gt = em.types[a.tensor]
+            gbase = hoist.emit(f"{em.pointer(a.tensor)} + ({hoist.index(ix.flat_offset(lead + [0], list(gt.shape)))})",
+                               f"{a.tensor}_base")
+            cd = compute_dtype(gt.dtype)  # registers hold a value in its compute type (16-bit floats in f32)
+            widen = f".to({TL[cd.name]})" if cd != gt.dtype else ""
+            held[a] = tile.emit(f"tl.load({gbase} + k0 // {op.group}" + (f", mask={gmask}, other=0)" if gmask else ")")
+                                + widen, f"{a.tensor}_tile")
+        if _qserve_int8(e, op, em.dtype_of):
+            q, s, z = held[op.packed], held[e.args[0].args[0].args[1].args[0]], held[e.args[0].args[1].args[0]]
+            return tile.emit(f"({q} * {s} - {z}).to(tl.int8, bitcast=True)", "w8_tile")
+        inner = Tile(em, tile.ranks, tile.masks, held=lambda a: held.get(a), flats=tile.flats)
+        inner.block = tile.block  # the dequantization runs in the K loop, on the registers above
+        return inner.value(e, "dq_tile")[0]
+
+
+QDOT = register_kind(QDotKind())

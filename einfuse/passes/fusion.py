@@ -146,7 +146,12 @@ def _stat_prologue(m: Module, p: Statement, c: Statement, a: Access) -> bool:
     return stat_binding(m, p, c) is not None
 
 
+def _quantized_epilogue(m: Module, p: Statement, c: Statement, a: Access) -> bool:
+    return kind_named("qdot").claims(m, p) and _epilogue(m, p, c, a)
+
+
 RULES = [
+    Rule("quantized contraction (packed 4-bit operand) + epilogue", "qdot", _quantized_epilogue),
     Rule("contraction + epilogue (bias, activation, residual, scale, cast)", "dot", _epilogue),
     Rule("row statistic computed in the contraction's K loop (norm + projection)", "dot", _stat_prologue),
     Rule("row statistics computed together (norms, softmax)", "rows", _row_stats),
@@ -264,8 +269,10 @@ def schedule(m: Module) -> Module:
 
 
 def fusion_passes() -> list[Pass]:
-    """Attention first (it reads through maps), drop what it replaced, inline maps, group kernels."""
+    """Attention first (it reads through maps), drop what it replaced, experts calls (before their
+    SwiGLU is inlined), inline maps, group kernels."""
     from .attention import FuseAttention
     from .cleanup import DCE
+    from .moe import FuseMoE
 
-    return [FuseAttention(), DCE(), FuseElementwise(), FuseKernels()]
+    return [FuseAttention(), DCE(), FuseMoE(), FuseElementwise(), FuseKernels()]
