@@ -62,6 +62,7 @@ class LoweringReport:
     fallbacks: dict = field(default_factory=lambda: collections.defaultdict(lambda: [0, ""]))
     capture: str = "torch.export"
     whole_graph_fallback: str | None = None
+    notes: list = field(default_factory=list)  # recognitions that did not apply, and why
 
     @property
     def share(self) -> float:
@@ -87,6 +88,7 @@ class LoweringReport:
                 lines.append(f"  {n:4d} x {target}: {why}")
         else:
             lines.append("no op fell back to torch")
+        lines += self.notes
         return "\n".join(lines)
 
 
@@ -294,8 +296,11 @@ class Lowerer:
     # ---------------------------------------------------------------- driver
     def run(self) -> "Lowered":
         from .aten_rules import RULES
+        from .moe import find_experts, lower_experts
 
         self._types = {}
+        experts, notes = find_experts(self.gm)
+        self.report.notes += notes
         leaves: list = []
         blocks = Instantiator(self.gm) if self.instantiate else None
         skip: set = set()
@@ -314,7 +319,14 @@ class Lowerer:
                     skip |= set(blocks.start[node].nodes)
                     continue
                 position = len(self.body)
-                self.call(node, RULES)
+                call = experts.get(node)
+                if call is None:
+                    self.call(node, RULES)
+                elif node is call.output:  # an experts module: its Einsums, once its output is reached
+                    self.values[node] = lower_experts(self, call)
+                if call is not None and _target_name(node.target) not in SKIPPED:
+                    self.report.total += 1
+                    self.report.lowered += 1
                 if blocks is not None:
                     blocks.after(self, node, position)
             else:

@@ -1,0 +1,76 @@
+"""fuse_moe: experts calls become two kernels of the MoE kind (einfuse.kinds.moe).
+
+It finds the chain the kind runs — an expert gate/up projection over every (token, expert) pair, its
+SwiGLU, the down projection and the sum over experts weighted by the routing — wherever it comes from:
+transformers' experts modules (einfuse.frontend.moe writes it), or a model written in the dense "every
+expert on every token" form. The dense form's gate/up projection computes pairs the routing weight then
+multiplies by 0; the pass makes it skip them (`where(gw[t, e] != 0, ..., 0)`), which changes nothing the
+layer outputs for finite values (an inactive expert's inf or NaN no longer reaches the sum). Groups:
+`{gate_up, act}` and `{down, combine}`. A chain whose intermediate values other statements read is left
+to the other kinds, with a line in the dump saying why.
+"""
+from __future__ import annotations
+
+from ..ir.expr import Call, Const, substitute
+from ..ir.module import Kernel, Module, Statement
+from ..kinds.moe import act_form, combine_form, combine_gate, find_down, up_form
+from .base import Pass
+from .fusion import schedule
+
+
+class FuseMoE(Pass):
+    name = "fuse_moe"
+
+    def __init__(self):
+        self.notes: list = []  # chains found but not grouped, and why
+
+    def run(self, m: Module) -> Module:
+        self.notes = []
+        prod, users, grouped = m.producers(), m.users(), set(m.group_of())
+        replaced: dict = {}
+        kernels = list(m.kernels)
+        for s in m.statements:
+            down = find_down(s) if s.name not in grouped else None
+            if down is None:
+                continue
+            readers = users.get(s.name, [])
+            comb = readers[0] if len(readers) == 1 else None
+            expr = combine_form(comb, down) if comb is not None and comb.name not in grouped else None
+            act = prod.get(down.a.tensor if hasattr(down.a, "tensor") else _tensor(down.a))
+            up = None
+            if isinstance(act, Statement):
+                reads = [prod.get(t) for t in act.reads()]
+                up = next((f for f in (up_form(r) for r in reads if isinstance(r, Statement)) if f is not None), None)
+            if expr is None or up is None or act_form(act, up) is None:
+                continue
+            why = self._why_not(users, grouped, up.stmt, act, s)
+            if why:
+                self.notes.append(f"experts chain {up.stmt.name} -> {comb.name} left to other kinds: {why}")
+                continue
+            up_stmt = up.stmt
+            if up.gate is None:  # the dense form: skip the pairs the combine weighs by 0
+                gate = substitute(combine_gate(expr, down), {down.t: up.t, down.e: up.e})
+                up_stmt = up_stmt.replace(expr=Call("where", (Call("ne", (gate, Const(0))), up_stmt.expr, Const(0))))
+                replaced[up_stmt.name] = up_stmt
+            kernels.append(Kernel(f"moe_{act.name}", "moe", (up_stmt.name, act.name), (), ("gate_up", "act")))
+            kernels.append(Kernel(f"moe_{comb.name}", "moe", (s.name, comb.name), (), ("down", "combine")))
+        if not replaced and len(kernels) == len(m.kernels):
+            return m
+        body = tuple(replaced.get(op.outputs[0], op) for op in m.body)
+        return schedule(m.replace(body=body, kernels=tuple(kernels)))
+
+    @staticmethod
+    def _why_not(users: dict, grouped: set, up: Statement, act: Statement, down: Statement) -> str | None:
+        for s, only in ((up, act), (act, down)):
+            if s.name in grouped:
+                return f"{s.name} is already in a kernel group"
+            others = [u.outputs[0] for u in users.get(s.name, []) if u is not only]
+            if others:
+                return f"{s.name} is also read by {', '.join(others)}"
+        return None
+
+
+def _tensor(e) -> str:
+    while isinstance(e, Call) and e.op == "cast":
+        e = e.args[0]
+    return getattr(e, "tensor", "")
