@@ -296,3 +296,91 @@ def test_qdot_moves_the_packed_weight_once_per_row_tile(fresh_einfuse_cache):
     assert stats.bytes_loaded <= weights + acts + epilogue, (stats.bytes_loaded, weights + acts + epilogue)
     assert stats.bytes_loaded >= weights
     assert stats.bytes_stored == B * N * 2
+
+
+# ------------------------------------------------------------------------------------------------- AOT
+
+_PTX_SCRIPT = """\
+import contextlib, io, json, re, sys, types, importlib.util, tempfile, pathlib
+import triton  # first: Triton compiles for GPUs in this process
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for name, path in json.loads(sys.argv[1]):  # einfuse.codegen.libm without importing einfuse (and torch)
+    stub = types.ModuleType(name)
+    stub.__path__ = [path]
+    sys.modules[name] = stub
+triton.knobs.nvidia.dump_ptxas_log = True
+triton.knobs.compilation.always_compile = True
+out = []
+for job in json.loads(sys.stdin.read()):
+    tmp = pathlib.Path(tempfile.mkdtemp()) / (job["name"] + ".py")
+    tmp.write_text(job["source"])
+    spec = importlib.util.spec_from_file_location("qk_" + job["name"], tmp)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fn = getattr(mod, job["name"])
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in job["signature"].items() if t.startswith("*")}
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        k = triton.compile(ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"], attrs=attrs),
+                           target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
+    spill = re.search(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log.getvalue())
+    out.append({"mma": sorted(set(re.findall(r"\\b(w?gmma\\.mma_async[\\w.]*|mma\\.sync[\\w.]*)", k.asm["ptx"]))),
+                "spills": int(spill[1]) + int(spill[2]) if spill else None})
+sys.__stdout__.write(json.dumps(out) + "\\n")
+"""
+
+
+def aot_compile(specs_archs: list) -> list:
+    """Each (kernel, arch) compiled ahead of time for the GPU in a subprocess where Triton is not in
+    interpreter mode: {"mma": the distinct tensor-core instructions of its PTX, "spills": ptxas' spill bytes}."""
+    jobs = [{"name": s.name, "source": s.source, "signature": aot.signature(s), "constexprs": dict(s.constexprs),
+             "num_warps": s.mapping.num_warps, "arch": arch} for s, arch in specs_archs]
+    import einfuse.codegen as codegen
+
+    root = os.path.dirname(os.path.abspath(einfuse.__file__))
+    stubs = [["einfuse", root], ["einfuse.codegen", os.path.dirname(os.path.abspath(codegen.__file__))]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, json.dumps(stubs)], input=json.dumps(jobs),
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def qdot_spec(text: str):
+    from einfuse.codegen import generate
+    from einfuse.ir import parse
+    from einfuse.passes import default_pipeline, run_pipeline
+
+    (spec,) = [s for s in generate(run_pipeline(parse(text), default_pipeline())) if s.kind == "qdot"]
+    return spec
+
+
+def assert_aot(specs_archs: list, operand: str, instruction: str = "mma") -> None:
+    """Every kernel compiles with 0 spills and its PTX multiplies `operand` values on tensor cores (with an
+    `instruction` such as mma.sync or wgmma)."""
+    for (spec, arch), got in zip(specs_archs, aot_compile(specs_archs)):
+        assert got["spills"] == 0, (spec.name, arch, got)
+        assert any(f".{operand}." in op and instruction in op for op in got["mma"]), (spec.name, arch, got["mma"])
+
+
+def test_w4a8_kernel_uses_int8_tensor_cores_on_sm80_and_sm90a():
+    """The qdot kind's W4A8 kernel of a SmolLM2 projection at decode (8 tokens): int8 mma.sync (s8 x s8 ->
+    s32) on sm_80 and sm_90a (a 16-row tile is below wgmma's 64), 0 spills."""
+    spec = qdot_spec(W4A8_IR.format(B=8, N=576, K=576, G=5, g=128))
+    assert_aot([(spec, 80), (spec, 90)], "s8")
+
+
+@pytest.mark.slow
+def test_quantized_kernels_aot_prefill_wgmma_and_the_other_schemes():
+    """A prefill-shaped W4A8 tile (64 rows) reaches wgmma with int8 operands on sm_90a; W4A16 (bf16 mma),
+    W8A8 (s8) on both archs, fp8 (e4m3 wgmma) on sm_90a; all without spills."""
+    w4a8 = qdot_spec(W4A8_IR.format(B=256, N=576, K=576, G=5, g=128))
+    w4a16 = qdot_spec(W4A16_IR.format(T="bf16", B=8, N=576, K=576, G=5, g=128))
+    q8, q_fp8 = QGemm("w8a8", "i8", "bf16"), QGemm("fp8", "f8e4m3", "bf16")
+    w8a8 = emit_qgemm("w8a8_gemm", q8, {}, {"M": 256, "N": 576, "K": 576}, default_tiles(q8, 256, 576, 576))
+    fp8 = emit_qgemm("fp8_gemm", q_fp8, {}, {"M": 256, "N": 576, "K": 576}, default_tiles(q_fp8, 256, 576, 576))
+    assert_aot([(w4a8, 90)], "s8", "wgmma")  # wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8
+    assert_aot([(w8a8, 80), (w8a8, 90)], "s8")
+    assert_aot([(w4a16, 80), (w4a16, 90)], "bf16")
+    assert_aot([(fp8, 90)], "e4m3", "wgmma")
