@@ -100,11 +100,17 @@ class Driver:
             except Exception as exc:
                 return eager_variant(report, f"lowering failed ({_first_line(exc)})", self.backend)
             lowered.report.capture = report.capture
+            regional = True
             if self.prepare:
+                before = {o for op in lowered.module.body for o in op.outputs}
                 lowered.module = run_pipeline(lowered.module, list(self.prepare), [Verify()])
+                # a prepare pass that added or removed statements (quantization) leaves lowering's repeated
+                # blocks behind: the pipeline then runs on the whole module
+                regional = before == {o for op in lowered.module.body for o in op.outputs}
             ms = round((time.perf_counter() - t0) * 1e3, 3)
             like = {**cap.bindings, **{k: v for k, v in like.items() if k in {i.name for i in lowered.module.inputs}}}
-            final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms, lowered.instances)
+            final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms,
+                                      lowered.instances if regional else ())
             report, out_leaves = lowered.report, lowered.out_leaves
             self._store(cap, name, final, report, out_leaves, timings)
         run = backends.build(self.backend, final, **self.backend_options)
@@ -186,6 +192,7 @@ class _Compiler:
         v = self.driver.build(cap, type(self.model).__name__.lower(), like, out_dir, report)
         v.assumed = [_assumption(val, leaf) for val, leaf in zip(cap.user_values(), leaves)]
         v.ranges, v.targets = cap.size_ranges(), dict(cap.targets)
+        bind_derived(v, self.model)
         return v
 
     def _export(self, args, kwargs, report: LoweringReport) -> Captured:
@@ -218,6 +225,27 @@ def _assumption(val, leaf) -> tuple:
     return ("value", leaf)
 
 
+def bind_derived(v: Variant, model: torch.nn.Module) -> None:
+    """Bind the weight inputs a pass added (they are in no capture): `<input>_<suffix>`, derived from an input
+    bound to the model's `<target>` (quantize_weights' `W_q`, `W_s`, ...), reads the model's `<target>_<suffix>`
+    (einfuse.quant registers those buffers)."""
+    if v.ir is None:
+        return
+    live = dict(model.named_parameters(remove_duplicate=False))
+    live.update(model.named_buffers(remove_duplicate=False))
+    for i in v.ir.inputs:
+        if i.kind in ("in", "state") or i.name in v.bindings:
+            continue
+        bases = [b for b in v.targets if i.name.startswith(b + "_")]
+        target = v.targets[max(bases, key=len)] + i.name[len(max(bases, key=len)):] if bases else None
+        if target not in live:
+            raise RuntimeError(f"einfuse: the program reads {i.name} ({i.type.dtype}{list(i.type.shape)}), which the "
+                               f"model does not hold{f' as {target}' if target else ''}; quantize the model with "
+                               "einfuse.quant.calibrate (or load a checkpoint with einfuse.quant.load) first")
+        v.bindings[i.name] = live[target]
+        v.targets[i.name] = target
+
+
 def default_backend(tensors=()) -> str:
     """DEFAULT_BACKEND when set; else "triton" when the inputs are on CUDA (or, without tensor inputs, a
     CUDA device is available): native kernels; else "torch": the generated torch program, eager's speed on
@@ -239,7 +267,7 @@ def _settings(dump_dir, check, backend, tensors=()) -> tuple:
 
 
 def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_dir=None, backend=None,
-            check=None, dynamic_shapes=None, cuda_graphs: bool = False) -> CompiledModule:
+            check=None, dynamic_shapes=None, cuda_graphs: bool = False, prepare=()) -> CompiledModule:
     """Compile `model` for inputs like `args`/`kwargs`; the result is called like `model`.
 
     passes: the pipeline (default `einfuse.passes.default_pipeline()`); dump_dir (or $EINFUSE_DUMP_DIR):
@@ -248,13 +276,14 @@ def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_d
     "reference" (the IR evaluated with torch ops); the default is "triton" for CUDA inputs, else "torch";
     check (or $EINFUSE_CHECK=1): compare every pass's numerics with the one before on random inputs;
     dynamic_shapes: as for torch.export (those sizes stay symbolic); cuda_graphs: on CUDA, replay the
-    kernels of a call as one CUDA graph.
+    kernels of a call as one CUDA graph; prepare: passes run on the whole lowered module before the pipeline
+    (quantization: `einfuse.quant` passes its scheme's here).
     """
     kwargs = dict(kwargs or {})
     args = args if isinstance(args, tuple) else (args,)
     dump_dir, check, backend = _settings(dump_dir, check, backend, torch.utils._pytree.tree_leaves((args, kwargs)))
     options = {"cuda_graphs": True} if cuda_graphs and backend == "triton" else {}
-    driver = Driver(None if passes is None else list(passes), dump_dir, backend, check, options)
+    driver = Driver(None if passes is None else list(passes), dump_dir, backend, check, options, tuple(prepare))
     return CompiledModule(model, _Compiler(model, driver, dynamic_shapes), args, kwargs)
 
 
@@ -348,19 +377,22 @@ _CACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {
 
 
 def compile_cached(model: torch.nn.Module, *, block_size: int = 16, backend: str | None = None,
-                   dump_dir: str | None = None, check: bool | None = None) -> CachedPrograms:
+                   dump_dir: str | None = None, check: bool | None = None, prepare=(),
+                   after_cache=()) -> CachedPrograms:
     """Capture `model`'s forward once (input_ids and position_ids of B sequences of T tokens, the logits of
     the last token only) and derive its prefill and decode programs over a paged KV cache. The programs
     are kept per model (a second runner for it compiles nothing) and read its weights as they are at each
-    call of this function."""
+    call of this function. prepare: passes run on the whole captured module first; after_cache: passes run
+    right after cache_kv (quantization: einfuse.quant gives its scheme's)."""
     device = next(model.parameters()).device
     _, _, chosen = _settings(None, False, backend, [torch.empty(0, device=device)])
     memo = _CACHED.setdefault(model, {})
-    key = (block_size, chosen, str(device), next(model.parameters()).dtype)
+    extra = tuple(p.fingerprint() for p in list(prepare) + list(after_cache))
+    key = (block_size, chosen, str(device), next(model.parameters()).dtype) + extra
     if key not in memo or dump_dir:
-        disk = key_of("serving", _model_fingerprint(model), str(block_size), chosen, device.type)
+        disk = key_of("serving", _model_fingerprint(model), str(block_size), chosen, device.type, *extra)
         warm = None if (dump_dir or check) else _load_cached_programs(disk, model, chosen)
-        memo[key] = warm or _compile_cached(model, block_size, chosen, dump_dir, check)
+        memo[key] = warm or _compile_cached(model, block_size, chosen, dump_dir, check, prepare, after_cache)
         if warm is None and not dump_dir:
             _store_cached_programs(disk, memo[key], model)
     memo[key].rebind(model)
@@ -438,7 +470,7 @@ def _load_cached_programs(key: str, model: torch.nn.Module, backend: str) -> "Ca
     return CachedPrograms(programs["prefill"], programs["decode"], states, meta["block_size"])
 
 
-def _compile_cached(model, block_size, backend, dump_dir, check) -> CachedPrograms:
+def _compile_cached(model, block_size, backend, dump_dir, check, prepare=(), after_cache=()) -> CachedPrograms:
     from .passes import cleanup_passes, fusion_passes
     from .passes.serving import CacheKV, Specialize
 
@@ -459,15 +491,16 @@ def _compile_cached(model, block_size, backend, dump_dir, check) -> CachedProgra
         raise RuntimeError(f"einfuse: cannot capture {type(model).__name__} for serving: {_first_line(exc)}") from exc
     programs = {}
     for label, fixed in (("prefill", {"input_ids": {0: 1}}), ("decode", {"input_ids": {1: 1}})):
-        passes = cleanup_passes() + [CacheKV(block_size)] + cleanup_passes() + fusion_passes()
+        passes = cleanup_passes() + [CacheKV(block_size)] + list(after_cache) + cleanup_passes() + fusion_passes()
         out_dir = os.path.join(dump_dir, label) if dump_dir else None
         like = dict(zip(cap.user_inputs, torch.utils._pytree.tree_leaves(((), kwargs))))
-        driver = Driver(passes, out_dir, backend, check, {}, prepare=(Specialize(fixed),))
+        driver = Driver(passes, out_dir, backend, check, {}, prepare=(Specialize(fixed),) + tuple(prepare))
         v = driver.build(cap, f"{type(model).__name__.lower()}_{label}", like, out_dir, LoweringReport())
         if v.fallback is not None:
             raise RuntimeError(f"einfuse: the {label} program of {type(model).__name__} cannot be compiled: "
                                f"{v.fallback}")
         v.targets = dict(cap.targets)
+        bind_derived(v, model)
         programs[label] = v
     states = tuple(i for i in programs["decode"].ir.inputs if i.kind == "state")
     return CachedPrograms(programs["prefill"], programs["decode"], states, block_size)

@@ -1393,6 +1393,8 @@ class TorchGen:
                                                                  for _, n in s.reduce.ranks):
             acc = dt.f32 if expr_dtype.bits < 32 else expr_dtype
             v = self.float_sum(s, ctx, octx, acc)
+        elif s.reduce.op == "sum" and _narrow_int_product(s, dtype_of):
+            v = self.float_sum(s, ctx, octx, dt.f64)  # an int8 GEMM: exact in f64 (see _narrow_int_product)
         else:
             v = self.reduction(s, ctx, octx)
         self.assign(s, octx, v)
@@ -1814,6 +1816,24 @@ def other(args: tuple, one) -> Expr:
 
 def tensors_read_of(e: Expr) -> set:
     return {a.tensor for a in accesses(e)}
+
+
+def _narrow_int_product(s: Statement, dtype_of) -> bool:
+    """`sum[K] i32(a) * i32(b)` of two integers of at most 16 bits over at most 2^20 points: every partial
+    sum is an integer below 2^52, so a matmul in f64 computes it exactly (torch has no integer BLAS)."""
+    body, post = peel_invariant(s.expr, {r for r, _ in s.reduce.ranks})
+    factors = _mul_factors(body)
+    if post or len(factors) != 2:
+        return False
+    points = sympy.Mul(*[sympy.sympify(n) for _, n in s.reduce.ranks])
+    if not (points.is_Integer and int(points) <= 2 ** 20):
+        return False
+    for f in factors:
+        inner = f.args[0] if isinstance(f, Call) and f.op == "cast" and f.attr.is_int and f.attr.bits >= 32 else f
+        d = infer(inner, dtype_of)[0]
+        if not (d.is_int and d.bits <= 16):
+            return False
+    return True
 
 
 def _storage_shape(t: TensorType) -> tuple:

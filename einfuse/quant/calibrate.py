@@ -1,0 +1,378 @@
+"""`einfuse.quant.calibrate`: a model's Linear weights quantized for a scheme, from statistics of real text.
+
+Calibration runs the float model on the text once (forward hooks on every Linear's input and on the key
+projections' outputs), then applies the scheme's weight transforms in order — smoothing folded into the
+preceding norm or projection (SmoothQuant), SmoothAttention (keys -> queries, equal within each RoPE pair),
+GPTQ or round-to-nearest onto the scheme's grid — and registers what `quantize_weights`' params read as
+buffers on each Linear (`weight_q`, `weight_s`, `weight_gs`, `weight_gz`; see docs/quant.md). The Linear's
+float `weight` is replaced by the dequantized values, so the eager model computes what the quantized
+weights stand for (a test oracle for the compiled program).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import formats as fm
+from .gptq import Hessian, gptq
+from .schemes import Scheme, get_scheme
+
+QUANT_BUFFERS = ("weight_q", "weight_s", "weight_gs", "weight_gz")
+
+
+# ---------------------------------------------------------------- grids for GPTQ (einfuse.quant.gptq's callback)
+
+@dataclass
+class ProgressiveGrid:
+    """Level 2 of W4A8 on level-1 units (the weight divided by its per-channel scale, in ±119)."""
+
+    group_size: int
+
+    def fit(self, w):
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        s = torch.ceil((hi - lo) / 15).clamp(1, 16)
+        return s, torch.round(-lo / s).clamp(0, 15)
+
+    def quantize(self, w, params):
+        s, z = params
+        q = (torch.round(w / s) + z).clamp(0, 15)
+        return (q - z) * s, q.to(torch.int32)
+
+
+@dataclass
+class Asym4Grid:
+    """W4A16: asymmetric 4 bits per group, the scale rounded to f16 as stored."""
+
+    group_size: int
+
+    def fit(self, w):
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp_min(1e-8).half().to(w.dtype)
+        return scale, torch.round(-lo / scale).clamp(0, 15)
+
+    def quantize(self, w, params):
+        scale, zero = params
+        q = (torch.round(w / scale) + zero).clamp(0, 15)
+        return (q - zero) * scale, q.to(torch.int32)
+
+
+@dataclass
+class Sym8Grid:
+    """W8: symmetric int8 per output channel."""
+
+    group_size: None = None
+
+    def fit(self, w):
+        return (w.abs().amax(-1) / 127).clamp_min(1e-12)
+
+    def quantize(self, w, scale):
+        q = torch.round(w / scale).clamp(-127, 127)
+        return q * scale, q.to(torch.int32)
+
+
+# ---------------------------------------------------------------- the result
+
+@dataclass
+class Quantized:
+    """A model whose Linear layers carry the quantized buffers of `scheme`, and what calibration did."""
+
+    model: torch.nn.Module
+    scheme: Scheme
+    layers: list = field(default_factory=list)  # the quantized Linears' module names
+    report: dict = field(default_factory=dict)
+
+    def passes(self) -> list:
+        return self.scheme.passes()
+
+    def compile(self, args=(), kwargs=None, **options):
+        """einfuse.compile of the quantized model, with the scheme's passes before the pipeline."""
+        from ..api import compile as compile_
+
+        return compile_(self.model, args, kwargs, prepare=self.scheme.passes(), **options)
+
+    def compile_cached(self, **options):
+        """The serving programs (prefill/decode over a paged cache) with the scheme's passes."""
+        from ..api import compile_cached
+
+        return compile_cached(self.model, prepare=self.scheme.weight_passes(), after_cache=self.scheme.kv_passes(),
+                              **options)
+
+    def llm(self, tokenizer=None, backend: str | None = None, **kwargs):
+        """An einfuse.LLM serving the quantized programs (its KV cache quantized as the scheme says)."""
+        from ..serve import LLM
+
+        runner = QuantPagedRunner(self, backend)
+        return LLM(self.model, tokenizer, runner=runner, backend=backend or "torch", **kwargs)
+
+    def weight_bytes(self) -> dict:
+        """Bytes of the quantized Linears: stored (codes, scales, zeros) against fp16."""
+        stored = fp16 = 0
+        for name in self.layers:
+            mod = self.model.get_submodule(name)
+            stored += sum(getattr(mod, b).numel() * getattr(mod, b).element_size()
+                          for b in QUANT_BUFFERS if hasattr(mod, b))
+            fp16 += mod.weight.numel() * 2
+        return {"stored": stored, "fp16": fp16, "ratio": stored / max(fp16, 1)}
+
+
+def _paged_runner_class():
+    from ..serve.paged import PagedRunner
+
+    class _Runner(PagedRunner):
+        """PagedRunner over a Quantized model's programs."""
+
+        def __init__(self, q: Quantized, backend):
+            super().__init__(q.model, backend)
+            self.quantized = q
+
+        def bind(self, cache):
+            self.cache = cache
+            self.programs = self.quantized.compile_cached(block_size=cache.block_size, backend=self.backend)
+            nb = next(s for s in self.programs.decode.ir.sizes if str(s) == "NB")
+            self.states = {i.name: torch.zeros(i.type.concrete_shape({nb: cache.num_blocks}),
+                                               dtype=i.type.dtype.torch, device=self.device)
+                           for i in self.programs.states}
+
+    return _Runner
+
+
+def QuantPagedRunner(q: Quantized, backend=None):
+    return _paged_runner_class()(q, backend)
+
+
+# ---------------------------------------------------------------- calibration
+
+def linears(model: torch.nn.Module, skip=("lm_head",)) -> dict:
+    """{name: nn.Linear} of every Linear to quantize (not the LM head, not one sharing an embedding's weight)."""
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and not any(s in n for s in skip) and id(m.weight) not in embeds}
+
+
+def token_segments(texts, tokenizer, seq_len: int, segments: int) -> list:
+    """Calibration pieces of `seq_len` tokens from `texts` (strings, or token-id tensors)."""
+    if texts is None or (isinstance(texts, (list, tuple)) and not texts) or (isinstance(texts, str) and not texts.strip()):
+        raise ValueError("einfuse.quant.calibrate: no calibration text; pass texts=[...] (real text, e.g. "
+                         "einfuse.hub.austen('emma')['emma']) and the tokenizer, or a tensor of token ids")
+    if isinstance(texts, str):
+        texts = [texts]
+    ids = []
+    for t in texts:
+        if isinstance(t, torch.Tensor):
+            ids.append(t.reshape(-1).long())
+        else:
+            if tokenizer is None:
+                raise ValueError("einfuse.quant.calibrate: texts are strings but no tokenizer= was given")
+            ids.append(torch.tensor(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]))
+    flat = torch.cat(ids)
+    pieces = [p for p in flat.split(seq_len) if len(p) == seq_len][:segments]
+    if not pieces:
+        pieces = [flat[:seq_len]] if len(flat) > 1 else []
+    if not pieces:
+        raise ValueError("einfuse.quant.calibrate: the calibration text has fewer than 2 tokens; pass more text")
+    return pieces
+
+
+class Stats:
+    """Per Linear: input channel amax and (for GPTQ) the Hessian; per key projection: output channel amax."""
+
+    def __init__(self, model, layers: dict, hessians: bool):
+        self.amax, self.hess, self.kmax = {}, {}, {}
+        self.handles = []
+        for name, mod in layers.items():
+            self.handles.append(mod.register_forward_hook(self._hook(name, hessians)))
+
+    def _hook(self, name, hessians):
+        def hook(mod, inp, out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+            a = x.abs().amax(0)
+            self.amax[name] = torch.maximum(self.amax[name], a) if name in self.amax else a
+            if name.endswith("k_proj"):
+                o = out.detach().reshape(-1, out.shape[-1]).float().abs().amax(0)
+                self.kmax[name] = torch.maximum(self.kmax[name], o) if name in self.kmax else o
+            if hessians:
+                if name not in self.hess:
+                    self.hess[name] = Hessian(x.shape[-1])
+                self.hess[name].add(x)
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), disable=not enabled, transient=False)
+
+
+def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer=None, seq_len: int = 512,
+              segments: int = 64, group: int | None = None, inplace: bool = False,
+              progress: bool = True) -> Quantized:
+    """Quantize `model`'s Linear layers for `scheme` (a name in einfuse.quant.SCHEMES or a Scheme), calibrated
+    on `segments` pieces of `seq_len` tokens of `texts` (strings with `tokenizer`, or token-id tensors). A
+    scheme with nothing to calibrate (round to nearest) needs no text. Returns a `Quantized` (the model —
+    a copy unless `inplace` — with its quantized buffers; `.compile()`, `.llm()`, einfuse.quant.save)."""
+    scheme = get_scheme(scheme, group)
+    t0 = time.perf_counter()
+    pieces = token_segments(texts, tokenizer, seq_len, segments) if scheme.calibrated or texts is not None else []
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    layers = linears(model)
+    report = {"scheme": scheme.name, "group": scheme.group, "calibration_tokens": sum(len(p) for p in pieces)}
+    with _progress(progress) as bar, torch.no_grad():
+        stats = None
+        if pieces and scheme.calibrated:
+            stats = Stats(model, layers, hessians=scheme.gptq)
+            task = bar.add_task("einfuse.quant: calibration", total=len(pieces))
+            for p in pieces:
+                model(p[None], use_cache=False) if _is_causal(model) else model(p[None])
+                bar.advance(task)
+            stats.close()
+        if stats is not None and scheme.smooth_attention:
+            report["smooth_attention"] = smooth_attention(model, stats, scheme.smooth_attention)
+        if stats is not None and scheme.smooth and scheme.acts:
+            report["smoothed"] = smooth_activations(model, layers, stats, scheme.smooth)
+        if scheme.weights:
+            task = bar.add_task(f"einfuse.quant: {scheme.weights} {'GPTQ' if scheme.gptq and stats else 'RTN'}",
+                                total=len(layers))
+            for name, mod in layers.items():
+                h = stats.hess[name].H if stats is not None and scheme.gptq and name in stats.hess else None
+                quantize_linear(mod, scheme, h)
+                bar.advance(task)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    q = Quantized(model, scheme, list(layers) if scheme.weights else [], report)
+    if scheme.weights:
+        report["weight_bytes"] = q.weight_bytes()
+    return q
+
+
+def _is_causal(model) -> bool:
+    import inspect
+
+    return "use_cache" in inspect.signature(model.forward).parameters
+
+
+# ---------------------------------------------------------------- weight transforms
+
+def quantize_linear(mod: torch.nn.Linear, scheme: Scheme, hessian: torch.Tensor | None = None) -> None:
+    """Register `mod`'s quantized buffers for `scheme` (GPTQ with `hessian`, else round to nearest) and set
+    its float weight to what they stand for."""
+    w = mod.weight.data.float()
+    g = scheme.group
+    for b in QUANT_BUFFERS:
+        if hasattr(mod, b):
+            delattr(mod, b)
+    if scheme.weights == "w4":
+        s1 = (w.abs().amax(-1) / fm.PROTECT).clamp_min(1e-12)
+        lvl = w / s1[:, None]
+        if hessian is not None:
+            res = gptq(lvl, hessian, ProgressiveGrid(g))
+            codes = res.codes.to(torch.uint8)
+            gs, gz = _group_params(ProgressiveGrid(g), res)
+        else:
+            w8 = torch.round(lvl).clamp(-fm.PROTECT, fm.PROTECT)
+            gs, gz = fm.progressive_params(w8, g)
+            codes = fm.progressive_codes(w8, gs, gz, g)
+        w8 = fm.progressive_w8(codes, gs, gz * 1, g)
+        zs = (gz.to(torch.int16) * gs.to(torch.int16)).to(torch.uint8)  # the IR's zero: z * s
+        bufs = {"weight_q": fm.pack_u4(codes), "weight_s": s1, "weight_gs": gs, "weight_gz": zs}
+        deq = w8.float() * s1[:, None]
+    elif scheme.weights == "w4a16":
+        if hessian is not None:
+            res = gptq(w, hessian, Asym4Grid(g))
+            codes = res.codes.to(torch.uint8)
+            scale, zero = _group_params(Asym4Grid(g), res)
+        else:
+            scale, zero = fm.asym4_params(w, g)
+            codes = fm.asym4_codes(w, scale, zero, g)
+        bufs = {"weight_q": fm.pack_u4(codes), "weight_gs": scale.half(), "weight_gz": zero.half()}
+        deq = fm.asym4_weight(codes, scale, zero, g)
+    elif scheme.weights == "w8":
+        if hessian is not None:
+            res = gptq(w, hessian, Sym8Grid())
+            q, s = res.codes.to(torch.int8), res.params[0].float()
+        else:
+            q, s = fm.quant_sym8(w)
+        bufs = {"weight_q": q, "weight_s": s}
+        deq = q.float() * s[:, None]
+    elif scheme.weights == "fp8":
+        q, s = fm.quant_fp8(w)
+        bufs = {"weight_q": q, "weight_s": s}
+        deq = q.float() * s[:, None]
+    else:
+        raise ValueError(f"einfuse.quant: unknown weight format {scheme.weights!r}")
+    for k, v in bufs.items():
+        mod.register_buffer(k, v.contiguous())
+    mod.weight.data = deq.to(mod.weight.dtype)
+
+
+def _group_params(grid, res):
+    """Per-group parameters GPTQ fitted, as [N, G] tensors of the stored dtypes."""
+    a = torch.stack([p[0] for p in res.params], -1)
+    b = torch.stack([p[1] for p in res.params], -1)
+    if isinstance(grid, ProgressiveGrid):
+        return a.to(torch.uint8), b.to(torch.uint8)
+    return a.half(), b.half()
+
+
+def _norm_before(model, name: str):
+    """The module whose output feeds Linear `name` and can absorb a per-channel scale: Llama layout."""
+    parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+    block = parent.rsplit(".", 1)[0]
+    mods = dict(model.named_modules())
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return mods.get(f"{block}.input_layernorm")
+    if leaf in ("gate_proj", "up_proj"):
+        return mods.get(f"{block}.post_attention_layernorm")
+    return None
+
+
+def smooth_activations(model, layers: dict, stats: Stats, alpha: float) -> int:
+    """SmoothQuant: per input channel s = amax(X)^alpha / amax(W)^(1 - alpha); X / s folded into the norm
+    before q/k/v and gate/up (Llama layout), W * s. Returns how many groups of Linears were smoothed."""
+    groups: dict = {}
+    for name in layers:
+        norm = _norm_before(model, name)
+        if norm is not None and name in stats.amax:
+            groups.setdefault(id(norm), (norm, []))[1].append(name)
+    for norm, names in groups.values():
+        xmax = stats.amax[names[0]].clamp_min(1e-5)
+        wmax = torch.stack([layers[n].weight.data.abs().amax(0).float() for n in names]).amax(0).clamp_min(1e-5)
+        s = (xmax.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-2, 1e2)
+        norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
+        for n in names:
+            w = layers[n].weight
+            w.data = (w.data.float() * s[None, :]).to(w.dtype)
+            if stats.hess.get(n) is not None:  # the Hessian of the smoothed input X / s
+                h = stats.hess[n].H
+                inv = (1 / s).double()
+                h.mul_(inv[:, None] * inv[None, :])
+    return len(groups)
+
+
+def smooth_attention(model, stats: Stats, alpha: float) -> int:
+    """QServe's SmoothAttention: per key channel lambda = max|K|^alpha, equal within each RoPE pair (d, d + D/2),
+    moved from k_proj's rows to q_proj's (the scores are unchanged, RoPE commutes)."""
+    count = 0
+    for name, mod in model.named_modules():
+        if not name.endswith("self_attn") or not hasattr(mod, "k_proj") or f"{name}.k_proj" not in stats.kmax:
+            continue
+        cfg = model.config
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kvh = mod.k_proj.weight.shape[0] // D
+        group = mod.q_proj.weight.shape[0] // D // kvh
+        km = stats.kmax[f"{name}.k_proj"].view(kvh, 2, D // 2)
+        lam = km.amax(1, keepdim=True).expand(kvh, 2, D // 2).reshape(kvh, D).clamp_min(1e-5).pow(alpha)
+        k = mod.k_proj.weight
+        k.data = (k.data.float() / lam.reshape(-1, 1)).to(k.dtype)
+        q = mod.q_proj.weight
+        lam_q = lam.repeat_interleave(group, 0).reshape(-1, 1)
+        q.data = (q.data.float() * lam_q).to(q.dtype)
+        count += 1
+    return count

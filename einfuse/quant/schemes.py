@@ -1,0 +1,94 @@
+"""Named quantization configs: which IR passes run (weights, activations, KV cache, key rotation) and which
+calibrated weight transforms `einfuse.quant.calibrate` applies first (smoothing, GPTQ, clipping)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..passes.quantize import QuantizeActivations, QuantizeKV, QuantizeWeights, RotateKeys, check_group
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """weights: None | "w4" (progressive, for A8) | "w4a16" (asymmetric u4, f16 scale/zero) | "w8" | "fp8";
+    acts: None | "int8" | "fp8" (per token, dynamic); kv: None | 4 | 8 (per token and head);
+    rotate_keys: a Hadamard rotation of queries and keys over the head dim before the KV quantization.
+    Calibrated transforms: smooth (SmoothQuant's alpha folded into the preceding norm / projection, or
+    None), smooth_attention (QServe's alpha on keys -> queries, or None), gptq (else round to nearest),
+    clip (search a per-group range shrink on the calibration activations)."""
+
+    name: str
+    weights: str | None = None
+    acts: str | None = None
+    kv: int | None = None
+    group: int = 128
+    rotate_keys: bool = False
+    smooth: float | None = None
+    smooth_attention: float | None = None
+    gptq: bool = False
+    clip: bool = False
+
+    def __post_init__(self):
+        if self.weights in ("w4", "w4a16"):
+            check_group(self.group)
+
+    def with_(self, **kw) -> Scheme:
+        return replace(self, **kw)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.smooth or self.smooth_attention or self.gptq or self.clip)
+
+    def weight_passes(self) -> list:
+        """The passes over the whole captured module: keys rotated, weights, activations."""
+        out = [RotateKeys()] if self.rotate_keys else []
+        if self.weights == "w4":
+            out.append(QuantizeWeights(bits=4, group=self.group, progressive=True))
+        elif self.weights == "w4a16":
+            out.append(QuantizeWeights(bits=4, group=self.group, progressive=False))
+        elif self.weights == "w8":
+            out.append(QuantizeWeights(bits=8))
+        elif self.weights == "fp8":
+            out.append(QuantizeWeights(fmt="fp8"))
+        if self.acts == "int8":
+            out.append(QuantizeActivations(bits=8))
+        elif self.acts == "fp8":
+            out.append(QuantizeActivations(fmt="fp8"))
+        return out
+
+    def kv_passes(self) -> list:
+        return [QuantizeKV(self.kv)] if self.kv else []
+
+    def passes(self) -> list:
+        """Everything, for a whole-sequence program (einfuse.compile's prepare=)."""
+        return self.weight_passes() + self.kv_passes()
+
+
+_CALIBRATED = {"smooth": 0.5, "gptq": True}
+SCHEMES = {
+    # the recipes einfuse recommends (calibrated; keys rotated before 4-bit KV)
+    "w4a8kv4": Scheme("w4a8kv4", "w4", "int8", 4, rotate_keys=True, **_CALIBRATED),
+    "w8a8": Scheme("w8a8", "w8", "int8", smooth=0.5),
+    "w4a16": Scheme("w4a16", "w4a16", gptq=True),
+    "w4a8": Scheme("w4a8", "w4", "int8", **_CALIBRATED),
+    "kv4": Scheme("kv4", kv=4, rotate_keys=True),
+    "kv8": Scheme("kv8", kv=8),
+    "fp8": Scheme("fp8", "fp8", "fp8"),
+    # round to nearest, nothing calibrated (the baselines)
+    "w4a8kv4-rtn": Scheme("w4a8kv4-rtn", "w4", "int8", 4),
+    "w8a8-rtn": Scheme("w8a8-rtn", "w8", "int8"),
+    "w4a16-rtn": Scheme("w4a16-rtn", "w4a16"),
+    "w4a8-rtn": Scheme("w4a8-rtn", "w4", "int8"),
+    "kv4-rtn": Scheme("kv4-rtn", kv=4),
+}
+
+
+def get_scheme(scheme, group: int | None = None) -> Scheme:
+    """A Scheme by name (or the Scheme itself), with its group size replaced by `group` when given."""
+    if isinstance(scheme, Scheme):
+        out = scheme
+    elif scheme in SCHEMES:
+        out = SCHEMES[scheme]
+    else:
+        raise ValueError(f"einfuse.quant: no scheme {scheme!r}; the schemes are {', '.join(SCHEMES)} "
+                         "(or pass an einfuse.quant.Scheme)")
+    return out.with_(group=check_group(group)) if group is not None else out
