@@ -1,0 +1,164 @@
+"""Sub-1-bit experts (QMoE): the dictionary codec, ternary GPTQ, the fused decode-and-multiply kernel,
+checkpoints with checksums, and the compress_experts driver on a tiny Mixtral."""
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import einfuse  # noqa: F401  (selects Triton's interpreter on CPU)
+from einfuse.compress.codec import (Encoded, build_dictionary, choose_bits, decode, encode, entropy, pack,
+                                    symbol_probs, unpack)
+from einfuse.compress.format import CompressedTensor, CorruptCheckpoint, load, save
+from einfuse.compress.ternary import TernaryGrid, dequantize, ternary_gptq, ternary_rtn
+from einfuse.kinds.cdot import cdot, reference
+
+QMOE = (0.885, 0.0575, 0.0575)
+
+
+def _stream(rows, cols, zero, seed):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.tensor([zero, (1 - zero) / 2, (1 - zero) / 2])
+    return torch.multinomial(p, rows * cols, replacement=True, generator=g).view(rows, cols).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ codec
+
+@settings(max_examples=25, deadline=None)
+@given(zero=st.floats(0.3, 0.95), rows=st.integers(1, 9), cols=st.integers(1, 300), bits=st.sampled_from([2, 6, 8, 11]),
+       mismatched=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_decode_encode_is_identity(zero, rows, cols, bits, mismatched, seed):
+    s = _stream(rows, cols, zero, seed)
+    probs = (0.5, 0.25, 0.25) if mismatched else symbol_probs(s)  # exact whatever the dictionary was built for
+    d = build_dictionary(probs, bits)
+    enc = encode(s, d)
+    assert enc.codes.numel() == int(enc.counts.sum())
+    assert torch.equal(decode(enc, d, cols), s)
+    assert torch.equal(unpack(pack(enc.codes, bits), bits, enc.codes.numel()), enc.codes)
+
+
+def test_qmoe_scheme_and_chosen_width_on_qmoe_statistics():
+    """QMoE's own scheme (2^16 codewords, runs of up to 14 pairs) round-trips; the width einfuse chooses
+    codes a zero-share-0.885 stream in fewer bits, and within 10% of the order-0 entropy."""
+    s = _stream(16, 2048, 0.885, 0)
+    qmoe = build_dictionary(QMOE, 16, max_len=28)
+    assert qmoe.size == 2 ** 16 - 1 and int(qmoe.lengths.max()) == 28
+    enc = encode(s, qmoe)
+    assert torch.equal(decode(enc, qmoe, 2048), s)
+    _, table = choose_bits(s, widths=(8, 10, 12), total_symbols=10 ** 9)  # a model large enough to ignore dictionaries
+    best = min(table, key=lambda w: table[w]["total_bits"])
+    assert best == 10
+    h = entropy(symbol_probs(s))
+    assert table[best]["bits_per_symbol"] < 1.1 * h
+    assert table[best]["bits_per_symbol"] < 0.97 * enc.codes.numel() * 16 / s.numel()  # better than QMoE's
+
+
+def test_bits_per_parameter_everything_counted_on_qmoe_statistics():
+    """<= 0.8 bits per parameter with codes, dictionary, offsets, scales and checksums all counted,
+    on expert matrices of Switch-c2048's row length (2048) at QMoE's zero share."""
+    E, rows, cols = 2, 128, 2048
+    s = _stream(E * rows, cols, 0.885, 1).view(E, rows, cols)
+    lo = -torch.rand(E, rows) - 0.1
+    hi = torch.rand(E, rows) + 0.1
+    best, _ = choose_bits(s, widths=(8, 10), sample_rows=64)
+    d = build_dictionary(symbol_probs(s), best)
+    ct = CompressedTensor.encode(s, lo, hi, d)
+    total = sum(ct.nbytes().values()) + d.nbytes
+    assert total * 8 / s.numel() <= 0.8, total * 8 / s.numel()
+    assert torch.equal(ct.symbols(d), s)
+
+
+def test_decoder_refuses_inconsistent_streams():
+    s = _stream(3, 50, 0.8, 2)
+    d = build_dictionary(symbol_probs(s), 8)
+    enc = encode(s, d)
+    with pytest.raises(ValueError, match="einfuse.compress.codec"):
+        decode(Encoded(enc.codes[:-1], enc.counts), d, 50)
+    short = Encoded(enc.codes[: int(enc.counts[0]) - 1], torch.tensor([int(enc.counts[0]) - 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="fewer than"):
+        decode(short, d, 50)
+
+
+# ------------------------------------------------------------------------------------------------ ternary
+
+def test_ternary_grid_values_are_row_min_zero_max():
+    W = torch.randn(5, 40, dtype=torch.float64)
+    s, lo, hi = ternary_rtn(W)
+    deq = dequantize(s, lo, hi)
+    for r in range(5):
+        assert set(deq[r].tolist()) <= {float(lo[r]), 0.0, float(hi[r])}
+        assert float(hi[r]) == float(W[r].max().half())
+    assert torch.equal(deq.double(), TernaryGrid().quantize(W, (lo[:, None], hi[:, None]))[0].float().double())
+
+
+def test_ternary_gptq_beats_rtn_on_layer_output():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 400, 48, generator=g, dtype=torch.float64) @ (torch.eye(48) + 0.3 * torch.randn(48, 48, generator=g)).double()
+    W = 0.02 * torch.randn(2, 32, 48, generator=g, dtype=torch.float64)
+    H = 2 / 400 * X.transpose(1, 2) @ X
+    sg, lg, hg = ternary_gptq(W, H)
+    sr, lr, hr = ternary_rtn(W)
+    err = lambda s, lo, hi: (X @ (dequantize(s, lo, hi).double() - W).transpose(1, 2)).pow(2).mean()
+    assert err(sg, lg, hg) < 0.7 * err(sr, lr, hr)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(E=st.integers(1, 3), N=st.integers(1, 35), K=st.integers(1, 70), zero=st.floats(0.3, 0.95),
+       bits=st.sampled_from([6, 13]), data=st.data())
+def test_fused_kernel_equals_dequantize_then_matmul(E, N, K, zero, bits, data):
+    seed = data.draw(st.integers(0, 1000))
+    s = _stream(E * N, K, zero, seed).view(E, N, K)
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -torch.rand(E, N, generator=g), torch.rand(E, N, generator=g)
+    d = build_dictionary(symbol_probs(s), bits)
+    ct = CompressedTensor.encode(s, lo, hi, d)
+    tokens = [data.draw(st.integers(0, 16)) for _ in range(E)]  # 0 tokens: the expert is not active
+    experts = torch.tensor([e for e in range(E) if tokens[e]], dtype=torch.int32)
+    seg = torch.tensor([0] + [t for t in tokens if t], dtype=torch.int32).cumsum(0).to(torch.int32)
+    x = torch.randn(int(seg[-1]), K, generator=g)
+    got = cdot(x, ct, d, seg, experts)
+    want = reference(x, ct.dequantize(d), seg, experts)
+    scale = (x.abs() @ ct.dequantize(d).abs().amax(0).T).clamp(min=1e-6) if x.numel() else 1
+    assert torch.all((got - want).abs() <= 1e-5 * scale), (got - want).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def _checkpoint(tmp_path):
+    s = _stream(3 * 20, 64, 0.85, 3).view(3, 20, 64)
+    lo, hi = -torch.rand(3, 20), torch.rand(3, 20)
+    d = build_dictionary(symbol_probs(s), 8)
+    ct = CompressedTensor.encode(s, lo, hi, d)
+    save(str(tmp_path), {"layers.0.experts.down_proj": ct}, d, {"note": "test"})
+    return ct, d
+
+
+def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
+    ct, d = _checkpoint(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["experts.safetensors", "manifest.json"]
+    manifest = json.load(open(tmp_path / "manifest.json"))
+    assert manifest["tensors"]["layers.0.experts.down_proj"]["shape"] == [3, 20, 64]
+    tensors, d2, _ = load(str(tmp_path))
+    assert torch.equal(tensors["layers.0.experts.down_proj"].dequantize(d2), ct.dequantize(d))
+
+
+@pytest.mark.parametrize("part,match", [("codes", "code stream"), ("counts", "row offsets"),
+                                        ("bases", "row offsets"), ("scales", "row scales"),
+                                        ("dictionary.nz", "dictionary")])
+def test_damaged_checkpoint_is_refused(tmp_path, part, match):
+    from safetensors.torch import load_file, save_file
+    _checkpoint(tmp_path)
+    path = tmp_path / "experts.safetensors"
+    arrays = load_file(str(path))
+    key = part if part.startswith("dictionary") else f"layers.0.experts.down_proj.{part}"
+    t = arrays[key]
+    flat = t.view(torch.uint8).view(-1)
+    idx = flat.numel() // 2 if part != "scales" else flat.numel() - 2  # the last expert's scales
+    flat[idx] ^= 0x10
+    save_file(arrays, str(path))
+    with pytest.raises(CorruptCheckpoint, match=match):
+        load(str(tmp_path))
