@@ -181,6 +181,39 @@ def cmd_generate(ns) -> int:
     return 0
 
 
+def cmd_serve_sim(ns) -> int:
+    """Replay a trace through einfuse.LLM under each policy: a table (modelled H100 times) and PNG plots."""
+    import torch
+
+    from .models import tiny_decoder
+    from .serve import sim
+
+    try:
+        if ns.trace == "bursty":
+            trace = sim.bursty_trace(ns.requests, seed=ns.seed, rate=ns.rate, prompt=(8, 160), output=(4, 24))
+        else:
+            _readable(ns.trace)
+            trace = sim.read_trace(ns.trace)
+        torch.set_num_threads(1)
+        if ns.model == "moe":
+            model = tiny_decoder("mixtral", num_hidden_layers=ns.layers, num_local_experts=ns.experts,
+                                 num_experts_per_tok=2, max_position_embeddings=8192)
+        else:
+            model = tiny_decoder("llama", num_hidden_layers=ns.layers, max_position_embeddings=8192)
+        results = [sim.replay(model, trace, policy, ns.groups, ns.budget, seed=ns.seed)
+                   for policy in ns.policy or sim.POLICIES]
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(f"einfuse serve-sim: {len(trace)} requests ({ns.trace}), tiny {ns.model} model ({ns.layers} layers"
+          f"{f', {ns.experts} experts top-2' if ns.model == 'moe' else ''}), random weights, run eagerly layer by "
+          f"layer on this CPU")
+    print(sim.table(results))
+    for path in sim.plots(results, ns.out, f"({ns.model}, {len(trace)} requests)"):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -228,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compiled programs' backend (default: triton on CUDA, else torch); 'eager' runs the "
                         "transformers model as it is (the reference runner)")
     n.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve-sim", help="replay a request trace under scheduling policies (none, chunked, "
+                                         "layered): TTFT/TBT/expert bytes on a modelled H100, PNG plots")
+    s.add_argument("--policy", action="append", choices=("none", "chunked", "layered"),
+                   help="repeatable (default: all three)")
+    s.add_argument("--groups", type=int, default=4, help="layer groups of the layered policy")
+    s.add_argument("--trace", default="bursty", help="'bursty' (generated) or a JSONL trace file")
+    s.add_argument("--requests", type=int, default=16, help="requests of the generated trace")
+    s.add_argument("--rate", type=float, default=200.0, help="mean arrivals per second of the generated trace")
+    s.add_argument("--budget", type=int, default=64, help="token budget per step (max_batch_tokens)")
+    s.add_argument("--model", choices=("moe", "dense"), default="moe", help="a tiny Mixtral or a tiny Llama")
+    s.add_argument("--layers", type=int, default=8)
+    s.add_argument("--experts", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="serve_sim", help="where the PNG plots go")
+    s.set_defaults(fn=cmd_serve_sim)
 
     v = sub.add_parser("parse", help="parse and verify an IR file (or - for stdin), printing it back")
     v.add_argument("file")

@@ -1,0 +1,241 @@
+"""Layered prefill ("From Tokens to Layers: Redefining Stall-Free Scheduling", 2025): the model is split
+*vertically* into G contiguous layer groups, and a prefilling request advances through one group per step
+with its whole prompt, while the running decodes pass through every layer in every step. Chunked prefill
+(scheduler.ChunkedPrefill) instead cuts the prompt along tokens and sends every chunk through every layer,
+so a mixture-of-experts layer loads the experts a prompt routes to once per chunk; here it loads them once per
+prompt (per segment, below), and the prefill work added to one step stays bounded by the same token budget.
+
+The budget is counted in *token-layers*: a token through the whole model costs 1, a token through a group of
+`k` of the model's `L` layers costs k/L (rounded up over the chunk). So at the same `max_batch_tokens` a
+layered step does at most the work of a chunked step, and a prompt of up to `budget x L / k` tokens goes
+through a group in one step. A longer prompt is cut into such *segments*, each walking the groups in turn
+(one segment of a request in flight at a time; the next attends to the cached keys of the ones before).
+
+    sched = LayeredPrefill(num_layers=8, groups=4, max_batch_tokens=256)
+    llm = LLM(model, scheduler=sched, runner=LayerGroupRunner(model))
+
+`LayerGroupRunner` is the ModelRunner that can stop a prefill after any layer: the transformers model's own
+modules run one decoder layer at a time (embedding before the first group, norm and LM head after the last),
+each request's keys/values in a transformers DynamicCache, the hidden state of a prefill between groups
+held until its next group runs. It is an eager runner (like runner.EagerRunner, it ignores the paged blocks);
+the compiled stages a layer group would run as are passes.stages'.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import BlockManager
+from .routing import RouterTap, decoder_layers
+from .runner import CacheConfig, StepEntry
+from .scheduler import Plan, Request, Scheduler
+
+
+def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    """`groups` contiguous ranges [lo, hi) covering range(num_layers), sizes differing by at most one (the
+    larger ones first)."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"einfuse: layer groups must be a positive integer, got {groups!r}")
+    if groups > num_layers:
+        raise ValueError(f"einfuse: {groups} layer groups for a model of {num_layers} layers; a group holds at "
+                         f"least one layer — use at most {num_layers} groups")
+    base, extra = divmod(num_layers, groups)
+    out, lo = [], 0
+    for g in range(groups):
+        hi = lo + base + (g < extra)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def check_budget(max_batch_tokens: int, max_running: int | None) -> None:
+    """A step must fit one token of every running decode: refuse a budget smaller than the decode batch."""
+    if max_running is not None and max_running > max_batch_tokens:
+        raise ValueError(f"einfuse: a token budget of {max_batch_tokens} is smaller than one decode batch of "
+                         f"{max_running} requests (each running decode takes one token every step); raise "
+                         f"max_batch_tokens to at least {max_running} or lower max_running")
+
+
+@dataclass
+class _InFlight:
+    group: int  # the next group this segment passes through
+    tokens: int  # the segment's length
+
+
+class LayeredPrefill(Scheduler):
+    """Layered prefill (see the module docstring): running decodes first (one token through every layer,
+    oldest first), then the segments in flight advance one layer group each (oldest first, as the budget
+    allows; one that does not fit waits, its hidden state held), then new segments start at group 0 — running
+    requests with prompt left, then waiting ones first come, first served. A segment takes further groups in
+    the same step while the budget has room (so a prompt that fits the budget whole runs in one step, as
+    under chunked prefill); a long prompt's segments fill the budget with one group. `groups` = 1 is chunked
+    prefill."""
+    name = "layered"
+
+    def __init__(self, num_layers: int, groups: int = 4, max_batch_tokens: int = 256,
+                 max_running: int | None = None):
+        check_budget(max_batch_tokens, max_running)
+        super().__init__(max_batch_tokens, max_running)
+        self.num_layers = num_layers
+        self.groups = layer_groups(num_layers, groups)
+        self.inflight: dict[int, _InFlight] = {}
+
+    def cost(self, tokens: int, first: int, last: int | None = None) -> int:
+        """Token-layers of `tokens` through groups first..last (default: first only), rounded up: what they
+        take of the step budget."""
+        lo, hi = self.groups[first][0], self.groups[first if last is None else last][1]
+        return -(-tokens * (hi - lo) // self.num_layers)
+
+    def segment(self, budget: int) -> int:
+        """The longest segment whose pass through any group fits `budget`."""
+        widest = max(hi - lo for lo, hi in self.groups)
+        return budget * self.num_layers // widest
+
+    def _run(self, plan: Plan, req: Request, tokens: int, group: int) -> None:
+        """Schedule `tokens` of `req` through `group` and as many groups after it as the budget still allows
+        (a short prompt, or a long one's last segment, need not take G steps)."""
+        last = group
+        while last + 1 < len(self.groups) and self.cost(tokens, group, last + 1) <= plan.budget:
+            last += 1
+        plan.tokens[req.id] = tokens
+        plan.budget -= self.cost(tokens, group, last)
+        plan.out.layers[req.id] = (self.groups[group][0], self.groups[last][1])
+        if last + 1 < len(self.groups):
+            plan.out.partial.add(req.id)
+            self.inflight[req.id] = _InFlight(last + 1, tokens)
+        else:
+            self.inflight.pop(req.id, None)
+
+    def _start(self, plan: Plan, req: Request) -> bool:
+        """Start a segment of `req` (running, blocks claimed for it here); False if none fits."""
+        n = min(req.remaining, self.segment(plan.budget), plan.blocks.max_tokens(req.id) - req.num_computed)
+        if n < 1 or not plan.blocks.allocate(req.id, req.num_computed + n):
+            return False
+        self._run(plan, req, n, 0)
+        return True
+
+    def schedule(self, running, waiting, blocks: BlockManager):
+        plan = Plan(running, blocks, self.max_batch_tokens)
+        live = {r.id for r in plan.running}
+        self.inflight = {i: f for i, f in self.inflight.items() if i in live}  # finished, aborted, preempted
+        decodes = [r for r in plan.running if r.remaining == 1 and r.id not in self.inflight]
+        for req in decodes:
+            if req in plan.running:  # not preempted by an older request this step
+                self.advance(plan, req, 1, shrink=False)
+        for i in [r.id for r in plan.out.preempted]:
+            self.inflight.pop(i, None)  # its blocks are gone: it starts over from waiting
+        for req in [r for r in plan.running if r.id in self.inflight]:  # segments in flight, oldest first
+            f = self.inflight[req.id]
+            if self.cost(f.tokens, f.group) <= plan.budget:
+                self._run(plan, req, f.tokens, f.group)
+        for req in [r for r in plan.running if r.remaining > 1 and r.id not in plan.tokens]:
+            if req.id not in self.inflight and not self._start(plan, req):
+                break
+        if not plan.out.preempted:
+            for req in sorted(waiting, key=lambda r: r.arrival):
+                if len(plan.running) >= self.max_running:
+                    break
+                plan.running.append(req)
+                if not self._start(plan, req):
+                    plan.running.pop()
+                    break
+                plan.out.admitted.append(req)
+        return plan.finish()
+
+
+@dataclass
+class _Held:
+    """A prefill between layer groups: its hidden state and what every layer of it reads."""
+    hidden: torch.Tensor
+    mask: object
+    position_ids: torch.Tensor
+    position_embeddings: tuple
+    next_layer: int
+
+
+class LayerGroupRunner:
+    """A ModelRunner that runs any contiguous range of a transformers decoder's layers for an entry (see the
+    module docstring); every entry without `layers` runs the whole model. `last_step_routing`: after each
+    step, the MoE layers' activated experts (layer -> expert ids, routing.RouterTap); `forwards`: layer calls."""
+    runs_layer_groups = True
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+        from transformers.masking_utils import create_causal_mask
+
+        self.model = model
+        self.core = model.model
+        self.layers = decoder_layers(model)
+        self.config = model.config.get_text_config()
+        if getattr(self.config, "sliding_window", None) is not None or any(
+                t != "full_attention" for t in getattr(self.config, "layer_types", None) or ()):
+            raise ValueError("einfuse: LayerGroupRunner runs full-attention decoders; this model has sliding-"
+                             "window layers")
+        self._new_cache = lambda: DynamicCache(config=self.config)
+        self._mask = create_causal_mask
+        params = inspect.signature(type(self.core).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache: CacheConfig | None = None
+        self.caches: dict[int, object] = {}
+        self.held: dict[int, _Held] = {}
+        self.tap = RouterTap(model)
+        self.last_step_routing: dict = {}
+        self.last_step_bytes = None
+        self.layer_calls = 0
+
+    def bind(self, cache: CacheConfig) -> None:
+        if cache.policy.window is not None:
+            raise ValueError("einfuse: LayerGroupRunner keeps every position (no sliding window or StreamingLLM "
+                             "cache policy)")
+        self.cache = cache
+
+    def release(self, request_id: int, blocks: list[int]) -> None:
+        self.caches.pop(request_id, None)  # finished, aborted or preempted (no window: nothing is evicted)
+        self.held.pop(request_id, None)
+
+    @torch.no_grad()
+    def step(self, entries: list[StepEntry]) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError("einfuse: LayerGroupRunner.step before bind(); LLM binds its runner when it is made")
+        self.tap.take()
+        rows = [self._entry(e) for e in entries]
+        self.last_step_routing = self.tap.take()
+        return torch.stack(rows)
+
+    def _entry(self, e: StepEntry) -> torch.Tensor:
+        lo, hi = e.layers or (0, len(self.layers))
+        device = next(self.model.parameters()).device
+        if lo == 0:
+            if e.start == 0:
+                self.caches[e.request_id] = self._new_cache()
+            cache = self.caches.get(e.request_id)
+            if cache is None or cache.get_seq_length() != e.start:
+                raise RuntimeError(f"einfuse: request {e.request_id} sent tokens from position {e.start}, but its "
+                                   f"cache holds {cache.get_seq_length() if cache is not None else 0}")
+            ids = torch.tensor([e.token_ids], device=device)
+            hidden = self.core.embed_tokens(ids)
+            pos = torch.arange(e.start, e.start + len(e.token_ids), device=device)[None]
+            mask = self._mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                              **{"cache": cache}, position_ids=pos)
+            held = _Held(hidden, mask, pos, self.core.rotary_emb(hidden, position_ids=pos), 0)
+        else:
+            held = self.held.pop(e.request_id, None)
+            if held is None or held.next_layer != lo:
+                raise RuntimeError(f"einfuse: request {e.request_id} asks for layers {lo}..{hi - 1}, but its "
+                                   f"prefill stopped before layer {held.next_layer if held else 0}")
+            cache = self.caches[e.request_id]
+        hidden = held.hidden
+        for layer in self.layers[lo:hi]:
+            hidden = layer(hidden, attention_mask=held.mask, position_ids=held.position_ids,
+                           position_embeddings=held.position_embeddings, use_cache=True,
+                           **{self._cache_kw: cache})
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            self.layer_calls += 1
+        if hi < len(self.layers):
+            held.hidden, held.next_layer = hidden, hi
+            self.held[e.request_id] = held
+            return torch.zeros(self.config.vocab_size, device=device)  # not read (sample=False)
+        last = self.core.norm(hidden[:, -1:])
+        return self.model.lm_head(last)[0, -1].float()
