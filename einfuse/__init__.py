@@ -24,6 +24,7 @@ _prepare_triton()
 
 from . import ir, passes  # noqa: E402
 from .api import compile, register_dynamo_backend  # noqa: E402
+from .dist import Dist  # noqa: E402
 from .runtime import CompiledModule  # noqa: E402
 from .serve import LLM  # noqa: E402
 
@@ -31,4 +32,4 @@ register_dynamo_backend()
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompiledModule", "compile", "ir", "passes", "__version__"]
+__all__ = ["LLM", "CompiledModule", "Dist", "compile", "ir", "passes", "__version__"]

@@ -87,10 +87,11 @@ class Driver:
     check: bool
     backend_options: dict
     prepare: tuple = ()  # passes run on the whole lowered module before the pipeline (which may run per layer)
+    dist: object = None  # an einfuse.dist Session: no pipeline cache, no per-layer regions, weights sliced per rank
 
     def build(self, cap: Captured, name: str, like: dict, out_dir: str | None, report: LoweringReport) -> Variant:
         """A variant computing `cap`'s graph; `like` holds example inputs by IR name for the numeric check."""
-        cached = self._cached(cap, name) if not (self.check or out_dir) else None
+        cached = self._cached(cap, name) if not (self.check or out_dir or self.dist) else None
         if cached is not None:
             final, report, out_leaves, timings = cached
         else:
@@ -110,7 +111,7 @@ class Driver:
             ms = round((time.perf_counter() - t0) * 1e3, 3)
             like = {**cap.bindings, **{k: v for k, v in like.items() if k in {i.name for i in lowered.module.inputs}}}
             final, timings = optimize(lowered.module, self.passes, out_dir, like, self.check, ms,
-                                      lowered.instances if regional else ())
+                                      () if self.dist or not regional else lowered.instances)
             report, out_leaves = lowered.report, lowered.out_leaves
             self._store(cap, name, final, report, out_leaves, timings)
         run = backends.build(self.backend, final, **self.backend_options)
@@ -119,8 +120,9 @@ class Driver:
         if out_dir and hasattr(run, "source"):
             write_program(run, os.path.join(out_dir, "torch"))
         user = [n if n in {i.name for i in final.inputs} else None for n in cap.user_inputs]
-        return Variant(final, run, dict(cap.bindings), user, out_leaves, cap.out_spec, report, timings, self.backend,
-                       None, out_dir)
+        v = Variant(final, run, dict(cap.bindings), user, out_leaves, cap.out_spec, report, timings, self.backend,
+                    None, out_dir)
+        return self.dist.bind(v) if self.dist is not None else v
 
     # ---- the pipeline cache: a warm compile skips lowering and passes
     def _key(self, cap: Captured, name: str) -> str:
@@ -267,7 +269,7 @@ def _settings(dump_dir, check, backend, tensors=()) -> tuple:
 
 
 def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_dir=None, backend=None,
-            check=None, dynamic_shapes=None, cuda_graphs: bool = False, prepare=()) -> CompiledModule:
+            check=None, dynamic_shapes=None, cuda_graphs: bool = False, prepare=(), dist=None) -> CompiledModule:
     """Compile `model` for inputs like `args`/`kwargs`; the result is called like `model`.
 
     passes: the pipeline (default `einfuse.passes.default_pipeline()`); dump_dir (or $EINFUSE_DUMP_DIR):
@@ -277,13 +279,16 @@ def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_d
     check (or $EINFUSE_CHECK=1): compare every pass's numerics with the one before on random inputs;
     dynamic_shapes: as for torch.export (those sizes stay symbolic); cuda_graphs: on CUDA, replay the
     kernels of a call as one CUDA graph; prepare: passes run on the whole lowered module before the pipeline
-    (quantization: `einfuse.quant` passes its scheme's here).
+    (quantization: `einfuse.quant` passes its scheme's here); dist: an `einfuse.Dist` (inside a torchrun job): this rank's share
+    of the model split by tensor parallelism (see einfuse.dist).
     """
     kwargs = dict(kwargs or {})
     args = args if isinstance(args, tuple) else (args,)
     dump_dir, check, backend = _settings(dump_dir, check, backend, torch.utils._pytree.tree_leaves((args, kwargs)))
     options = {"cuda_graphs": True} if cuda_graphs and backend == "triton" else {}
-    driver = Driver(None if passes is None else list(passes), dump_dir, backend, check, options, tuple(prepare))
+    session = dist.start(model) if dist is not None else None
+    driver = Driver(None if passes is None else list(passes), dump_dir, backend, check, options,
+                    tuple(prepare) + (session.prepare() if session else ()), session)
     return CompiledModule(model, _Compiler(model, driver, dynamic_shapes), args, kwargs)
 
 

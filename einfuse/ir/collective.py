@@ -131,11 +131,14 @@ def check(c: Collective, src_type: TensorType) -> str | None:
     return None
 
 
-def wire_bytes(c: Collective, src_numel: int, itemsize: int) -> int:
+def wire_bytes(c: Collective, src: TensorType, sizes: dict | None = None) -> int:
     """Bytes each rank sends over the wire (ring algorithms): all-reduce 2(n-1)/n of the tensor, all-gather
     (n-1) shards, reduce-scatter and all-to-all (n-1)/n of the input."""
     n = len(c.ranks)
-    b = src_numel * itemsize
+    numel = 1
+    for d in src.concrete_shape(sizes):
+        numel *= d
+    b = numel * src.dtype.bits // 8
     if n <= 1:
         return 0
     if c.kind == "all_reduce":
@@ -143,6 +146,12 @@ def wire_bytes(c: Collective, src_numel: int, itemsize: int) -> int:
     if c.kind == "all_gather":
         return (n - 1) * b
     return (n - 1) * b // n
+
+
+def module_wire_bytes(m) -> int:
+    """Bytes one rank sends over the wire in one call of module `m` (size hints for symbolic sizes)."""
+    types, hints = m.types(), {str(s): v for s, v in m.size_hints}
+    return sum(wire_bytes(op, types[op.src], hints) for op in m.body if isinstance(op, Collective))
 
 
 # ---------------------------------------------------------------- running them

@@ -1,0 +1,156 @@
+"""Tensor parallelism on torch.distributed: `einfuse.compile(model, args, dist=einfuse.Dist(tp=2))` inside a
+torchrun job (or `einfuse run-dist --nproc 2 script.py`).
+
+Each rank captures and lowers the same model, checks with the others that it is the same (a hash of the
+IR and the settings, exchanged before anything else), shards it (`einfuse.passes.sharding`: Megatron's
+plan inferred, each rank's weight slices, the collectives the split reductions need), optionally applies
+the overlap passes (`einfuse.passes.overlap`), and runs its share; collectives run on the process group
+with async_op=True and are waited for where read. A rank that dies makes the others fail with an error
+naming it (heartbeats); every collective has the group's timeout. A per-rank Chrome-trace timeline of
+steps and collectives is written to the dump folder."""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch.distributed as tdist
+
+from ..ir import collective as coll
+from ..passes.base import Pass
+from ..passes.sharding import Shard, slice_tensor
+from .group import DistError, exchange_hash, init, stopped_ranks
+from .timeline import chrome_trace
+
+__all__ = ["Dist", "DistError", "Session", "chrome_trace", "init", "stopped_ranks", "write_timeline"]
+
+OVERLAP_PASSES = ("split_tokens",)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """How to split a model over the ranks of a torchrun job: `tp` ranks of tensor parallelism (Megatron's
+    plan, or `plan` = {IR parameter name: (dim, fused parts)}), `overlap` passes by name (e.g.
+    ("split_tokens",)), the collectives' `timeout_s`, and whether ranks record a `timeline`."""
+
+    tp: int = 1
+    ep: int = 1
+    overlap: tuple = ()
+    timeout_s: float = 60.0
+    plan: tuple | None = None  # ((param, (dim, outer)), ...) to override the inferred plan
+    timeline: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "overlap", tuple(self.overlap))
+        if self.plan is not None and isinstance(self.plan, dict):
+            object.__setattr__(self, "plan", tuple(sorted(self.plan.items())))
+        bad = [p for p in self.overlap if p not in OVERLAP_PASSES]
+        if bad:
+            raise ValueError(f"einfuse: unknown overlap pass {bad[0]!r}; available: {', '.join(OVERLAP_PASSES)}")
+        if self.tp < 1 or self.ep < 1:
+            raise ValueError("einfuse: Dist(tp, ep) are numbers of ranks, at least 1")
+        if self.ep > 1:
+            raise ValueError("einfuse: expert parallelism (ep > 1) needs the MoE kernel kind, which has not landed; "
+                             "use tp (experts' FFNs are then split like an MLP)")
+
+    def start(self, model=None) -> "Session":
+        """Join the process group and check the model's shape fits this split."""
+        init(self.timeout_s)
+        world = tdist.get_world_size()
+        if self.tp != world:
+            raise DistError(f"einfuse: Dist(tp={self.tp}) needs a world of {self.tp} ranks; this job has {world} "
+                            f"(torchrun --nproc-per-node {self.tp})")
+        if model is not None:
+            check_divides(getattr(model, "config", None), self.tp)
+        return Session(self, tdist.get_rank(), tuple(range(world)))
+
+
+def check_divides(config, tp: int) -> None:
+    """A clear error at compile time when `tp` ranks cannot split the model's heads, KV heads, experts or
+    MLP width evenly."""
+    if config is None or tp == 1:
+        return
+    for key, what in [("num_attention_heads", "attention heads"), ("n_head", "attention heads"),
+                      ("num_key_value_heads", "key/value heads"), ("num_local_experts", "experts"),
+                      ("num_experts", "experts"), ("intermediate_size", "MLP width"), ("n_inner", "MLP width")]:
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n % tp:
+            raise DistError(f"einfuse: tensor parallelism over {tp} ranks cannot split {n} {what} "
+                            f"(config.{key}); use a number of ranks that divides {n}")
+
+
+class CheckSame(Pass):
+    """Every rank lowered the same module with the same settings (a hash exchanged; a mismatch is an
+    error on every rank, not a hang)."""
+
+    name = "check_same_model"
+
+    def __init__(self, spec: Dist):
+        self.spec = spec
+
+    def fingerprint(self) -> str:
+        return f"check_same:{self.spec}"
+
+    def run(self, module):
+        exchange_hash(str(module) + repr(self.spec), "model (IR and Dist settings)")
+        return module
+
+
+@dataclass
+class Session:
+    """One rank's part of a distributed compile: the passes that shard its module, its weights' slices,
+    and its timeline."""
+
+    spec: Dist
+    rank: int
+    ranks: tuple
+    shards: list = field(default_factory=list)
+    runners: list = field(default_factory=list)
+
+    def prepare(self) -> tuple:
+        """The passes run on the whole lowered module before the pipeline: the hash check, sharding, overlap."""
+        from ..passes.overlap import overlap_passes
+
+        shard = Shard(self.ranks, self.ranks.index(self.rank), dict(self.spec.plan) if self.spec.plan else None)
+        self.shards.append(shard)
+        return (CheckSame(self.spec), shard) + tuple(overlap_passes(self.spec.overlap))
+
+    def bind(self, v):
+        """A built variant reads this rank's slices of the split weights; its runner records a timeline."""
+        shard = self.shards[-1]
+        for name, lay in shard.slices.items():
+            if name in v.bindings:
+                v.bindings[name] = slice_tensor(v.bindings[name], lay, shard.part)
+        if self.spec.timeline and hasattr(v.run, "timeline"):
+            v.run.timeline = []
+            coll.ENV.events = []
+            self.runners.append(v)
+            if v.dump_dir:
+                _AT_EXIT.append((self, v.dump_dir))
+        return v
+
+    def timeline(self) -> dict:
+        """The Chrome trace (Perfetto) of this rank's calls so far."""
+        return chrome_trace(self.rank, self.runners, coll.ENV.events or [])
+
+
+_AT_EXIT: list = []
+
+
+def write_timeline(session: Session, directory: str) -> str:
+    """Write `timeline_rank<r>.json` (Chrome trace, open in Perfetto) into `directory`; returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"timeline_rank{session.rank}.json")
+    with open(path, "w") as f:
+        json.dump(session.timeline(), f)
+    return path
+
+
+@atexit.register
+def _write_timelines():
+    for session, directory in _AT_EXIT:
+        try:
+            write_timeline(session, directory)
+        except Exception:  # noqa: BLE001 (exiting: nothing to report to)
+            pass

@@ -1,0 +1,28 @@
+"""Failure cases under a 2-rank job: `mismatch` (rank 1 compiles another model) or `kill` (rank 1 dies mid-run)."""
+import os
+import signal
+import sys
+import time
+
+import torch
+
+import einfuse
+from einfuse.models import tiny_decoder
+
+case = sys.argv[1]
+rank = int(os.environ["RANK"])
+layers = 1 if case == "mismatch" and rank == 1 else 2
+model = tiny_decoder("llama", num_hidden_layers=layers)
+ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+try:
+    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=2, timeout_s=20))
+    with torch.no_grad():
+        for step in range(400):
+            if case == "kill" and rank == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            cm(ids)
+            time.sleep(0.01)
+except Exception as exc:  # noqa: BLE001
+    print(f"ERROR rank {rank} after {time.perf_counter():.1f}: {type(exc).__name__}: {exc}", flush=True)
+    os._exit(3)
+print(f"DONE rank {rank}", flush=True)

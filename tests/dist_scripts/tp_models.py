@@ -1,0 +1,39 @@
+"""Run under torchrun (or tests/test_dist.py's launcher): compile tiny decoders with einfuse.Dist(tp=world)
+and compare each rank's logits with the single-process (eager) model; prints one JSON line per model."""
+import json
+import os
+import sys
+import time
+
+import torch
+
+import einfuse
+from einfuse.ir.collective import Collective, module_wire_bytes
+from einfuse.models import tiny_decoder, tiny_gpt2
+
+families = sys.argv[1].split(",")
+overlap = tuple(x for x in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if x)
+world = int(os.environ["WORLD_SIZE"])
+for fam in families:
+    kv = {"num_key_value_heads": 4} if world == 4 and fam in ("llama", "qwen2") else {}
+    model = tiny_gpt2() if fam == "gpt2" else tiny_decoder(fam, **kv)
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    dump = os.environ.get("DUMP_DIR")
+    t0 = time.perf_counter()
+    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=world, overlap=overlap),
+                         dump_dir=f"{dump}/{fam}" if dump else None)
+    with torch.no_grad():
+        got = cm(ids).logits
+        ids2 = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+        got2, want2 = cm(ids2).logits, model(ids2).logits
+    v = cm._variants[0] if hasattr(cm, "_variants") else None
+    colls = [op for op in v.ir.body if isinstance(op, Collective)]
+    types = v.ir.types()
+    wire = module_wire_bytes(v.ir)
+    rel = float((got - want).abs().max() / want.abs().max())
+    rel2 = float((got2 - want2).abs().max() / want2.abs().max())
+    print(json.dumps({"family": fam, "rank": int(os.environ["RANK"]), "rel": rel, "rel2": rel2,
+                      "collectives": [[c.kind, c.name, [str(d) for d in types[c.src].shape]] for c in colls],
+                      "wire_bytes": wire, "s": round(time.perf_counter() - t0, 2)}), flush=True)
