@@ -58,7 +58,7 @@ def test_qmoe_scheme_and_chosen_width_on_qmoe_statistics():
 def test_bits_per_parameter_everything_counted_on_qmoe_statistics():
     """<= 0.8 bits per parameter with codes, dictionary, offsets, scales and checksums all counted,
     on expert matrices of Switch-c2048's row length (2048) at QMoE's zero share."""
-    E, rows, cols = 2, 128, 2048
+    E, rows, cols = 4, 256, 2048
     s = _stream(E * rows, cols, 0.885, 1).view(E, rows, cols)
     lo = -torch.rand(E, rows) - 0.1
     hi = torch.rand(E, rows) + 0.1
