@@ -1,7 +1,7 @@
 """Kernel kinds: one module per loop structure (map, rows, iterate, dot, attention, moe), each owning which
 statements it groups, its members' roles, tiling, autotuning candidates, cost and emission. Importing
 this package registers the built-in kinds; `register_kind` adds yours."""
-from . import attention, dot, iterate, map, moe, qdot, rows, update  # noqa: F401  (register the built-in kinds)
+from . import attention, dot, iterate, map, moe, qattention, qdot, rows, update  # noqa: F401  (register the built-in kinds)
 from .base import KINDS, Cost, Group, KernelKind, ModuleInfo, Unsupported, kind_named, register_kind, single, statement_kind
 from .builder import KernelBuilder
 from .emit import Emitter

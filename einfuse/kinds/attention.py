@@ -239,6 +239,22 @@ def _negate(c):
     return Call("not", (c,))
 
 
+# Loaders of key/value tiles stored in another format (einfuse.kinds.qattention: 4-bit codes, two per
+# byte): each is called as loader(emitter, tile, expression, name, axis rank, its BLOCK constexpr, whether
+# the axis runs down the tile's rows) and returns the tile's code, or None to leave it to the next.
+KV_LOADERS: list = []
+
+
+def kv_tile(em: Emitter, tile: Tile, expr, name: str, axis, block: str, rows: bool) -> str:
+    """The code of a key tile ([BLOCK_E, BLOCK_M0], axis e down the rows) or value tile ([BLOCK_M0,
+    BLOCK_F]) computing `expr`: by the first KV_LOADERS entry that takes it, else element by element."""
+    for loader in KV_LOADERS:
+        code = loader(em, tile, expr, name, axis, block, rows)
+        if code is not None:
+            return code
+    return tile.value(expr, name)[0]
+
+
 class AttentionKind(KernelKind):
     name = "attention"
     roles = STEP_ROLES + ("out",) + CHUNK_ROLES
@@ -364,7 +380,7 @@ class AttentionKind(KernelKind):
         kb = em.kb
         p, f, m1, m0 = r.p, r.f, r.m1, r.m0
         kt = Tile(em, {**kv_names, m1: "m1", m0: "m0k", e: "ek"}, {e: "emask_k"} if e_rag else {})
-        kc, _ = kt.value(k_expr, "k_tile")
+        kc = kv_tile(em, kt, k_expr, "k_tile", e, "BLOCK_E", rows=True)
         kb.place(kt.block)
         k_tile = f"tl.where(emask_k, {kc}, 0)" if e_rag and "emask_k" not in kt.zero_where.get(kc, ()) else kc
         prec = f', input_precision="{float32_precision()}"' if op_t.name == "f32" else ""
@@ -382,7 +398,7 @@ class AttentionKind(KernelKind):
         kb.place(st.block)
         vt = Tile(em, {**kv_names, m1: "m1", m0: "m0v", f: "fv"}, {f: "fmask"} if f_rag else {}, held=reg)
         v_inner, v_t = narrow_operand(_value_expr(r), em.dtype_of)
-        vc, _ = vt.value(v_inner, "v_tile")
+        vc = kv_tile(em, vt, v_inner, "v_tile", f, "BLOCK_F", rows=False)
         kb.place(vt.block)
         v_op = TL[v_t.name] if v_t.is_float and v_t.bits < 32 else "tl.float32"
         vprec = f', input_precision="{float32_precision()}"' if v_op == "tl.float32" else ""
