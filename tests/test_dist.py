@@ -55,12 +55,15 @@ def analytic_wire_bytes(layers: int, tokens: int, hidden: int, vocab: int, n: in
     return (2 * layers + 1) * ar + (n - 1) * tokens * (vocab // n) * 4
 
 
-def check_tp(rows: list, n: int, families: list) -> None:
-    assert len(rows) == n * len(families), rows
+def check_tp(rows: list, n: int, families: list, halves: int = 1) -> None:
+    """Logits equal the single-process model's; per half of the tokens (split_tokens makes 2), one all-reduce
+    per row-parallel projection and the embedding, one all-gather of the logits; the analytic wire bytes."""
+    assert sorted({r["family"] for r in rows}) == sorted(families) and len(rows) == n * len(families), rows
     for row in rows:
         assert row["rel"] < 1e-5 and row["rel2"] < 1e-5, row
         kinds = [c[0] for c in row["collectives"]]
-        assert kinds.count("all_reduce") == 2 * 2 + 1 and kinds.count("all_gather") == 1, row["collectives"]
+        assert kinds.count("all_reduce") == halves * (2 * 2 + 1), row["collectives"]
+        assert kinds.count("all_gather") == halves and len(kinds) == halves * 6, row["collectives"]
         assert row["wire_bytes"] == analytic_wire_bytes(2, 8, 64, 256, n), row
 
 
@@ -68,6 +71,13 @@ def test_tp2_llama_gpt2_equal_single_process():
     rcs, outs, _ = launch(2, "tp_models.py", "llama,gpt2")
     assert rcs == [0, 0], outs
     check_tp(results(outs), 2, ["llama", "gpt2"])
+
+
+@pytest.mark.slow
+def test_tp2_split_tokens_equal_single_process():
+    rcs, outs, _ = launch(2, "tp_models.py", "llama,gpt2,qwen2", "split_tokens")
+    assert rcs == [0, 0], outs
+    check_tp(results(outs), 2, ["llama", "gpt2", "qwen2"], halves=2)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from .timeline import chrome_trace
 
 __all__ = ["Dist", "DistError", "Session", "chrome_trace", "init", "stopped_ranks", "write_timeline"]
 
-OVERLAP_PASSES = ("split_tokens",)
+OVERLAP_PASSES = ("split_tokens",)  # see einfuse.passes.overlap
 
 
 @dataclass(frozen=True)

@@ -215,17 +215,21 @@ class Shard(Pass):
 
     name = "shard"
 
-    def __init__(self, ranks, part: int, plan: dict | None = None, vocab_parallel: bool = True):
+    def __init__(self, ranks, part: int, plan: dict | None = None, vocab_parallel: bool = True,
+                 keep_whole: tuple = ()):
         self.ranks = tuple(ranks)
         self.part = part
         self.plan = plan
         self.vocab_parallel = vocab_parallel
+        self.keep_whole = tuple(keep_whole)  # split inputs bound whole (each part reads its own range of them)
         self.slices: dict = {}
         self.gathers: list = []
+        self.created: dict = {}  # name -> the collective this pass made for it
+        self.dependent: set = set()  # names whose value differs between parts
 
     def fingerprint(self) -> str:
         plan = sorted(self.plan.items()) if self.plan is not None else "megatron"
-        return f"shard:{self.ranks}:{self.part}:{plan}:{self.vocab_parallel}"
+        return f"shard:{self.ranks}:{self.part}:{plan}:{self.vocab_parallel}:{self.keep_whole}"
 
     @property
     def parts(self) -> int:
@@ -282,7 +286,7 @@ class _Sharder:
     def whole(self, name: str, loc, out: str | None = None) -> str:
         """The name of `name`'s whole value (an all-gather of the members' parts, reordered for fused splits);
         `out` names it (a module output), else a fresh name."""
-        if name not in self.lay:
+        if name not in self.lay or name in self.p.keep_whole:
             return name
         if name in self.full:
             return self.full[name]
@@ -294,6 +298,7 @@ class _Sharder:
         g = coll.make(out if lay.outer == 1 else self._fresh(f"{name}_gathered"), "all_gather", name, src_t,
                       self.p.ranks, dim=lay.dim, loc=loc)
         self.body.append(g)
+        self.p.created[g.name] = g
         self.types[g.name] = g.type
         if lay.outer > 1:  # members' parts in order -> the tensor's own order
             rs = [ix.rank(f"d{d}") for d in range(src_t.rank)]
@@ -391,7 +396,8 @@ class _Sharder:
                     continue
                 pos = a.indices[lay.dim]
                 if chosen in self._candidates(pos, lay, ext, it_rank, guards):
-                    local = self._local_position(pos, lay, r, rl, ext, guards)
+                    local = (sympy.sympify(pos).xreplace(sub) if a.tensor in self.p.keep_whole
+                             else self._local_position(pos, lay, r, rl, ext, guards))
                     if aligned.get(a, local) != local:
                         misaligned.add(a)
                     aligned[a] = local
@@ -434,11 +440,14 @@ class _Sharder:
         if partial:  # each member reduced its part: combine them under the statement's own name
             part = new.replace(name=self._fresh(f"{s.name}_part"))
             self._emit(part)
-            self.body.append(coll.make(s.name, "all_reduce", part.name, part.type, self.p.ranks, op=s.reduce.op,
-                                       loc=s.loc))
+            self.p.dependent.add(part.name)
+            c = coll.make(s.name, "all_reduce", part.name, part.type, self.p.ranks, op=s.reduce.op, loc=s.loc)
+            self.body.append(c)
+            self.p.created[s.name] = c
             self.types[s.name] = part.type
         else:
             self._emit(new)
+            self.p.dependent.add(s.name)
         if out_lay is not None:
             self.lay[s.name] = out_lay
 
@@ -462,7 +471,10 @@ class _Sharder:
         part = s.replace(name=self._fresh(f"{s.name}_part"), expr=expr)
         self.read |= s.reads()
         self._emit(part)
-        self.body.append(coll.make(s.name, "all_reduce", part.name, part.type, self.p.ranks, loc=s.loc))
+        self.p.dependent.add(part.name)
+        c = coll.make(s.name, "all_reduce", part.name, part.type, self.p.ranks, loc=s.loc)
+        self.body.append(c)
+        self.p.created[s.name] = c
         return True
 
     def _emit(self, s: Statement) -> None:
@@ -479,6 +491,12 @@ class _Sharder:
                     raise ShardingError(f"einfuse: {op.name} writes state from split tensor {t}; sharded serving "
                                         "programs are not supported yet")
                 self.body.append(op)
+            elif isinstance(op, coll.Collective) and op.kind == "all_reduce" and op.src in self.lay:
+                self.body.append(op.replace(outputs_typed=((op.name, self.types[op.src]),)))  # elementwise: per part
+                self.lay[op.name] = self.lay[op.src]
+                self.types[op.name] = self.types[op.src]
+                self.p.dependent.add(op.name)
+                self.read.add(op.src)
             else:  # an opaque call (or a collective) reads whole tensors
                 mapping = {t: self.whole(t, op.loc) for t in sorted(op.reads()) if t in self.lay}
                 self.body.append(op.rename_reads(mapping) if mapping else op)
@@ -491,11 +509,14 @@ class _Sharder:
             for o, local in renames.items():
                 self.types[local] = self.types.pop(o)
                 self.lay[local] = self.lay.pop(o)
+                if o in self.p.dependent:
+                    self.p.dependent.discard(o)
+                    self.p.dependent.add(local)
                 self.whole(local, None, out=o)
         inputs = []
         for i in self.m.inputs:
             lay = self.lay.get(i.name)
-            if lay is not None:
+            if lay is not None and i.name not in self.p.keep_whole:
                 self.p.slices[i.name] = lay
                 inputs.append(Input(i.name, self._local_type(i.type, lay), i.kind))
             else:
