@@ -266,7 +266,9 @@ class MoEKind(KernelKind):
         prec = float32_precision() if operand == dt.f32 else ""
         bk = 64 if operand.bits <= 16 else 16 if prec == "ieee" else 32
         hint = g.info.hint
-        tiles = (("BLOCK_T", _pow2(hint(T), 16, 32)), ("BLOCK_N", _pow2(hint(N), 16, 64)),
+        # 64 token rows even for a one-token decode step: sm_90a's warpgroup MMA (wgmma) takes M >= 64 (a GPU
+        # computes the masked rows for free in a step bound by loading the expert weights)
+        tiles = (("BLOCK_T", 64), ("BLOCK_N", _pow2(hint(N), 16, 64)),
                  ("BLOCK_K", _pow2(hint(K), 16, bk)))
         return Mapping(self.name, rows=(t,), cols=(n,), red=(k,), batch=(e,), tiles=tiles, input_precision=prec)
 
@@ -347,7 +349,7 @@ class MoEKind(KernelKind):
             gate = Tile(em, {f.t: t, f.e: e}, {f.t: "tmask"})
             cond, _ = gate.value(Call("ne", (f.gate, Const(0))))
             kb.place(gate.block)
-            kb.assign("routed", f"({cond}) & tmask")
+            kb.assign("routed", f"tl.where(tmask, {cond}, 0) != 0")  # a [BLOCK_T, 1] mask even for one token
             kb.assign("busy", "tl.sum(tl.sum(routed.to(tl.int32), axis=1), axis=0)")
             stmask = "tmask & nmask"
             with kb.when("busy > 0", "a token of this block routes to this expert"):
@@ -358,6 +360,7 @@ class MoEKind(KernelKind):
                     kmask = {f.h: "kmask_a"} if k_rag else {}
                     ta = Tile(em, {f.t: t, f.h: ka[f.h]}, {f.t: "routed", **kmask})
                     a_code, _ = ta.value(narrow_operand(f.a, em.dtype_of)[0])
+                    a_code = ta.emit(f"tl.broadcast_to({a_code}, (BLOCK_T, BLOCK_K))", "a_tile")  # one token: a row
                     tb = Tile(em, {f.e: e, f.n: n, f.h: kbn[f.h]}, {f.n: "nmask", **({f.h: "kmask_b"} if k_rag else {})})
                     b_gate = self.expert_weights(em, tb, f.b, operand)
                     b_up = self.expert_weights(em, tb, substitute(f.b, {f.n: f.n + N}), operand)
@@ -410,7 +413,7 @@ class MoEKind(KernelKind):
             gw_code, _ = gate.value(gw_access)
             g_code, _ = gate.value(gate_expr)
             kb.place(gate.block)
-            kb.assign("routed", f"({g_code} != 0) & tmask")
+            kb.assign("routed", f"tl.where(tmask, {g_code}, 0) != 0")  # a [BLOCK_T, 1] mask even for one token
             kb.assign("busy", "tl.sum(tl.sum(routed.to(tl.int32), axis=1), axis=0)")
             with kb.when("busy > 0", "a token of this block routes to this expert"):
                 kb.assign("acc_down", "tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)")
@@ -419,6 +422,7 @@ class MoEKind(KernelKind):
                     kmask = {f.i: "kmask_a"} if k_rag else {}
                     ta = Tile(em, {f.t: t, f.e: e, f.i: ka[f.i]}, {f.t: "routed", **kmask})
                     a_code, _ = ta.value(narrow_operand(f.a, em.dtype_of)[0])
+                    a_code = ta.emit(f"tl.broadcast_to({a_code}, (BLOCK_T, BLOCK_K))", "a_tile")  # one token: a row
                     tb = Tile(em, {f.e: e, f.h: h, f.i: kbn[f.i]}, {f.h: "nmask", **({f.i: "kmask_b"} if k_rag else {})})
                     b_code = self.expert_weights(em, tb, f.b, operand)
                     kb.place(ta.block)

@@ -1,0 +1,129 @@
+"""The MoE kernel kind: transformers' experts modules (Mixtral: top-2 renormalized; Qwen2-MoE: top-k without
+renormalization, a shared expert behind a sigmoid gate) compile to two `moe` kernels and match eager
+PyTorch through both backends (the torch backend's generated code and Triton under the interpreter);
+experts no token routes to are skipped; the kernels compile for sm_80/sm_90a without spills and on the
+tensor cores; a decode step's measured bytes stay within 1.1x of the activated experts' weights plus the
+activations. Tolerance (f32): max |got - want| / max |want| <= 1e-5 on fresh inputs."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from conftest import float32_matmul_precision
+
+import einfuse
+from einfuse.ir import Opaque
+from einfuse.kinds.moe import activated_experts, expert_bytes, expert_bytes_from_counts, expert_param_bytes
+from einfuse.models import tiny_decoder
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+TOL = 1e-5
+HIDDEN = 64
+ROUTING_OPAQUE = {"aten.sort.default", "aten.histc.default", "aten.index_put.default",
+                  "transformers.grouped_mm_fallback.default"}
+
+
+def rel(got, want) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def moe_layer(family: str, **config):
+    return tiny_decoder(family, num_hidden_layers=1, **config).model.layers[0].mlp
+
+
+def moe_kernels(cm) -> list:
+    return [k for k in cm.ir.kernels if k.kind == "moe"]
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def family(request):
+    return request.param
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_experts_compile_to_the_moe_kind_and_match_eager(family, backend):
+    layer = moe_layer(family)
+    cm = einfuse.compile(layer, (torch.randn(2, 5, HIDDEN),), backend=backend)
+    kernels = moe_kernels(cm)
+    assert [k.roles for k in kernels] == [("gate_up", "act"), ("down", "combine")], cm.ir
+    assert not ROUTING_OPAQUE & {op.target for op in cm.ir.body if isinstance(op, Opaque)}
+    explanation = cm.explain(print_it=False)
+    assert not ROUTING_OPAQUE & set(explanation.fallbacks), explanation.text
+    with torch.no_grad():
+        for k, shape in enumerate([(2, 5, HIDDEN), (2, 5, HIDDEN), (2, 5, HIDDEN)]):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(100 + k))
+            assert rel(cm(x), layer(x)) <= TOL
+
+
+def test_one_token_many_blocks_and_an_expert_nobody_routes_to():
+    """M = 1 (decode), 37 tokens (three token blocks, the last ragged), and an expert the router never
+    picks (its kernels' programs load none of its weights), under the interpreter."""
+    layer = moe_layer("mixtral", num_local_experts=6)
+    with torch.no_grad():
+        layer.gate.weight[5] = -1.0  # positive inputs: expert 5's logit is always the lowest
+    for tokens in (1, 37):
+        x = torch.rand(1, tokens, HIDDEN) + 0.1
+        cm = einfuse.compile(layer, (x,), backend="triton")
+        with torch.no_grad():
+            _, _, ids = layer.gate(x.reshape(-1, HIDDEN))
+            assert 5 not in ids
+            assert rel(cm(x), layer(x)) <= TOL
+            rep = cm.report(x, eager=False)
+        up = next(k for k in rep.kernels if any(s.startswith("moe_up") for s in k.statements))
+        per_expert = 2 * 2 * 128 * HIDDEN * 4 // 2  # gate + up halves: [2I, H] f32, I = 128
+        assert up.bytes_loaded < (activated_experts(ids, 6) * per_expert) * 1.1 + tokens * 6 * 8 * HIDDEN * 4
+
+
+def test_unrecognized_experts_say_why_and_still_match():
+    """A GELU expert activation is not the SwiGLU the kind runs: lowered op by op, explained."""
+    layer = moe_layer("mixtral", hidden_act="gelu")
+    x = torch.randn(2, 3, HIDDEN)
+    cm = einfuse.compile(layer, (x,), backend="torch")
+    assert not moe_kernels(cm)
+    text = cm.explain(print_it=False).text
+    assert "MoE experts" in text and "SiLU" in text, text
+    with torch.no_grad():
+        assert rel(cm(x), layer(x)) <= TOL
+
+
+def test_expert_bytes_counts_each_activated_expert_once():
+    per = expert_param_bytes(512, 1024)
+    assert per == 3 * 512 * 1024 * 4
+    assert expert_param_bytes(512, 1024, torch.bfloat16) == per // 2
+    ids = torch.tensor([[0, 3], [3, 0], [7, 3]])
+    assert activated_experts(ids, 8) == 3
+    assert expert_bytes(ids, 8, per) == 3 * per
+    assert expert_bytes(torch.tensor([[8, -1]]), 8, per) == 0  # sentinels and padding
+    assert expert_bytes_from_counts([2, 0, 0, 3, 0, 0, 0, 1], per) == 3 * per
+
+
+def test_decode_step_bytes_within_activated_experts():
+    """One token, top-2 of 8: measured bytes of the MoE kernels <= 1.1 x (the two experts' weights +
+    activations), and far below every expert's weights."""
+    from bench_moe_bytes import measure
+
+    r = measure(tokens=1, hidden=128, intermediate=256, experts=8, top_k=2)
+    assert r["active"] == 2
+    assert r["max_rel_error"] <= TOL
+    assert r["ratio"] <= 1.1, r
+    assert r["measured"] < 0.3 * r["all_experts"], r
+
+
+@pytest.mark.slow  # four kernels, two archs: ~30 s cold
+def test_moe_kernels_compile_for_sm80_sm90a():
+    """The grouped GEMMs (tf32 for f32 operands, as torch under 'high' precision; and bf16) compile for
+    sm_80 and sm_90a with no spills and tensor-core instructions."""
+    checks = []
+    with float32_matmul_precision("high"):
+        cm = einfuse.compile(moe_layer("mixtral"), (torch.randn(2, 5, HIDDEN),), backend="triton")
+        checks += [c for c in cm.check_gpu(archs=(80, 90)) if "_moe_moe_" in c.name]
+    bf = moe_layer("mixtral").to(torch.bfloat16)
+    cm = einfuse.compile(bf, (torch.randn(2, 5, HIDDEN, dtype=torch.bfloat16),), backend="triton")
+    checks += [c for c in cm.check_gpu(archs=(80, 90)) if "_moe_moe_" in c.name]
+    assert len(checks) == 8, checks
+    for c in checks:
+        assert c.ok, f"{c.name} on sm_{c.arch}:\n{c.error}"
+        assert c.spills == 0 and c.tensor_core, c
