@@ -1,8 +1,8 @@
 """Layered prefill against chunked prefill and whole prompts on a MoE model where expert weights dominate
-(issue 11): a Mixtral-style model (hidden 512, 8 layers, 8 experts top-2, expert FFN 1024; random weights),
-16 requests of a bursty trace (Gamma arrivals, Zipf lengths: prompts 512-4096, outputs 16-128 tokens).
+(issue 11): a Mixtral-style model (hidden 512, 8 layers, 8 experts top-2 (--experts), expert FFN 1024, random
+weights), 16 requests of a bursty trace (Gamma arrivals, Zipf lengths: prompts 512-4096, outputs 16-128 tokens).
 
-    python benchmarks/bench_layered.py [--budget 256] [--groups 4] [--out docs/img/layered]
+    python benchmarks/bench_layered.py [--budget 256] [--groups 4] [--rate 200] [--experts 8] [--out DIR]
 
 Route-only replay: the real model runs once per request (transformers generate, greedy, its KV cache) and
 records every token and each token's top-2 experts per layer (routing.RouterTap); the engine then replays the
@@ -27,7 +27,7 @@ from einfuse.serve import sim
 CONFIG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=1024,
               max_position_embeddings=8192)
-TRACE = dict(n=16, seed=11, rate=20.0, burstiness=0.5, prompt=(512, 4096), output=(16, 128))
+TRACE = dict(n=16, seed=11, rate=200.0, burstiness=0.5, prompt=(512, 4096), output=(16, 128))
 
 
 def build_model():
@@ -38,8 +38,8 @@ def build_model():
 
 
 def recording(model, trace, seed=0):
-    key = hashlib.sha256(json.dumps([CONFIG, [list(map(str, (r.arrival, r.prompt_len, r.output_len)))
-                                              for r in trace], seed, torch.__version__]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([CONFIG, [(r.prompt_len, r.output_len) for r in trace], seed,
+                                     torch.__version__]).encode()).hexdigest()[:16]  # arrivals do not matter
     path = os.path.join(os.path.expanduser("~/.cache/einfuse/sim"), f"routing-{key}.safetensors")
     if os.path.exists(path):
         return sim.load_recording(path), path
@@ -57,11 +57,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--experts", type=int, default=CONFIG["num_local_experts"], help="experts per layer (top-2)")
+    p.add_argument("--rate", type=float, default=TRACE["rate"], help="mean arrivals per second")
     p.add_argument("--out", default="docs/img/layered")
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
+    CONFIG["num_local_experts"] = ns.experts
     model = build_model()
-    trace = sorted(sim.bursty_trace(**TRACE), key=lambda r: r.arrival)
+    trace = sorted(sim.bursty_trace(**{**TRACE, "rate": ns.rate}), key=lambda r: r.arrival)
     start = time.perf_counter()
     rec, path = recording(model, trace)
     print(f"routing: {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
     os.makedirs(ns.out, exist_ok=True)
     with open(os.path.join(ns.out, "table.md"), "w") as f:
         f.write(text + "\n" + summary + "\n")
-    paths = sim.plots(results, ns.out, "(Mixtral-style, hidden 512, 8x2 experts)")
+    paths = sim.plots(results, ns.out, f"(hidden 512, {ns.experts} experts top-2, {ns.rate:g} req/s)")
     print(text + "\n" + summary)
     print("plots: " + ", ".join(paths))
     return 0 if same else 1

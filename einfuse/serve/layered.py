@@ -27,27 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..passes.stages import layer_groups
 from .blocks import BlockManager
 from .routing import RouterTap, decoder_layers
 from .runner import CacheConfig, StepEntry
 from .scheduler import Plan, Request, Scheduler
-
-
-def layer_groups(num_layers: int, groups: int) -> list[tuple[int, int]]:
-    """`groups` contiguous ranges [lo, hi) covering range(num_layers), sizes differing by at most one (the
-    larger ones first)."""
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"einfuse: layer groups must be a positive integer, got {groups!r}")
-    if groups > num_layers:
-        raise ValueError(f"einfuse: {groups} layer groups for a model of {num_layers} layers; a group holds at "
-                         f"least one layer — use at most {num_layers} groups")
-    base, extra = divmod(num_layers, groups)
-    out, lo = [], 0
-    for g in range(groups):
-        hi = lo + base + (g < extra)
-        out.append((lo, hi))
-        lo = hi
-    return out
 
 
 def check_budget(max_batch_tokens: int, max_running: int | None) -> None:

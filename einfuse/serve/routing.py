@@ -8,7 +8,7 @@ depend on which tokens pass through which layers in that step: that is what a sc
 `RouterTap` observes the routing of a transformers MoE model (Mixtral, Qwen2-MoE, OLMoE, PhiMoE: the
 `...TopKRouter` modules return (logits, scores, top-k expert ids)) with forward hooks; `ExpertGeometry` says
 how many experts each layer has and what one weighs; `expert_bytes` is the one place a step's expert bytes
-are computed from its routing (the MoE kernel kind's cost model can replace it when it lands).
+are computed from its routing, through the MoE kernel kind's public cost model (kinds.moe.expert_bytes).
 """
 from __future__ import annotations
 
@@ -121,5 +121,9 @@ class RouterTap:
 
 def expert_bytes(active: dict, geometry: ExpertGeometry) -> int:
     """Expert-weight bytes a step loads: each activated expert of each MoE layer once (`active`: layer -> the
-    expert ids the step's tokens routed to there)."""
-    return sum(len(experts) for layer, experts in active.items() if layer in geometry.layers) * geometry.expert_bytes
+    expert ids the step's tokens routed to there) — the MoE kernel kind's cost model (kinds.moe), per layer."""
+    from ..kinds.moe import expert_bytes as layer_bytes
+
+    return sum(layer_bytes(torch.tensor(sorted(experts), dtype=torch.long), geometry.layers[layer],
+                           geometry.expert_bytes)
+               for layer, experts in active.items() if layer in geometry.layers)
