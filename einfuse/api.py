@@ -287,6 +287,8 @@ def compile(model: torch.nn.Module, args=(), kwargs=None, *, passes=None, dump_d
     dump_dir, check, backend = _settings(dump_dir, check, backend, torch.utils._pytree.tree_leaves((args, kwargs)))
     options = {"cuda_graphs": True} if cuda_graphs and backend == "triton" else {}
     session = dist.start(model) if dist is not None else None
+    if session is not None:
+        passes = session.pipeline(passes)
     driver = Driver(None if passes is None else list(passes), dump_dir, backend, check, options,
                     tuple(prepare) + (session.prepare() if session else ()), session)
     return CompiledModule(model, _Compiler(model, driver, dynamic_shapes), args, kwargs)

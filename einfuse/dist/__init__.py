@@ -116,6 +116,12 @@ class Session:
         self.shards.append(shard)
         return (CheckSame(self.spec), shard) + tuple(overlap_passes(self.spec.overlap))
 
+    def pipeline(self, passes=None) -> list:
+        """The pipeline after sharding and the overlap passes (see einfuse.passes.overlap.overlap_pipeline)."""
+        from ..passes.overlap import overlap_pipeline
+
+        return overlap_pipeline(self.spec.overlap, passes)
+
     def bind(self, v):
         """A built variant reads this rank's slices of the split weights; its runner records a timeline."""
         shard = self.shards[-1]

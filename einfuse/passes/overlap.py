@@ -148,6 +148,21 @@ def _schedule(ops: dict, half: dict, order: dict, inputs: set) -> list:
 OVERLAP = {"split_tokens": SplitTokens}
 
 
+def overlap_pipeline(names, passes=None) -> list:
+    """The pipeline after the overlap passes: with split_tokens, contractions of the two halves must not
+    share a kernel (fusion's shared-operand groups would run both halves' projections at once and undo
+    the interleaving), so shared-operand grouping is off; `passes` given by the user are kept as they are."""
+    from . import default_pipeline
+    from .fusion import FuseKernels
+
+    if passes is not None:
+        return list(passes)
+    pipeline = default_pipeline()
+    if "split_tokens" in names:
+        pipeline = [FuseKernels(shared_operands=False) if isinstance(p, FuseKernels) else p for p in pipeline]
+    return pipeline
+
+
 def overlap_passes(names) -> list:
     """The overlap passes named (Dist(overlap=...)), in order."""
     return [OVERLAP[n]() for n in names]

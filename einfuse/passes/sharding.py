@@ -491,10 +491,13 @@ class _Sharder:
                     raise ShardingError(f"einfuse: {op.name} writes state from split tensor {t}; sharded serving "
                                         "programs are not supported yet")
                 self.body.append(op)
-            elif isinstance(op, coll.Collective) and op.kind == "all_reduce" and op.src in self.lay:
-                self.body.append(op.replace(outputs_typed=((op.name, self.types[op.src]),)))  # elementwise: per part
-                self.lay[op.name] = self.lay[op.src]
-                self.types[op.name] = self.types[op.src]
+            elif isinstance(op, coll.Collective) and op.src in self.lay and op.kind in ("all_reduce", "all_gather") \
+                    and (op.kind == "all_reduce" or op.dim != self.lay[op.src].dim):
+                lay = self.lay[op.src]  # a collective across another dim (or elementwise) runs on each part
+                t = coll.out_type(op.kind, self.types[op.src], op.ranks, op.dim)
+                self.body.append(op.replace(outputs_typed=((op.name, t),)))
+                self.lay[op.name] = lay
+                self.types[op.name] = t
                 self.p.dependent.add(op.name)
                 self.read.add(op.src)
             else:  # an opaque call (or a collective) reads whole tensors

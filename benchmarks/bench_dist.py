@@ -1,0 +1,133 @@
+"""Tensor parallelism and overlap: measured on gloo (CPU) and modelled on 8xH100.
+
+    python benchmarks/bench_dist.py measure [--nproc 2] [--runs 7]
+        starts the ranks itself (as torchrun would: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), compiles a
+        Llama (hidden 512, 4 layers, 128 tokens) with Dist(tp=N) with and without split_tokens, and reports
+        per call the median wall time and the median time rank 0 spent blocked waiting for collectives.
+    python benchmarks/bench_dist.py model [--tp 8] [--tokens 2048]
+        lowers a Llama-3-8B-shaped model (2 of its layers), shards it for rank 0 of `tp`, and models the
+        schedule on 8xH100 (einfuse.dist.cluster): kernels' roofline times, collectives over NVLink, the
+        exposed communication with and without split_tokens. A model, not a timing.
+
+Results go to stdout as JSON (and --out FILE)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+MEASURE = dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, num_key_value_heads=8,
+               intermediate_size=1024)
+MODEL = dict(num_hidden_layers=2, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=14336)
+
+
+def launch(nproc: int, argv: list) -> list:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    procs = []
+    for r in range(nproc):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=ROOT)
+        procs.append(subprocess.Popen([sys.executable, __file__, *argv], env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"a rank failed: {[p.returncode for p in procs]}")
+    return [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
+
+
+def rank_main(runs: int, tokens: int) -> None:
+    import einfuse
+    from einfuse.ir import collective as coll
+    from einfuse.models import tiny_decoder
+
+    torch.set_num_threads(1)
+    world = int(os.environ["WORLD_SIZE"])
+    model = tiny_decoder("llama", vocab=2048, **MEASURE)
+    ids = torch.randint(1, 2048, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    out = {"rank": int(os.environ["RANK"]), "world": world, "tokens": tokens}
+    for label, overlap in (("baseline", ()), ("split_tokens", ("split_tokens",))):
+        cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=world, overlap=overlap))
+        with torch.no_grad():
+            got = cm(ids).logits
+            cm(ids)
+            walls, blocked = [], []
+            for _ in range(runs):
+                coll.ENV.blocked_s = 0.0
+                t0 = time.perf_counter()
+                cm(ids)
+                walls.append(time.perf_counter() - t0)
+                blocked.append(coll.ENV.blocked_s)
+        out[label] = {"wall_ms": round(statistics.median(walls) * 1e3, 3),
+                      "blocked_ms": round(statistics.median(blocked) * 1e3, 3),
+                      "blocked_runs_ms": [round(b * 1e3, 3) for b in blocked],
+                      "rel_err": float((got - want).abs().max() / want.abs().max())}
+    print(json.dumps(out), flush=True)
+
+
+def model_main(tp: int, tokens: int) -> dict:
+    from einfuse.dist.cluster import H100x8, simulate
+    from einfuse.frontend.capture import export
+    from einfuse.frontend.lower import lower_graph
+    from einfuse.models import tiny_decoder
+    from einfuse.passes import default_pipeline, run_pipeline
+    from einfuse.passes.overlap import SplitTokens
+    from einfuse.passes.sharding import Shard
+
+    with torch.device("meta"):
+        model = tiny_decoder("llama", vocab=32768, **MODEL)
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+    cap = export(model, (ids,), {})
+    lowered = lower_graph(cap.gm, cap.kinds, "llama8b")
+    sharded = run_pipeline(lowered.module, [Shard(tuple(range(tp)), 0)], [])
+    out = {"cluster": H100x8.name, "tp": tp, "tokens": tokens, "layers": MODEL["num_hidden_layers"]}
+    for label, passes in (("baseline", []), ("split_tokens", [SplitTokens()])):
+        m = run_pipeline(sharded, passes + default_pipeline(), [])
+        out[label] = {k: round(v * 1e6, 1) for k, v in simulate(m).items()}
+        out[label]["unit"] = "us"
+    base, split = out["baseline"]["exposed_s"], out["split_tokens"]["exposed_s"]
+    out["exposed_drop"] = round(1 - split / base, 3) if base else 0.0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["measure", "model", "_rank"])
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.what == "_rank":
+        rank_main(a.runs, a.tokens or 128)
+        return
+    if a.what == "measure":
+        rows = launch(a.nproc, ["_rank", "--runs", str(a.runs), "--tokens", str(a.tokens or 128)])
+        result = {"measured": "gloo on this CPU (loopback), 1 thread per rank", "ranks": rows}
+    else:
+        result = model_main(a.tp, a.tokens or 2048)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
