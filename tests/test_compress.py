@@ -162,3 +162,70 @@ def test_damaged_checkpoint_is_refused(tmp_path, part, match):
     save_file(arrays, str(path))
     with pytest.raises(CorruptCheckpoint, match=match):
         load(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def _tiny_mixtral(layers=2, hidden=32, inter=24, experts=4, seed=0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=experts,
+                        num_experts_per_tok=2)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _never_route_to(model, expert):
+    """Forward hooks on every router so that `expert` is never in the top-k."""
+    def hook(mod, args, out):
+        logits = out[0].clone()
+        logits[..., expert] = float("-inf")
+        probs = torch.softmax(logits.float(), -1)
+        val, idx = torch.topk(probs, mod.top_k, -1)
+        val = val / val.sum(-1, keepdim=True)
+        return out[0], val.to(out[1].dtype), idx
+    return [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+
+
+def test_compress_moe_gptq_reports_idle_and_scarce_experts():
+    from einfuse.compress.experts import compress_moe
+    model = _tiny_mixtral()
+    calib = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))]
+    x = torch.randint(0, 64, (1, 8))
+    ref = model(x).logits
+    hooks = _never_route_to(model, 3)
+    cm = compress_moe(model, calib, method="gptq", min_tokens=20, progress=False, widths=(6, 8))
+    for h in hooks:
+        h.remove()
+    s = cm.summary()
+    idle = [(r.layer, r.tensor) for r in cm.experts if r.expert == 3]
+    assert sorted(s["no_tokens"]) == sorted((l, t, 3) for l, t in idle) and len(idle) == 4
+    assert all(r.method == "rtn (no tokens)" for r in cm.experts if r.expert == 3)
+    assert all(r.tokens > 0 for r in cm.experts if r.expert != 3)
+    assert {r.method for r in cm.experts if r.expert != 3} <= {"gptq", "gptq+damp (few tokens)"}
+    # the model now evaluates with the ternary weights, decoded from the stored streams
+    for name, ct in cm.tensors.items():
+        assert torch.equal(model.get_submodule(name.rpartition(".")[0]).get_parameter(name.rpartition(".")[2]),
+                           ct.dequantize(cm.dictionary))
+    out = model(x).logits
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref)
+    assert s["bits_per_param"] > s["code_bits_per_param"] > 0
+
+
+def test_no_moe_layers_is_refused():
+    from einfuse.compress.experts import NoMoELayers, compress_moe
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(NoMoELayers, match="has no MoE layers.*2 nn.Linear"):
+        compress_moe(dense, None, method="rtn")
+
+
+def test_compressed_experts_module_runs_the_fused_kernel():
+    from einfuse.compress.experts import CompressedExperts, compress_moe, install
+    model = _tiny_mixtral(layers=1, hidden=32, inter=16)
+    cm = compress_moe(model, None, method="rtn", progress=False, widths=(6,))
+    x = torch.randint(0, 64, (1, 3))
+    want = model(x).logits
+    install(model, cm)
+    assert isinstance(model.model.layers[0].mlp.experts, CompressedExperts)
+    got = model(x).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()

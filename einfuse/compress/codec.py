@@ -240,7 +240,9 @@ def choose_bits(symbols: torch.Tensor, widths=range(6, 17), max_len: int = MAX_L
     rows = symbols[torch.randperm(symbols.shape[0], generator=g)[:sample_rows]]
     total = total_symbols or symbols.numel()
     table = {}
-    for w in widths:
+    for w in sorted(widths):
+        if table and 8 * 9 * (2 ** w) > min(v["total_bits"] for v in table.values()):
+            break  # the dictionary alone would cost more than the best total so far
         d = build_dictionary(probs, w, max_len)
         enc = encode(rows, d)
         bps = enc.codes.numel() * w / rows.numel()

@@ -24,7 +24,7 @@ DICT_IN_REGS_MAX = 4096
 KERNEL = "cdot_kernel"
 
 
-def _padded_dictionary(d: Dictionary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def padded_dictionary(d: Dictionary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     size = 1 << d.bits
     pad = size - d.size
     z8 = torch.zeros(pad, dtype=torch.uint8)
@@ -47,8 +47,9 @@ def constexprs(ct: CompressedTensor, d: Dictionary, bt: int) -> dict:
 
 
 def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor, experts: torch.Tensor,
-         out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [S, rows] for x [S, cols] (tokens sorted by expert), seg [A+1] token offsets, experts [A] ids."""
+         out: torch.Tensor | None = None, dict_tensors=None) -> torch.Tensor:
+    """y [S, rows] for x [S, cols] (tokens sorted by expert), seg [A+1] token offsets, experts [A] ids.
+    `dict_tensors`: `padded_dictionary(d)` computed once by the caller (else per call)."""
     import triton  # noqa: F401  (selects the interpreter on CPU before the kernel module is imported)
     from .cdot_triton import cdot_kernel
 
@@ -62,7 +63,7 @@ def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor
     if A == 0 or N == 0 or x.shape[0] == 0:
         return y.zero_() if out is None else y
     G = ct.bases.shape[1]
-    dl, dn, dg, _ = _padded_dictionary(d)
+    dl, dn, dg, _ = dict_tensors or padded_dictionary(d)
     seg = seg.to(torch.int32).contiguous()
     most = int((seg[1:] - seg[:-1]).max())
     consts = constexprs(ct, d, block_t(most))
