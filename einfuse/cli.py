@@ -214,6 +214,17 @@ def cmd_serve_sim(ns) -> int:
     return 0
 
 
+def cmd_run_dist(ns) -> int:
+    """`torchrun --standalone --nproc-per-node N script args...`: a script that compiles with dist=einfuse.Dist(...)."""
+    import subprocess
+
+    _readable(ns.script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ns.nproc),
+           ns.script, *ns.args]
+    print("einfuse run-dist:", " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -277,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="serve_sim", help="where the PNG plots go")
     s.set_defaults(fn=cmd_serve_sim)
+
+    t = sub.add_parser("run-dist", help="run a script as N ranks (torchrun); it compiles with dist=einfuse.Dist(tp=N)")
+    t.add_argument("--nproc", type=int, default=2, help="number of ranks (processes)")
+    t.add_argument("script")
+    t.add_argument("args", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_run_dist)
 
     v = sub.add_parser("parse", help="parse and verify an IR file (or - for stdin), printing it back")
     v.add_argument("file")
