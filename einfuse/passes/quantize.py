@@ -283,7 +283,8 @@ class QuantizeActivations(Pass):
         out = [
             Statement(xa, TensorType(dt.f32, rows), tuple(xranks), call("abs", x), Reduce("max", ((k, K),)), loc=s.loc),
             Statement(xs, TensorType(dt.f32, rows), tuple(xranks),
-                      call("div", call("max", Access(xa, tuple(xranks)), 1e-08), 448.0 if fp8 else 127.0), loc=s.loc),
+                      call("mul", call("max", Access(xa, tuple(xranks)), 1e-08), 1 / (448.0 if fp8 else 127.0)),
+                      loc=s.loc),
         ]
         xsv = Access(xs, tuple(xranks))
         if fp8:
@@ -299,7 +300,7 @@ class QuantizeActivations(Pass):
         y = call("mul", call("mul", cast(Access(acc, s.index), dt.f32), xsv), Access(scale, (n,)))
         for op, f in lin.post:
             y = call(op, y, f)
-        out.append(s.replace(expr=cast(y, s.type.dtype), reduce=None))
+        out.append(s.replace(expr=y if s.type.dtype == dt.f32 else cast(y, s.type.dtype), reduce=None))
         return out
 
 

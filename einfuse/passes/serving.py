@@ -160,7 +160,8 @@ def _cache_one(m: Module, c: Cascade, B, T, nbt, nb, bs: int, original: Module) 
     k_side = qk.b if c.qk.index[-2] not in index_symbols(qk.b) else qk.a
     q_side = qk.a if k_side is qk.b else qk.b
     keys = _Rewrite(m, k_side, key_qk, batch_qk, f"attention {c.av.name!r} keys")
-    values = _Rewrite(m, c.value, c.key, batch_av, f"attention {c.av.name!r} values")
+    value = _value_read(m, c)
+    values = _Rewrite(m, value, c.key, batch_av, f"attention {c.av.name!r} values")
     S = nbt * bs
     # the scores over the cache: qk'[.., p, key] = sum[e] Q * K(cache)
     qk_name = _fresh(m, f"{c.av.name}_cqk")
@@ -171,7 +172,7 @@ def _cache_one(m: Module, c: Cascade, B, T, nbt, nb, bs: int, original: Module) 
     qk_t = TensorType(c.qk.type.dtype, tuple(c.qk.type.shape[:-1]) + (S,))
     new_qk = Statement(qk_name, qk_t, c.qk.index, expr, red, loc=c.qk.loc)
     score = _cached_score(original, c, qk_name, batch_av, bs)
-    new = _cascade(c, new_qk, score, values.read(c.value, bs), S)
+    new = _cascade(c, new_qk, score, values.read(value, bs), S)
     m = m.replace(inputs=m.inputs + (keys.state(nb, bs), values.state(nb, bs)),
                   outputs=m.outputs + (keys.version, values.version))
     writes = {keys.source: keys.update(B, T, bs, c.qk.loc), values.source: values.update(B, T, bs, c.av.loc)}
@@ -187,6 +188,16 @@ def _cache_one(m: Module, c: Cascade, B, T, nbt, nb, bs: int, original: Module) 
     if writes:
         raise PassError("cache_kv", f"attention {c.av.name!r}: {sorted(writes)} are not computed by the module")
     return m.replace(body=tuple(body))
+
+
+def _value_read(m: Module, c: Cascade) -> Expr:
+    """The values as the cascade reads them through maps (`c.value`); when that reads several tensors along
+    the keys (a quantized projection's epilogue: integer accumulator times per-token scales), the one tensor
+    the attention reads directly."""
+    if len({a.tensor for a in accesses(c.value) if c.key in _syms(a)}) <= 1:
+        return c.value
+    direct = [a for a in accesses(c.av.expr) if {c.key, c.f} <= _syms(a)]
+    return direct[0] if len(direct) == 1 else c.value
 
 
 def _cascade(c: Cascade, qk: Statement, score: Expr, value: Expr, S) -> list:
