@@ -229,3 +229,51 @@ def test_compressed_experts_module_runs_the_fused_kernel():
     assert isinstance(model.model.layers[0].mlp.experts, CompressedExperts)
     got = model(x).logits
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+# ------------------------------------------------------------------------------------------------ IR pass
+
+MOE_IR = """
+module experts
+  param mlp_experts_down_proj: f32[3, 20, 64]
+  in x: f32[5, 64]
+  y[e, t, n]: f32[3, 5, 20] = sum[k:64] x[t, k] * mlp_experts_down_proj[e, n, k]
+  out y
+"""
+
+
+def test_compress_experts_pass_encodes_the_weight_and_the_evaluator_decodes_it():
+    from einfuse.ir import parse, print_module
+    from einfuse.ir.evaluator import evaluate
+    from einfuse.ir.verify import verify
+    from einfuse.passes.base import PassError
+    from einfuse.passes.compress import CompressExperts, arrays
+    from einfuse.compress.experts import CompressedModel
+    from einfuse.kinds.cdot import padded_dictionary
+    s = _stream(60, 64, 0.85, 4).view(3, 20, 64)
+    lo, hi = -torch.rand(3, 20), torch.rand(3, 20)
+    d = build_dictionary(symbol_probs(s), 8)
+    ct = CompressedTensor.encode(s, lo, hi, d)
+    cm = CompressedModel({"mlp.experts.down_proj": ct}, d)
+    m = parse(MOE_IR)
+    out = CompressExperts(cm).run(m)
+    text = print_module(out)
+    assert f"param mlp_experts_down_proj_codes: tdict8[{ct.codes.numel()}]" in text
+    assert "bits_per_param=" in text and "decode_experts" in text
+    assert parse(text) == out  # the encoded type prints and parses back
+    verify(out)
+    x = torch.randn(5, 64)
+    binds = {"x": x, **{f"mlp_experts_down_proj_{k}": v for k, v in arrays(ct, padded_dictionary(d)[:3]).items()}}
+    got = evaluate(out, binds)["y"]
+    want = torch.einsum("tk,enk->etn", x, ct.dequantize(d))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # a damaged stream is refused by the evaluator's decode, never decoded into wrong weights
+    bad = dict(binds)
+    bad["mlp_experts_down_proj_codes"] = ct.codes.clone()
+    bad["mlp_experts_down_proj_codes"][3] ^= 1
+    with pytest.raises(Exception, match="code stream checksum"):
+        evaluate(out, bad)
+    dense = parse(MOE_IR.replace("mlp_experts_down_proj", "w").replace("[3, 20, 64]", "[20, 64]")
+                  .replace("[e, n, k]", "[n, k]").replace("y[e, t, n]: f32[3, 5, 20]", "y[t, n]: f32[5, 20]"))
+    with pytest.raises(PassError, match="no MoE expert weight inputs"):
+        CompressExperts(cm).run(dense)

@@ -1,0 +1,40 @@
+"""The compressed expert weight in the IR: an encoded element type for the code stream, and the decode the
+reference evaluator runs (an opaque call `einfuse.compress.ir:decode_experts`).
+
+`tdict<b>` (b = codeword width, 6..16) is the dtype of a packed dictionary-code stream: category "encoded",
+stored as bytes; the tensor's shape is its byte count. Printed, parsed and verified like any dtype
+(einfuse.ir.dtypes.register_dtype).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import dtypes as dt
+from .codec import MAX_LEN, Dictionary
+from .format import CompressedTensor
+
+
+def code_dtype(bits: int) -> dt.DType:
+    """The IR dtype of a stream of `bits`-bit codewords (registered on first use)."""
+    name = f"tdict{bits}"
+    if dt.is_dtype_name(name):
+        return dt.by_name(name)
+    return dt.register_dtype(dt.DType(name, None, torch.uint8, "encoded", 8, signed=False))
+
+
+for _b in range(2, 17):  # registered at import, so any dump parses back
+    code_dtype(_b)
+
+
+def decode_experts(codes, counts, bases, scales, dict_len, dict_nz, dict_neg, *, shape, ncodes, bits,
+                   dtype="float32", checksums=None, stored_bytes=None, dense_bytes=None, bits_per_param=None):
+    """Dense W [E, rows, cols] from the stored arrays (the reference evaluator's decode of a compressed
+    weight; the fused kernel computes with the same values). Verifies per-expert checksums when given.
+    `stored_bytes`, `dense_bytes`, `bits_per_param` are the sizes the dump shows (informational)."""
+    size = int((dict_len > 0).sum())
+    d = Dictionary(bits, MAX_LEN, dict_len[:size], dict_nz[:size], dict_neg[:size])
+    ct = CompressedTensor(tuple(int(s) for s in shape), int(bits), int(ncodes), codes, counts, bases, scales,
+                          checksums if checksums is not None else torch.zeros(int(shape[0]), 3, dtype=torch.int64))
+    if checksums is not None:
+        ct.verify("compressed expert weight")
+    return ct.dequantize(d).to(getattr(torch, dtype))
