@@ -3,6 +3,7 @@ rank (so a failed collective names the rank that stopped) and a hash exchange (s
 different models or settings fail at start, not in a hang)."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import threading
@@ -32,6 +33,7 @@ def init(timeout_s: float = 60.0, backend: str | None = None) -> None:
                             "not set. Start it with: torchrun --nproc-per-node 2 script.py")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        atexit.register(_shutdown)  # we started the group: end it (and the heartbeat) before the interpreter
     if _state["thread"] is None:
         _start_heartbeat()
     coll.ENV.explain = explain
@@ -129,3 +131,14 @@ def exchange_hash(text: str, what: str) -> None:
 def stop_heartbeat() -> None:
     if _state["stop"] is not None:
         _state["stop"].set()
+
+
+def _shutdown() -> None:
+    stop_heartbeat()
+    if _state["thread"] is not None:
+        _state["thread"].join(timeout=2 * BEAT_S)
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 (exiting after a failure: nothing left to end cleanly)
+        pass
