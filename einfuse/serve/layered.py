@@ -65,6 +65,7 @@ class LayeredPrefill(Scheduler):
         self.num_layers = num_layers
         self.groups = layer_groups(num_layers, groups)
         self.inflight: dict[int, _InFlight] = {}
+        self._committed = 0
 
     def cost(self, tokens: int, first: int, last: int | None = None) -> int:
         """Token-layers of `tokens` through groups first..last (default: first only), rounded up: what they
@@ -89,12 +90,17 @@ class LayeredPrefill(Scheduler):
         if last + 1 < len(self.groups):
             plan.out.partial.add(req.id)
             self.inflight[req.id] = _InFlight(last + 1, tokens)
+            self._committed += self.cost(tokens, last + 1)
         else:
             self.inflight.pop(req.id, None)
+            self._committed += req.num_computed + tokens == len(req.tokens)  # a decode from the next step
 
     def _start(self, plan: Plan, req: Request) -> bool:
-        """Start a segment of `req` (running, blocks claimed for it here); False if none fits."""
-        n = min(req.remaining, self.segment(plan.budget), plan.blocks.max_tokens(req.id) - req.num_computed)
+        """Start a segment of `req` (running, blocks claimed for it here); False if none fits. Sized so that
+        next step, too, has room for every decode and every segment's next group (`_committed`): a segment
+        in flight never waits for budget that newer work took."""
+        room = min(plan.budget, self.max_batch_tokens - self._committed)
+        n = min(req.remaining, self.segment(room), plan.blocks.max_tokens(req.id) - req.num_computed)
         if n < 1 or not plan.blocks.allocate(req.id, req.num_computed + n):
             return False
         self._run(plan, req, n, 0)
@@ -110,10 +116,13 @@ class LayeredPrefill(Scheduler):
                 self.advance(plan, req, 1, shrink=False)
         for i in [r.id for r in plan.out.preempted]:
             self.inflight.pop(i, None)  # its blocks are gone: it starts over from waiting
+        self._committed = len(plan.tokens)  # next step's budget already promised: these decodes, and below
         for req in [r for r in plan.running if r.id in self.inflight]:  # segments in flight, oldest first
             f = self.inflight[req.id]
             if self.cost(f.tokens, f.group) <= plan.budget:
                 self._run(plan, req, f.tokens, f.group)
+            else:
+                self._committed += self.cost(f.tokens, f.group)
         for req in [r for r in plan.running if r.remaining > 1 and r.id not in plan.tokens]:
             if req.id not in self.inflight and not self._start(plan, req):
                 break
