@@ -200,7 +200,7 @@ def cmd_serve_sim(ns) -> int:
                                  num_experts_per_tok=2, max_position_embeddings=8192)
         else:
             model = tiny_decoder("llama", num_hidden_layers=ns.layers, max_position_embeddings=8192)
-        results = [sim.replay(model, trace, policy, ns.groups, ns.budget, seed=ns.seed)
+        results = [sim.replay(model, trace, policy, ns.groups, ns.budget, ns.max_running, seed=ns.seed)
                    for policy in ns.policy or sim.POLICIES]
     except ValueError as e:
         print(e, file=sys.stderr)
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=16, help="requests of the generated trace")
     s.add_argument("--rate", type=float, default=200.0, help="mean arrivals per second of the generated trace")
     s.add_argument("--budget", type=int, default=64, help="token budget per step (max_batch_tokens)")
+    s.add_argument("--max-running", type=int, default=None, help="most requests running at once (the decode "
+                   "batch; at most the budget)")
     s.add_argument("--model", choices=("moe", "dense"), default="moe", help="a tiny Mixtral or a tiny Llama")
     s.add_argument("--layers", type=int, default=8)
     s.add_argument("--experts", type=int, default=8)

@@ -232,6 +232,8 @@ def test_cli_serve_sim(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"arrival": 0}\n')
     assert main(["serve-sim", "--trace", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "p2")]) == 2
     assert "line 1: missing 'prompt_len'" in capsys.readouterr().err
+    assert main(["serve-sim", "--trace", str(trace), "--budget", "4", "--max-running", "8", "--layers", "2"]) == 2
+    assert "token budget of 4 is smaller than one decode batch of 8" in capsys.readouterr().err
 
 
 def test_stages_partition_the_ir(tmp_path):
