@@ -20,7 +20,7 @@ HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 
 
-def launch(nproc: int, script: str, *args, timeout: float = 240) -> tuple:
+def launch(nproc: int, script: str, *args, timeout: float = 240, env: dict | None = None) -> tuple:
     """Run `script` as `nproc` ranks on loopback; returns (return codes, stdout lines, seconds)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -30,7 +30,7 @@ def launch(nproc: int, script: str, *args, timeout: float = 240) -> tuple:
     t0 = time.perf_counter()
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   MASTER_PORT=str(port), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
         procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "dist_scripts", script), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
@@ -67,10 +67,18 @@ def check_tp(rows: list, n: int, families: list, halves: int = 1) -> None:
         assert row["wire_bytes"] == analytic_wire_bytes(2, 8, 64, 256, n), row
 
 
-def test_tp2_llama_gpt2_equal_single_process():
-    rcs, outs, _ = launch(2, "tp_models.py", "llama,gpt2")
+def test_tp2_llama_gpt2_equal_single_process(tmp_path):
+    rcs, outs, _ = launch(2, "tp_models.py", "llama,gpt2", env={"DUMP_DIR": str(tmp_path)})
     assert rcs == [0, 0], outs
     check_tp(results(outs), 2, ["llama", "gpt2"])
+    # the dumps show the collectives; each rank wrote a Chrome trace with steps, collectives and waits
+    first = (tmp_path / "llama" / "00_lower.ir").read_text()
+    assert first.count("= all_reduce(") == 5 and first.count("= all_gather(") == 1, first
+    for r in (0, 1):
+        trace = json.loads((tmp_path / "llama" / f"timeline_rank{r}.json").read_text())["traceEvents"]
+        cats = {e.get("cat") for e in trace}
+        assert {"statement", "all_reduce", "all_gather", "wait"} <= cats, cats
+        assert all(e["dur"] >= 0 for e in trace if e.get("ph") == "X")
 
 
 @pytest.mark.slow
@@ -78,6 +86,19 @@ def test_tp2_split_tokens_equal_single_process():
     rcs, outs, _ = launch(2, "tp_models.py", "llama,gpt2,qwen2", "split_tokens")
     assert rcs == [0, 0], outs
     check_tp(results(outs), 2, ["llama", "gpt2", "qwen2"], halves=2)
+
+
+@pytest.mark.slow
+def test_ep2_mixtral_equal_single_process():
+    """Experts split over 2 ranks (2 of 4 each): one all-reduce per layer sums the experts' weighted outputs."""
+    rcs, outs, _ = launch(2, "tp_models.py", "mixtral", env={"EP": "1"})
+    assert rcs == [0, 0], outs
+    rows = results(outs)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["rel"] < 1e-5 and row["rel2"] < 1e-5, row
+        assert [c[0] for c in row["collectives"]] == ["all_reduce"] * 2, row
+        assert row["wire_bytes"] == 2 * (2 * 1 * 8 * 64 * 4 // 2), row
 
 
 @pytest.mark.slow
@@ -90,6 +111,7 @@ def test_tp2_qwen2_and_tp4():
     check_tp(results(outs), 4, ["llama", "gpt2", "qwen2"])
 
 
+@pytest.mark.slow
 def test_dead_rank_named_within_60s():
     rcs, outs, took = launch(2, "fail_cases.py", "kill", timeout=180)
     assert rcs[1] != 0 and rcs[0] == 3, outs

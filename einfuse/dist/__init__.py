@@ -31,7 +31,8 @@ OVERLAP_PASSES = ("split_tokens",)  # see einfuse.passes.overlap
 @dataclass(frozen=True)
 class Dist:
     """How to split a model over the ranks of a torchrun job: `tp` ranks of tensor parallelism (Megatron's
-    plan, or `plan` = {IR parameter name: (dim, fused parts)}), `overlap` passes by name (e.g.
+    plan, or `plan` = {IR parameter name: (dim, fused parts)}) or `ep` ranks of expert parallelism (each
+    rank holds 1/ep of the experts; an all-reduce combines them), `overlap` passes by name (e.g.
     ("split_tokens",)), the collectives' `timeout_s`, and whether ranks record a `timeline`."""
 
     tp: int = 1
@@ -50,26 +51,32 @@ class Dist:
             raise ValueError(f"einfuse: unknown overlap pass {bad[0]!r}; available: {', '.join(OVERLAP_PASSES)}")
         if self.tp < 1 or self.ep < 1:
             raise ValueError("einfuse: Dist(tp, ep) are numbers of ranks, at least 1")
-        if self.ep > 1:
-            raise ValueError("einfuse: expert parallelism (ep > 1) needs the MoE kernel kind, which has not landed; "
-                             "use tp (experts' FFNs are then split like an MLP)")
+        if self.ep > 1 and self.tp > 1:
+            raise ValueError("einfuse: Dist(tp, ep) together is not supported yet; use one of them")
 
     def start(self, model=None) -> "Session":
         """Join the process group and check the model's shape fits this split."""
         init(self.timeout_s)
         world = tdist.get_world_size()
-        if self.tp != world:
-            raise DistError(f"einfuse: Dist(tp={self.tp}) needs a world of {self.tp} ranks; this job has {world} "
-                            f"(torchrun --nproc-per-node {self.tp})")
+        if self.tp * self.ep != world:
+            raise DistError(f"einfuse: Dist(tp={self.tp}, ep={self.ep}) needs a world of {self.tp * self.ep} ranks; "
+                            f"this job has {world} (torchrun --nproc-per-node {self.tp * self.ep})")
         if model is not None:
-            check_divides(getattr(model, "config", None), self.tp)
+            check_divides(getattr(model, "config", None), self.tp, self.ep)
         return Session(self, tdist.get_rank(), tuple(range(world)))
 
 
-def check_divides(config, tp: int) -> None:
+def check_divides(config, tp: int, ep: int = 1) -> None:
     """A clear error at compile time when `tp` ranks cannot split the model's heads, KV heads, experts or
-    MLP width evenly."""
-    if config is None or tp == 1:
+    MLP width evenly, or `ep` ranks its experts."""
+    if config is None:
+        return
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        n = getattr(config, key, None)
+        if ep > 1 and isinstance(n, int) and n % ep:
+            raise DistError(f"einfuse: expert parallelism over {ep} ranks cannot split {n} experts (config.{key}); "
+                            f"use a number of ranks that divides {n}")
+    if tp == 1:
         return
     for key, what in [("num_attention_heads", "attention heads"), ("n_head", "attention heads"),
                       ("num_key_value_heads", "key/value heads"), ("num_local_experts", "experts"),
@@ -112,7 +119,8 @@ class Session:
         """The passes run on the whole lowered module before the pipeline: the hash check, sharding, overlap."""
         from ..passes.overlap import overlap_passes
 
-        shard = Shard(self.ranks, self.ranks.index(self.rank), dict(self.spec.plan) if self.spec.plan else None)
+        plan = dict(self.spec.plan) if self.spec.plan else ("experts" if self.spec.ep > 1 else "megatron")
+        shard = Shard(self.ranks, self.ranks.index(self.rank), plan, vocab_parallel=self.spec.ep == 1)
         self.shards.append(shard)
         return (CheckSame(self.spec), shard) + tuple(overlap_passes(self.spec.overlap))
 

@@ -183,12 +183,29 @@ def _contraction_dims(m: Module, name: str):
     return None
 
 
+EXPERTS = re.compile(r"experts")
+
+
+def expert_plan(m: Module, parts: int) -> dict:
+    """{parameter: (0, 1)} for expert parallelism: the stacked experts' weights ([experts, ...]) split by
+    expert; each rank runs its experts on every token (the dense form's skipped pairs stay skipped) and an
+    all-reduce sums the experts' weighted outputs."""
+    return {i.name: (0, 1) for i in m.inputs
+            if i.kind == "param" and i.type.rank == 3 and EXPERTS.search(i.name) and i.type.shape[0].is_Integer}
+
+
 def megatron_plan(m: Module, parts: int) -> dict:
     """{parameter: (dim, outer)} for Megatron-LM tensor parallelism over `parts` ranks, from the weights'
     names (column-parallel QKV/gate/up, row-parallel O/down, vocabulary-parallel embedding and LM head)
     and the contractions reading them (which of a weight's dims is reduced)."""
     plan = {}
     for i in m.inputs:
+        if i.kind == "param" and i.type.rank == 3 and EXPERTS.search(i.name):  # stacked experts: split their MLPs
+            if "gate_up" in i.name:
+                plan[i.name] = (1, 2)
+            elif "down" in i.name:
+                plan[i.name] = (2, 1)
+            continue
         if i.kind != "param" or i.type.rank != 2 or not i.name.endswith("weight"):
             continue
         dims = _contraction_dims(m, i.name)
@@ -210,12 +227,12 @@ def megatron_plan(m: Module, parts: int) -> dict:
 
 class Shard(Pass):
     """Split the module over `ranks` (global process ranks) by `plan` ({tensor: (dim, outer)}) and keep
-    member `part`'s share; `plan=None` infers Megatron's plan. After `run`, `slices` maps each split
+    member `part`'s share; `plan=None` (or "megatron") infers Megatron's plan, "experts" splits the experts. After `run`, `slices` maps each split
     parameter to its Layout and `gathers` lists the misaligned reads that needed an all-gather."""
 
     name = "shard"
 
-    def __init__(self, ranks, part: int, plan: dict | None = None, vocab_parallel: bool = True,
+    def __init__(self, ranks, part: int, plan: dict | str | None = None, vocab_parallel: bool = True,
                  keep_whole: tuple = ()):
         self.ranks = tuple(ranks)
         self.part = part
@@ -228,7 +245,7 @@ class Shard(Pass):
         self.dependent: set = set()  # names whose value differs between parts
 
     def fingerprint(self) -> str:
-        plan = sorted(self.plan.items()) if self.plan is not None else "megatron"
+        plan = sorted(self.plan.items()) if isinstance(self.plan, dict) else self.plan or "megatron"
         return f"shard:{self.ranks}:{self.part}:{plan}:{self.vocab_parallel}:{self.keep_whole}"
 
     @property
@@ -250,7 +267,8 @@ class _Sharder:
         self.read: set = set()
         self.full: dict = {}  # tensor -> name of its whole (gathered) value
         self.body: list = []
-        plan = p.plan if p.plan is not None else megatron_plan(m, self.parts)
+        plan = {"megatron": megatron_plan, "experts": expert_plan}[p.plan](m, self.parts) \
+            if p.plan is None or isinstance(p.plan, str) else p.plan
         if not p.vocab_parallel:
             plan = {k: v for k, v in plan.items() if not VOCAB.search(k)}
         for name, (dim, outer) in plan.items():

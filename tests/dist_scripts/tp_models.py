@@ -14,6 +14,7 @@ from einfuse.models import tiny_decoder, tiny_gpt2
 families = sys.argv[1].split(",")
 overlap = tuple(x for x in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if x)
 world = int(os.environ["WORLD_SIZE"])
+ep = os.environ.get("EP") == "1"  # expert parallelism instead of tensor parallelism
 for fam in families:
     kv = {"num_key_value_heads": 4} if world == 4 and fam in ("llama", "qwen2") else {}
     model = tiny_gpt2() if fam == "gpt2" else tiny_decoder(fam, **kv)
@@ -22,7 +23,7 @@ for fam in families:
         want = model(ids).logits
     dump = os.environ.get("DUMP_DIR")
     t0 = time.perf_counter()
-    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=world, overlap=overlap),
+    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=1 if ep else world, ep=world if ep else 1, overlap=overlap),
                          dump_dir=f"{dump}/{fam}" if dump else None)
     with torch.no_grad():
         got = cm(ids).logits
