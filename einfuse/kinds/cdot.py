@@ -40,6 +40,11 @@ def block_t(tokens_per_expert: int) -> int:
     return b
 
 
+def num_warps(bt: int) -> int:
+    """8 warps once the [BLOCK_T, 16, 32] product tile is 4096+ elements (no spills at 12-bit codes, sm_80)."""
+    return 8 if bt >= 8 else 4
+
+
 def constexprs(ct: CompressedTensor, d: Dictionary, bt: int) -> dict:
     size = 1 << d.bits
     return {"BITS": d.bits, "MAX_LEN": MAX_LEN, "BLOCK_R": GROUP, "BLOCK_T": bt, "DICT": size,
@@ -68,7 +73,7 @@ def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor
     most = int((seg[1:] - seg[:-1]).max())
     consts = constexprs(ct, d, block_t(most))
     cdot_kernel[(A, G)](x, y, seg, experts.to(torch.int32).contiguous(), ct.codes, ct.counts, ct.bases,
-                        ct.scales, dl, dn, dg, N, K, G, x.stride(0), y.stride(0), **consts, num_warps=4)
+                        ct.scales, dl, dn, dg, N, K, G, x.stride(0), y.stride(0), **consts, num_warps=num_warps(consts["BLOCK_T"]))
     return y
 
 
@@ -95,5 +100,5 @@ def spec(ct: CompressedTensor, d: Dictionary, bt: int = 16, name: str = "cdot") 
     consts = constexprs(ct, d, bt)
     return KernelSpec(name=KERNEL, statements=(name,), outputs=("y",), source=source, args=args,
                       constexprs=consts, grid=[], mapping=Mapping("cdot", tiles=tuple(
-                          (k, v) for k, v in consts.items() if k.startswith("BLOCK")), num_warps=4),
+                          (k, v) for k, v in consts.items() if k.startswith("BLOCK")), num_warps=num_warps(bt)),
                       meta={"label": name})
