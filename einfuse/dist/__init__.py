@@ -166,5 +166,5 @@ def _write_timelines():
     for session, directory in _AT_EXIT:
         try:
             write_timeline(session, directory)
-        except Exception:  # noqa: BLE001 (exiting: nothing to report to)
+        except Exception:  # noqa: BLE001, S110 (exiting: nothing to report to)
             pass

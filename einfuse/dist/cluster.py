@@ -91,17 +91,28 @@ def simulate(m: Module, c: Cluster = H100x8) -> dict:
     ready: dict = {}
     compute_free = comm_free = 0.0
     kernels = comms = 0.0
+    by: dict = {}  # collective -> the time kernels waited for it
+    made_by: dict = {}  # tensor -> the collective that made it
     for u in units(m, c):
         start = max([ready.get(r, 0.0) for r in u.reads] or [0.0])
         if u.kind == "collective":
             start = max(start, comm_free)
             comm_free = end = start + u.seconds
             comms += u.seconds
+            for w in u.writes:
+                made_by[w] = u.name
         else:
+            if start > compute_free:  # waiting: charged to the collective whose result came last
+                last = max((r for r in u.reads if r in made_by), key=lambda r: ready.get(r, 0.0), default=None)
+                if last is not None:
+                    by[made_by[last]] = by.get(made_by[last], 0.0) + start - compute_free
             start = max(start, compute_free)
             compute_free = end = start + u.seconds
             kernels += u.seconds
         for w in u.writes:
             ready[w] = end
     makespan = max(compute_free, comm_free)
-    return {"kernels_s": kernels, "collectives_s": comms, "makespan_s": makespan, "exposed_s": makespan - kernels}
+    if comm_free > compute_free:  # the program ends waiting for its last collective
+        by["(end)"] = comm_free - compute_free
+    return {"kernels_s": kernels, "collectives_s": comms, "makespan_s": makespan, "exposed_s": makespan - kernels,
+            "exposed_by": by}

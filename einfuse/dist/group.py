@@ -140,5 +140,5 @@ def _shutdown() -> None:
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 (exiting after a failure: nothing left to end cleanly)
+    except Exception:  # noqa: BLE001, S110 (exiting after a failure: nothing left to end cleanly)
         pass

@@ -267,7 +267,7 @@ class _Sharder:
         self.read: set = set()
         self.full: dict = {}  # tensor -> name of its whole (gathered) value
         self.body: list = []
-        plan = {"megatron": megatron_plan, "experts": expert_plan}[p.plan](m, self.parts) \
+        plan = {"megatron": megatron_plan, "experts": expert_plan}[p.plan or "megatron"](m, self.parts) \
             if p.plan is None or isinstance(p.plan, str) else p.plan
         if not p.vocab_parallel:
             plan = {k: v for k, v in plan.items() if not VOCAB.search(k)}
@@ -378,54 +378,53 @@ class _Sharder:
         pg = sympy.sympify(p).xreplace({r: rl.global_of(r, self.b)})
         return pg - self.b * lay.inner if lay.outer == 1 else lay.local_of(pg)
 
-    def statement(self, s: Statement) -> None:
-        ext = {r: self._int(e) for r, e in s.ranks().items()}
-        it_rank = s.iterate.rank if s.iterate is not None else None
-        reads = list(guarded_accesses(s.expr))
-        split = [a for a, _ in reads if a.tensor in self.lay]
-        votes: dict = {}  # candidate -> how many split reads it lines up (ties: an output rank first)
+    def _choose(self, reads: list, ext: dict, exclude, outs: set):
+        """The (rank, layout) lining up the most split reads (ties: an output rank, then a plain block split)."""
+        votes: dict = {}
         for a, guards in reads:
             if a.tensor not in self.lay or isinstance(a.indices[self.lay[a.tensor].dim], Expr):
                 continue
-            for c in self._candidates(a.indices[self.lay[a.tensor].dim], self.lay[a.tensor], ext, it_rank, guards):
+            for c in self._candidates(a.indices[self.lay[a.tensor].dim], self.lay[a.tensor], ext, exclude, guards):
                 votes[c] = votes.get(c, 0) + 1
-        outs = set(s.index)
-        chosen = max(votes, key=lambda c: (votes[c], c[0] in outs, -c[1].outer)) if votes else None
-        if chosen is not None and s.reduce is not None and chosen[0] in dict(s.reduce.ranks) \
-                and s.reduce.op not in coll.REDUCE_OPS:
-            chosen = None  # a split reduction combines by sum/max/min only: read whole tensors instead
-        if chosen is None and self._vocab_lookup(s, split):
-            return
-        aligned, sub = {}, {}
-        if chosen is not None:
-            r, rl = chosen
-            sub = {r: rl.global_of(r, self.b)}
-            for a in accesses(s.expr):  # a parameter first read here, by this rank alone, is split with it
-                if a.tensor not in self.lay and a.tensor not in self.read and self.inputs.get(a.tensor) is not None \
-                        and self.inputs[a.tensor].kind in ("param", "buffer", "const"):
-                    for d, pos in enumerate(a.indices):
-                        if pos == r:
-                            self.lay[a.tensor] = Layout(d, rl.outer, rl.inner, self.parts)
-                            break
-            misaligned = set()
-            for a, guards in reads:
-                lay = self.lay.get(a.tensor)
-                if lay is None or isinstance(a.indices[lay.dim], Expr):
-                    continue
-                pos = a.indices[lay.dim]
-                if chosen in self._candidates(pos, lay, ext, it_rank, guards):
-                    local = (sympy.sympify(pos).xreplace(sub) if a.tensor in self.p.keep_whole
-                             else self._local_position(pos, lay, r, rl, ext, guards))
-                    if aligned.get(a, local) != local:
-                        misaligned.add(a)
-                    aligned[a] = local
-                else:
+        return max(votes, key=lambda c: (votes[c], c[0] in outs, -c[1].outer)) if votes else None
+
+    def _adopt(self, accs, r, rl: Layout, kinds=("param", "buffer", "const")) -> None:
+        """A weight (or state) first read here, at the split rank itself, is split with it."""
+        for a in accs:
+            i = self.inputs.get(a.tensor)
+            if a.tensor in self.lay or a.tensor in self.read or i is None or i.kind not in kinds:
+                continue
+            for d, pos in enumerate(a.indices):
+                if pos == r:
+                    self.lay[a.tensor] = Layout(d, rl.outer, rl.inner, self.parts)
+                    break
+
+    def _aligned(self, reads: list, chosen, ext: dict, exclude) -> dict:
+        """Access -> its local position on the split dim, for the split reads `chosen` lines up."""
+        r, rl = chosen
+        sub = {r: rl.global_of(r, self.b)}
+        aligned, misaligned = {}, set()
+        for a, guards in reads:
+            lay = self.lay.get(a.tensor)
+            if lay is None or isinstance(a.indices[lay.dim], Expr):
+                continue
+            pos = a.indices[lay.dim]
+            if chosen in self._candidates(pos, lay, ext, exclude, guards):
+                local = (sympy.sympify(pos).xreplace(sub) if a.tensor in self.p.keep_whole
+                         else self._local_position(pos, lay, r, rl, ext, guards))
+                if aligned.get(a, local) != local:
                     misaligned.add(a)
-            for a in misaligned:
-                aligned.pop(a, None)
-        self.read |= s.reads()
-        wholes = {a.tensor: self.whole(a.tensor, s.loc) for a in accesses(s.expr)
-                  if a.tensor in self.lay and a not in aligned}
+                aligned[a] = local
+            else:
+                misaligned.add(a)
+        for a in misaligned:
+            aligned.pop(a, None)
+        return aligned
+
+    def _rewriter(self, aligned: dict, sub: dict, accs, loc):
+        """A rewrite function: aligned reads at their local positions, misaligned split reads from the whole
+        tensor, the split rank's global value wherever else it appears."""
+        wholes = {a.tensor: self.whole(a.tensor, loc) for a in accs if a.tensor in self.lay and a not in aligned}
 
         def visit(n):
             if isinstance(n, Access):
@@ -433,14 +432,31 @@ class _Sharder:
                 if n in aligned:
                     idx[self.lay[n.tensor].dim] = aligned[n]
                     return Access(n.tensor, tuple(idx))
-                if n.tensor in wholes:
-                    return Access(wholes[n.tensor], tuple(idx))
-                return Access(n.tensor, tuple(idx))
+                return Access(wholes.get(n.tensor, n.tensor), tuple(idx))
             if isinstance(n, IndexValue) and sub:
                 return IndexValue(sympy.sympify(n.expr).xreplace(sub))
             return None
 
-        expr = rewrite(s.expr, visit)
+        return visit
+
+    def statement(self, s: Statement) -> None:
+        ext = {r: self._int(e) for r, e in s.ranks().items()}
+        it_rank = s.iterate.rank if s.iterate is not None else None
+        reads = list(guarded_accesses(s.expr))
+        split = [a for a, _ in reads if a.tensor in self.lay]
+        chosen = self._choose(reads, ext, it_rank, set(s.index))
+        if chosen is not None and s.reduce is not None and chosen[0] in dict(s.reduce.ranks) \
+                and s.reduce.op not in coll.REDUCE_OPS:
+            chosen = None  # a split reduction combines by sum/max/min only: read whole tensors instead
+        if chosen is None and self._vocab_lookup(s, split):
+            return
+        aligned, sub = {}, {}
+        if chosen is not None:
+            self._adopt(accesses(s.expr), *chosen)
+            aligned = self._aligned(reads, chosen, ext, it_rank)
+            sub = {chosen[0]: chosen[1].global_of(chosen[0], self.b)}
+        self.read |= s.reads()
+        expr = rewrite(s.expr, self._rewriter(aligned, sub, accesses(s.expr), s.loc))
         if chosen is None:
             self._emit(s.replace(expr=expr))
             return
@@ -468,6 +484,42 @@ class _Sharder:
             self.p.dependent.add(s.name)
         if out_lay is not None:
             self.lay[s.name] = out_lay
+
+    def update(self, u: Update) -> None:
+        """A write into a state (a KV cache): split like a statement; the state is split along the dim the split
+        rank writes (each rank keeps its heads' keys and values)."""
+        ext = {r: self._int(n) for r, n in u.ranks}
+        parts = [u.expr] + [p for p in u.index if isinstance(p, Expr)]
+        reads = [x for e in parts for x in guarded_accesses(e)]
+        chosen = self._choose(reads, ext, None, set())
+        target_lay = self.lay.get(u.target)
+        if chosen is None:
+            if target_lay is not None:
+                raise ShardingError(f"einfuse: {u.name} writes split state {u.target} from unsplit values")
+            visit = self._rewriter({}, {}, [a for a, _ in reads], u.loc)
+            self.read |= u.reads()
+            self.body.append(u.replace(expr=rewrite(u.expr, visit),
+                                       index=tuple(rewrite(p, visit) if isinstance(p, Expr) else p for p in u.index)))
+            return
+        r, rl = chosen
+        if target_lay is None:
+            self._adopt([Access(u.target, u.index)], r, rl, kinds=("state",))
+            target_lay = self.lay.get(u.target)
+        if target_lay is None or u.index[target_lay.dim] != r:
+            raise ShardingError(f"einfuse: {u.name} writes {u.target} split by {r}, which no dim of the state follows; "
+                                "sharded serving needs the cache split by heads")
+        aligned = self._aligned(reads, chosen, ext, None)
+        sub = {r: rl.global_of(r, self.b)}
+        visit = self._rewriter(aligned, sub, [a for a, _ in reads], u.loc)
+        index = [rewrite(p, visit) if isinstance(p, Expr) else sympy.sympify(p).xreplace(sub) for p in u.index]
+        index[target_lay.dim] = r
+        self.read |= u.reads()
+        self.body.append(u.replace(expr=rewrite(u.expr, visit), index=tuple(index),
+                                   ranks=tuple((q, rl.local_extent if q == r else n) for q, n in u.ranks)))
+        self.lay[u.name] = target_lay
+        self.types[u.name] = self._local_type(self.types[u.target], target_lay) if u.target in self.inputs \
+            else self.types[u.target]
+        self.p.dependent.add(u.name)
 
     def _vocab_lookup(self, s: Statement, split: list) -> bool:
         """`emb[...] = w[ids[...], k]` with w split along the looked-up dim: each member looks up the ids in
@@ -505,10 +557,7 @@ class _Sharder:
             if isinstance(op, Statement):
                 self.statement(op)
             elif isinstance(op, Update):
-                for t in sorted(op.reads() & set(self.lay)):
-                    raise ShardingError(f"einfuse: {op.name} writes state from split tensor {t}; sharded serving "
-                                        "programs are not supported yet")
-                self.body.append(op)
+                self.update(op)
             elif isinstance(op, coll.Collective) and op.src in self.lay and op.kind in ("all_reduce", "all_gather") \
                     and (op.kind == "all_reduce" or op.dim != self.lay[op.src].dim):
                 lay = self.lay[op.src]  # a collective across another dim (or elementwise) runs on each part
@@ -524,7 +573,9 @@ class _Sharder:
                 self.read |= op.reads()
                 for n, t in op.outputs_typed:
                     self.types[n] = t
-        renames = {o: self._fresh(f"{o}_shard") for o in self.m.outputs if o in self.lay and o not in self.inputs}
+        updated = {op.name for op in self.m.body if isinstance(op, Update)}  # state versions stay split, in place
+        renames = {o: self._fresh(f"{o}_shard") for o in self.m.outputs
+                   if o in self.lay and o not in self.inputs and o not in updated}
         if renames:  # a split output: its parts under another name, gathered into the output's name
             self.body = [op.renamed(renames) for op in self.body]
             for o, local in renames.items():
