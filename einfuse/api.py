@@ -385,14 +385,17 @@ _CACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {
 
 def compile_cached(model: torch.nn.Module, *, block_size: int = 16, backend: str | None = None,
                    dump_dir: str | None = None, check: bool | None = None, prepare=(),
-                   after_cache=()) -> CachedPrograms:
+                   after_cache=(), dist=None) -> CachedPrograms:
     """Capture `model`'s forward once (input_ids and position_ids of B sequences of T tokens, the logits of
     the last token only) and derive its prefill and decode programs over a paged KV cache. The programs
     are kept per model (a second runner for it compiles nothing) and read its weights as they are at each
     call of this function. prepare: passes run on the whole captured module first; after_cache: passes run
-    right after cache_kv (quantization: einfuse.quant gives its scheme's)."""
+    right after cache_kv (quantization: einfuse.quant gives its scheme's); dist: an `einfuse.Dist` (in a
+    torchrun job): this rank's share of both programs, the KV cache split by heads (compiled afresh, not kept)."""
     device = next(model.parameters()).device
     _, _, chosen = _settings(None, False, backend, [torch.empty(0, device=device)])
+    if dist is not None:
+        return _compile_cached(model, block_size, chosen, dump_dir, check, prepare, after_cache, dist.start(model))
     memo = _CACHED.setdefault(model, {})
     extra = tuple(p.fingerprint() for p in list(prepare) + list(after_cache))
     key = (block_size, chosen, str(device), next(model.parameters()).dtype) + extra
@@ -477,7 +480,8 @@ def _load_cached_programs(key: str, model: torch.nn.Module, backend: str) -> "Ca
     return CachedPrograms(programs["prefill"], programs["decode"], states, meta["block_size"])
 
 
-def _compile_cached(model, block_size, backend, dump_dir, check, prepare=(), after_cache=()) -> CachedPrograms:
+def _compile_cached(model, block_size, backend, dump_dir, check, prepare=(), after_cache=(),
+                    session=None) -> CachedPrograms:
     from .passes import cleanup_passes, fusion_passes
     from .passes.serving import CacheKV, Specialize
 
@@ -499,9 +503,12 @@ def _compile_cached(model, block_size, backend, dump_dir, check, prepare=(), aft
     programs = {}
     for label, fixed in (("prefill", {"input_ids": {0: 1}}), ("decode", {"input_ids": {1: 1}})):
         passes = cleanup_passes() + [CacheKV(block_size)] + list(after_cache) + cleanup_passes() + fusion_passes()
+        if session is not None:  # split after the cache exists (its states split with the heads)
+            passes = passes[:-len(fusion_passes())] + list(session.prepare()) + fusion_passes()
         out_dir = os.path.join(dump_dir, label) if dump_dir else None
         like = dict(zip(cap.user_inputs, torch.utils._pytree.tree_leaves(((), kwargs))))
-        driver = Driver(passes, out_dir, backend, check, {}, prepare=(Specialize(fixed),) + tuple(prepare))
+        driver = Driver(passes, out_dir, backend, check, {}, prepare=(Specialize(fixed),) + tuple(prepare),
+                        dist=session)
         v = driver.build(cap, f"{type(model).__name__.lower()}_{label}", like, out_dir, LoweringReport())
         if v.fallback is not None:
             raise RuntimeError(f"einfuse: the {label} program of {type(model).__name__} cannot be compiled: "

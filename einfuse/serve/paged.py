@@ -36,8 +36,9 @@ class PagedRunner:
     to run the bookkeeping on CPU)."""
 
     def __init__(self, model, backend: str | None = None, *, cuda_graphs: bool | None = None,
-                 graph_factory=None, dump_dir: str | None = None):
+                 graph_factory=None, dump_dir: str | None = None, dist=None):
         self.model = model
+        self.dist = dist  # an einfuse.Dist: this rank's share of the programs (in a torchrun job)
         self.backend = backend
         self.device = next(model.parameters()).device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -55,7 +56,7 @@ class PagedRunner:
 
         self.cache = cache
         self.programs = compile_cached(self.model, block_size=cache.block_size, backend=self.backend,
-                                       dump_dir=self.dump_dir)
+                                       dump_dir=self.dump_dir, dist=self.dist)
         nb = next(s for s in self.programs.decode.ir.sizes if str(s) == "NB")
         self.states = {}
         for i in self.programs.states:
