@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     m = {r.policy: r.metrics() for r in results}
     saving = 1 - m["layered"]["expert_bytes_per_token"] / m["chunked"]["expert_bytes_per_token"]
     summary = (f"\nlayered vs chunked at budget {ns.budget}: expert bytes per generated token "
-               f"{saving * 100:+.1f}% fewer; TBT p99 {m['layered']['tbt_p99'] * 1e3:.3f} vs "
+               f"{saving * 100:.1f}% fewer; TBT p99 {m['layered']['tbt_p99'] * 1e3:.3f} vs "
                f"{m['chunked']['tbt_p99'] * 1e3:.3f} ms; TTFT mean {m['layered']['ttft_mean'] * 1e3:.3f} vs "
                f"{m['chunked']['ttft_mean'] * 1e3:.3f} ms; outputs identical across policies: {same}\n"
                f"trace: {len(trace)} requests, prompts {min(r.prompt_len for r in trace)}-"

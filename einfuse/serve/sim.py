@@ -483,12 +483,12 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     label = lambda r: f"layered (G={r.groups})" if r.policy == "layered" else r.policy  # noqa: E731
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in results:
         xs = sorted(t * 1e3 for t in r.ttft)
         ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label(r))
     ax.set(xlabel="TTFT (ms, modelled H100)", ylabel="fraction of requests",
-           title=f"TTFT CDF per policy, modelled H100 {title}".strip())
+           title=f"TTFT CDF per policy, modelled H100\n{title}".strip())
     ax.legend()
     ax.grid(alpha=0.3)
     paths.append(os.path.join(out_dir, "ttft_cdf.png"))
@@ -496,12 +496,12 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for r in results:
         pts = r.tbt
         ax.plot([t * 1e3 for t, _ in pts], [g * 1e3 for _, g in pts], ".", ms=3, alpha=0.6, label=label(r))
     ax.set(xlabel="time (ms, modelled H100)", ylabel="time between tokens (ms)",
-           title=f"TBT over time per policy, modelled H100 {title}".strip())
+           title=f"TBT over time per policy, modelled H100\n{title}".strip())
     ax.legend()
     ax.grid(alpha=0.3)
     paths.append(os.path.join(out_dir, "tbt_over_time.png"))
@@ -510,12 +510,18 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
     plt.close(fig)
 
     if any(r.moe for r in results):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for r in results:
-            ax.plot([s.start_s * 1e3 for s in r.steps], [s.expert_bytes / 1e6 for s in r.steps], "-", lw=1,
-                    label=label(r))
+            xs, ys = [], []
+            for a, b in zip(r.steps, r.steps[1:] + [None]):
+                xs += [a.start_s * 1e3, (a.start_s + a.model_s) * 1e3]
+                ys += [a.expert_bytes / 1e6] * 2
+                if b is None or b.start_s > a.start_s + a.model_s * 1.001:  # idle until the next arrival: a gap
+                    xs.append(float("nan"))
+                    ys.append(float("nan"))
+            ax.plot(xs, ys, "-", lw=1, label=label(r))
         ax.set(xlabel="step start (ms, modelled H100)", ylabel="expert-weight bytes loaded (MB)",
-               title=f"Expert bytes per step, modelled H100 {title}".strip())
+               title=f"Expert-weight bytes per step, modelled H100\n{title}".strip())
         ax.legend()
         ax.grid(alpha=0.3)
         paths.append(os.path.join(out_dir, "expert_bytes_per_step.png"))
