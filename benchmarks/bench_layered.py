@@ -1,8 +1,8 @@
 """Layered prefill against chunked prefill and whole prompts on a MoE model where expert weights dominate
-(issue 11): a Mixtral-style model (hidden 512, 8 layers, 8 experts top-2 (--experts), expert FFN 1024, random
+(issue 11): a Mixtral-style model (hidden 512, 8 layers, 16 experts top-2 (--experts), expert FFN 1024, random
 weights), 16 requests of a bursty trace (Gamma arrivals, Zipf lengths: prompts 512-4096, outputs 16-128 tokens).
 
-    python benchmarks/bench_layered.py [--budget 256] [--groups 4] [--rate 200] [--experts 8] [--out DIR]
+    python benchmarks/bench_layered.py [--budget 256] [--groups 4] [--rate 200] [--experts 16] [--out DIR]
 
 Route-only replay: the real model runs once per request (transformers generate, greedy, its KV cache) and
 records every token and each token's top-2 experts per layer (routing.RouterTap); the engine then replays the
@@ -25,7 +25,7 @@ import torch
 from einfuse.serve import sim
 
 CONFIG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-              num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=1024,
+              num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2, vocab_size=1024,
               max_position_embeddings=8192)
 TRACE = dict(n=16, seed=11, rate=200.0, burstiness=0.5, prompt=(512, 4096), output=(16, 128))
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--experts", type=int, default=CONFIG["num_local_experts"], help="experts per layer (top-2)")
     p.add_argument("--rate", type=float, default=TRACE["rate"], help="mean arrivals per second")
-    p.add_argument("--out", default="docs/img/layered")
+    p.add_argument("--out", default="bench_layered_out", help="docs/img/layered for the figures in the docs")
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
     CONFIG["num_local_experts"] = ns.experts
