@@ -37,6 +37,9 @@ from einfuse.compress.experts import compress_matrices, compress_moe, install, r
 from einfuse.compress.format import GROUP  # noqa: E402
 
 
+PROMPT = "It is a truth "
+
+
 def calibration_batches(segments=32, batch=8):
     ids = train_moe.novel_ids(train_moe.TEXT_CALIBRATION)[: segments * train_moe.SEQ].view(-1, train_moe.SEQ)
     return list(ids.split(batch))
@@ -112,12 +115,11 @@ def decode_step_traffic(model, compressed, batch: int) -> dict:
 
 
 def greedy(model, prompt, tokens):
-    ids = prompt[None]
+    """Greedy decoding with transformers' KV cache (one token per step after the prompt)."""
     with torch.inference_mode():
-        for _ in range(tokens):
-            nxt = model(ids, use_cache=False).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], 1)
-    return ids[0, prompt.numel():].tolist()
+        out = model.generate(prompt[None], max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             pad_token_id=0)
+    return out[0, prompt.numel():].tolist()
 
 
 def main():
@@ -162,12 +164,12 @@ def main():
     out["decode_step"] = [decode_step_traffic(gptq_model, gq, b) for b in (1, 8)]
     print("decode:", json.dumps(out["decode_step"]), flush=True)
     if args.gen_tokens:
-        prompt = train_moe.encode("It was a truth universally acknowledged that ")
+        prompt = train_moe.encode(PROMPT)
         dense_tokens = greedy(gptq_model, prompt, args.gen_tokens)
         fused_model = install(copy.deepcopy(gptq_model), gq)
         t2 = time.time()
         fused_tokens = greedy(fused_model, prompt, args.gen_tokens)
-        out["generation"] = {"prompt": "It was a truth universally acknowledged that ", "tokens": args.gen_tokens,
+        out["generation"] = {"prompt": PROMPT, "tokens": args.gen_tokens,
                              "dequantized": bytes(dense_tokens).decode("ascii", "replace"),
                              "fused_kernel": bytes(fused_tokens).decode("ascii", "replace"),
                              "identical": dense_tokens == fused_tokens, "seconds": round(time.time() - t2, 1)}

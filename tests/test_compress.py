@@ -279,6 +279,7 @@ def test_compress_experts_pass_encodes_the_weight_and_the_evaluator_decodes_it()
         CompressExperts(cm).run(dense)
 
 
+@pytest.mark.slow
 def test_fused_kernel_compiles_for_sm80_sm90a_without_spills(tmp_path):
     """The decode-and-multiply kernel at 1 and 16 tokens per expert (a 2^10 dictionary held in registers /
     shared memory via tl.gather; int16 row counts) for A100 and H100: no errors, no spills."""
