@@ -77,6 +77,35 @@ def cmd_compile(ns) -> int:
         if cm.variant.fallback is not None:
             return _eager_only(cm, "IR")
         print(cm.ir)
+    if ns.stages:
+        return _dump_stages(ns)
+    return 0
+
+
+def _dump_stages(ns) -> int:
+    """`compile --stages G`: the captured module cut into G layer-group stages (passes.stages), written to
+    DUMP_DIR/stages/ and listed."""
+    import torch
+
+    from .frontend.capture import export
+    from .frontend.lower import lower_graph
+    from .passes import PassError
+    from .passes.stages import partition_stages
+
+    model, args, kwargs = _load_model_file(ns.file)
+    with torch.no_grad():
+        cap = export(model, args, kwargs)
+    lowered = lower_graph(cap.gm, cap.kinds, type(model).__name__)
+    try:
+        stages = partition_stages(lowered.module, lowered.instances, ns.stages)
+    except (ValueError, PassError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    paths = stages.dump(os.path.join(ns.dump_dir, "stages"))
+    for g, s in enumerate(stages.stages):
+        print(f"stage {g}: layers {s.layers[0]}..{s.layers[1] - 1} ({len(s.module.body)} ops); from earlier "
+              f"stages: {', '.join(s.carried) or '-'}")
+    print(f"wrote {paths[0]} and {len(paths) - 1} stage files")
     return 0
 
 
@@ -246,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default=None, help="execution backend (default: einfuse's default)")
     c.add_argument("--check", action="store_true", help="check every pass's numerics on random inputs")
     c.add_argument("--print-ir", action="store_true", help="print the final IR")
+    c.add_argument("--stages", type=int, default=0, metavar="G",
+                   help="also cut the captured module into G layer-group stages (DUMP_DIR/stages/)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("report", help="measured bytes per kernel, FLOPs and an H100 roofline model")

@@ -244,6 +244,7 @@ def test_stages_partition_the_ir(tmp_path):
     from einfuse.frontend.capture import export
     from einfuse.frontend.lower import lower_graph
     from einfuse.ir.evaluator import evaluate, random_inputs
+    from einfuse.ir.parser import parse
     from einfuse.passes import PassError
     from einfuse.passes.stages import partition_stages, run_stages
 
@@ -269,6 +270,8 @@ def test_stages_partition_the_ir(tmp_path):
     assert "# stage 1 of 2: layers 2..3" in text
     names = sorted(os.path.basename(p) for p in st.dump(str(tmp_path)))
     assert names == ["stage_0.ir", "stage_1.ir", "stages.ir"]
+    for g, s in enumerate(st.stages):  # a dumped stage is IR text that parses back to the same module
+        assert parse((tmp_path / f"stage_{g}.ir").read_text()) == s.module
     with pytest.raises(ValueError, match="5 layer groups for a model of 4 layers"):
         partition_stages(low.module, low.instances, 5)
     with pytest.raises(PassError, match="no layers"):
