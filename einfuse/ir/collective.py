@@ -127,7 +127,10 @@ def check(c: Collective, src_type: TensorType) -> str | None:
             return f"{c.kind}: dim {c.dim} ({ext}) does not divide over {len(c.ranks)} ranks"
     want = out_type(c.kind, src_type, c.ranks, c.dim)
     if want != c.type:
-        return f"{c.kind} of {src_type} over {len(c.ranks)} ranks is {want}, not {c.type}"
+        from .printer import fmt_type
+
+        return (f"{c.kind} of {fmt_type(src_type)} over {len(c.ranks)} ranks is {fmt_type(want)}, "
+                f"not {fmt_type(c.type)}")
     return None
 
 

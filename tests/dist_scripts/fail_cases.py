@@ -19,10 +19,11 @@ try:
     with torch.no_grad():
         for step in range(400):
             if case == "kill" and rank == 1 and step == 3:
+                print(f"KILLED {time.time():.3f}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             cm(ids)
             time.sleep(0.01)
 except Exception as exc:  # noqa: BLE001
-    print(f"ERROR rank {rank} after {time.perf_counter():.1f}: {type(exc).__name__}: {exc}", flush=True)
+    print(f"ERROR rank {rank} at {time.time():.3f}: {type(exc).__name__}: {exc}", flush=True)
     os._exit(3)
 print(f"DONE rank {rank}", flush=True)
