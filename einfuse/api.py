@@ -104,7 +104,8 @@ class Driver:
             regional = True
             if self.prepare:
                 before = {o for op in lowered.module.body for o in op.outputs}
-                lowered.module = run_pipeline(lowered.module, list(self.prepare), [Verify()])
+                dumps = [Dump(os.path.join(out_dir, "prepare"), "lower", None)] if out_dir else []
+                lowered.module = run_pipeline(lowered.module, list(self.prepare), [Verify()] + dumps)
                 # a prepare pass that added or removed statements (quantization) leaves lowering's repeated
                 # blocks behind: the pipeline then runs on the whole module
                 regional = before == {o for op in lowered.module.body for o in op.outputs}

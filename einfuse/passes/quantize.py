@@ -323,9 +323,10 @@ def _kv_sources(m: Module) -> dict:
     return out
 
 
-def _stats(src: str, t: TensorType, D: int, bits: int, taken: set, loc=None) -> tuple[list, str, str, str]:
+def _stats(src: str, t: TensorType, D: int, bits: int, taken: set, loc=None,
+           sdtype: dt.DType = dt.f16) -> tuple[list, str, str, str]:
     """The per-(token, head) statements over `src` (groups of D along its last dim): (statements, scale, zero,
-    codes) names."""
+    codes) names; scale and zero in `sdtype` (f16 when a cache stores them)."""
     shape = tuple(t.shape)
     L = sympy.sympify(shape[-1])
     if (L % D) != 0:
@@ -342,15 +343,25 @@ def _stats(src: str, t: TensorType, D: int, bits: int, taken: set, loc=None) -> 
     stmts = [
         Statement(kmax, TensorType(dt.f32, gshape), gi, elem, Reduce("max", ((e, D),)), loc=loc),
         Statement(kmin, TensorType(dt.f32, gshape), gi, elem, Reduce("min", ((e, D),)), loc=loc),
-        Statement(ks, TensorType(dt.f16, gshape), gi,
-                  cast(call("div", call("max", call("sub", Access(kmax, gi), Access(kmin, gi)), 1e-05), levels), dt.f16),
+        Statement(ks, TensorType(sdtype, gshape), gi,
+                  _as(call("div", call("max", call("sub", Access(kmax, gi), Access(kmin, gi)), 1e-05), levels), sdtype),
                   loc=loc),
-        Statement(kz, TensorType(dt.f16, gshape), gi, cast(Access(kmin, gi), dt.f16), loc=loc),
+        Statement(kz, TensorType(sdtype, gshape), gi, _as(Access(kmin, gi), sdtype), loc=loc),
         Statement(kq, TensorType(dt.u8, shape), tuple(lead) + (l_,), cast(clamp(call("round", call(
-            "div", call("sub", cast(Access(src, tuple(lead) + (l_,)), dt.f32), cast(Access(kz, grp), dt.f32)),
-            cast(Access(ks, grp), dt.f32))), 0.0, levels), dt.u8), loc=loc),
+            "div", call("sub", cast(Access(src, tuple(lead) + (l_,)), dt.f32), _f32(Access(kz, grp), sdtype)),
+            _f32(Access(ks, grp), sdtype))), 0.0, levels), dt.u8), loc=loc),
     ]
     return stmts, ks, kz, kq
+
+
+def _as(x: Expr, d: dt.DType) -> Expr:
+    """An f32 value `x` as `d`."""
+    return x if d == dt.f32 else cast(x, d)
+
+
+def _f32(x: Expr, d: dt.DType) -> Expr:
+    """A `d` value `x` as f32."""
+    return x if d == dt.f32 else cast(x, dt.f32)
 
 
 def _dequant(codes: Expr, scale: Expr, zero: Expr, d: dt.DType) -> Expr:
@@ -378,7 +389,7 @@ class QuantizeKV(Pass):
         body = list(m.body)
         readers: dict = {}
         for src, (D, users) in _kv_sources(m).items():
-            stmts, ks, kz, kq = _stats(src, types[src], D, self.bits, taken)
+            stmts, ks, kz, kq = _stats(src, types[src], D, self.bits, taken, sdtype=dt.f32)
             shape = types[src].shape
             idx = tuple(ix.rank(f"x{d}") for d in range(len(shape)))
             grp = idx[:-1] + (ix.FloorDiv(idx[-1], D),)

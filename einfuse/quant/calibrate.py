@@ -166,6 +166,7 @@ def token_segments(texts, tokenizer, seq_len: int, segments: int) -> list:
         else:
             if tokenizer is None:
                 raise ValueError("einfuse.quant.calibrate: texts are strings but no tokenizer= was given")
+            t = t[:seq_len * segments * 16]  # enough characters for the pieces (a token is a few characters)
             ids.append(torch.tensor(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]))
     flat = torch.cat(ids)
     pieces = [p for p in flat.split(seq_len) if len(p) == seq_len][:segments]
