@@ -27,10 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-MEASURE = dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, num_key_value_heads=8,
-               intermediate_size=1024)
-MODEL = dict(num_hidden_layers=2, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-             intermediate_size=14336)
+MEASURE = {"num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8,
+           "intermediate_size": 1024}
+MODEL = {"num_hidden_layers": 2, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+         "intermediate_size": 14336}
 
 
 def launch(nproc: int, argv: list) -> list:

@@ -54,7 +54,7 @@ class Dist:
         if self.ep > 1 and self.tp > 1:
             raise ValueError("einfuse: Dist(tp, ep) together is not supported yet; use one of them")
 
-    def start(self, model=None) -> "Session":
+    def start(self, model=None) -> Session:
         """Join the process group and check the model's shape fits this split."""
         init(self.timeout_s)
         world = tdist.get_world_size()

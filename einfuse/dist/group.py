@@ -118,7 +118,7 @@ def exchange_hash(text: str, what: str) -> None:
     parts = [torch.empty_like(mine) for _ in range(world)]
     try:
         dist.all_gather(parts, mine)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DistError(f"einfuse: exchanging the {what} hash failed: {explain(exc, 'hash exchange')}") from exc
     differ = [r for r in range(world) if not torch.equal(parts[r], parts[0])]
     if differ:

@@ -3,6 +3,8 @@
 another, and the time the program blocked waiting for it on a third."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 
 def _us(t: float, t0: float) -> float:
     return round((t - t0) * 1e6, 3)
@@ -20,7 +22,7 @@ def chrome_trace(rank: int, variants: list, events: list) -> dict:
     for v in variants:
         body = v.ir.body
         ms = v.run.timeline or []
-        for (n, t), (n2, t2) in zip(ms, ms[1:]):
+        for (n, t), (n2, t2) in pairwise(ms):
             if n2 <= n or n >= len(body):  # a new call starts
                 continue
             op = body[n]

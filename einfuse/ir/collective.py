@@ -207,7 +207,7 @@ class Pending:
         t0 = time.perf_counter()
         try:
             self.work.wait()
-        except Exception as exc:  # noqa: BLE001 (re-raised naming the op and the rank that failed)
+        except Exception as exc:
             raise _fail(self.what, exc) from exc
         t1 = time.perf_counter()
         ENV.blocked_s += t1 - t0
@@ -257,7 +257,7 @@ def start(kind: str, x: torch.Tensor, ranks, op: str = "sum", dim: int = 0, what
             return Pending(what, kind, work, lambda: torch.cat(outs, dim))
     except CollectiveError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _fail(what, exc) from exc
     raise CollectiveError(f"einfuse: unknown collective {kind!r}")
 

@@ -1,7 +1,6 @@
 """Each collective statement, run by the reference evaluator and by the torch backend (async + wait), against
 the values computed by hand from every rank's input (each rank makes all ranks' inputs from their seeds)."""
 import json
-import os
 
 import torch
 import torch.distributed as dist
