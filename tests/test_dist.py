@@ -151,6 +151,7 @@ def test_tp2_llama_equal_single_process(tmp_path):
         assert all(e["dur"] >= 0 for e in trace if e.get("ph") == "X")
 
 
+@pytest.mark.slow
 def test_tp2_serving_prefill_and_decode_match_transformers():
     """einfuse.LLM over each rank's share of the prefill and decode programs (KV cache split by heads):
     greedy tokens equal transformers' generate on every rank."""
