@@ -7,6 +7,7 @@ arithmetic cannot flip a greedy choice, and against transformers' recomputed for
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -215,6 +216,23 @@ def test_dense_model_every_policy():
     assert all(r.metrics()["expert_bytes"] is None for r in results)
     text = sim.table(results)
     assert "expert bytes: not applicable" in text and "n/a (dense)" in text
+
+
+def test_shared_expert_model():
+    """Qwen2-MoE (routed experts + a sigmoid-gated shared expert): token-identical across policies; expert bytes
+    count the routed experts, and the step model also loads the shared expert every step."""
+    model = tiny_decoder("qwen2_moe", num_hidden_layers=4).double()
+    model.config._experts_implementation = "eager"
+    geo = expert_geometry(model)
+    assert geo.layers == {i: 4 for i in range(4)} and geo.expert_params == 3 * 64 * 32
+    assert geo.shared_params == 3 * 64 * 64 + 64  # its SwiGLU (intermediate 64) and its gate
+    trace = sim.bursty_trace(5, seed=2, rate=300.0, prompt=(4, 40), output=(2, 6))
+    results = [sim.replay(model, trace, p, groups=2, max_batch_tokens=16) for p in sim.POLICIES]
+    assert all([r.output for r in res.requests] == [r.output for r in results[0].requests] for res in results)
+    entry = sim.StepEntry(0, (5,), 10, (0,), True)
+    with_shared = sim.StepCostModel(model.config, geo).step([entry], {})
+    without = sim.StepCostModel(model.config, dataclasses.replace(geo, shared_params=0)).step([entry], {})
+    assert with_shared.bytes - without.bytes == 4 * (geo.shared_params * 2 + 3 * 64 * 2)
 
 
 def test_cli_serve_sim(tmp_path, capsys):

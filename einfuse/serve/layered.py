@@ -162,8 +162,9 @@ class LayerGroupRunner:
         self.core = model.model
         self.layers = decoder_layers(model)
         self.config = model.config.get_text_config()
-        if getattr(self.config, "sliding_window", None) is not None or any(
-                t != "full_attention" for t in getattr(self.config, "layer_types", None) or ()):
+        window = getattr(self.config, "sliding_window", None) if getattr(self.config, "use_sliding_window",
+                                                                           True) else None
+        if window or any(t != "full_attention" for t in getattr(self.config, "layer_types", None) or ()):
             raise ValueError("einfuse: LayerGroupRunner runs full-attention decoders; this model has sliding-"
                              "window layers")
         self._new_cache = lambda: DynamicCache(config=self.config)

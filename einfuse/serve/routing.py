@@ -25,6 +25,7 @@ class ExpertGeometry:
     top_k: int
     expert_params: int
     bytes_per_param: int = 2
+    shared_params: int = 0  # an always-on shared expert per MoE layer (Qwen2-MoE, DeepSeek), with its gate
 
     @property
     def expert_bytes(self) -> int:
@@ -59,7 +60,7 @@ def decoder_layers(model) -> list:
 
 def expert_geometry(model, bytes_per_param: int = 2) -> ExpertGeometry | None:
     """The model's MoE layers (None: a dense model, where expert bytes do not apply)."""
-    layers, params, top_k = {}, set(), set()
+    layers, params, top_k, shared = {}, set(), set(), set()
     for i, layer in enumerate(decoder_layers(model)):
         experts = _experts_module(layer)
         if experts is None:
@@ -68,12 +69,15 @@ def expert_geometry(model, bytes_per_param: int = 2) -> ExpertGeometry | None:
         layers[i] = n
         params.add(sum(p.numel() for p in experts.parameters()) // n)
         top_k.add(_router(layer.mlp).top_k)
+        shared.add(sum(p.numel() for name in ("shared_expert", "shared_expert_gate", "shared_experts")
+                       if getattr(layer.mlp, name, None) is not None
+                       for p in getattr(layer.mlp, name).parameters()))
     if not layers:
         return None
-    if len(params) > 1 or len(top_k) > 1:
-        raise ValueError(f"einfuse: MoE layers of different expert sizes {sorted(params)} or top-k "
-                         f"{sorted(top_k)}; expert bytes assume one expert shape")
-    return ExpertGeometry(layers, top_k.pop(), params.pop(), bytes_per_param)
+    if len(params) > 1 or len(top_k) > 1 or len(shared) > 1:
+        raise ValueError(f"einfuse: MoE layers of different expert sizes {sorted(params)}, top-k {sorted(top_k)} "
+                         f"or shared experts {sorted(shared)}; expert bytes assume one expert shape")
+    return ExpertGeometry(layers, top_k.pop(), params.pop(), bytes_per_param, shared.pop())
 
 
 class RouterTap:

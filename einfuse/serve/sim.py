@@ -18,7 +18,8 @@ any of its tokens pass through, the kernels a fused serving stack launches: QKV 
 the cache, output projection, then router + expert GEMM (MoE) or gate/up + down (dense); plus the embedding
 and the LM head over the sampled rows. Each kernel takes max(bytes / 3.35 TB/s, FLOPs / 989 TFLOP/s) +
 a launch cost; weights, activations and KV at bf16 (2 bytes). Bytes: the kernel's weights once (an MoE layer's
-*activated* experts only, `routing.expert_bytes`), its activations in and out, the KV it reads; FLOPs: 2 per
+*activated* experts only, `routing.expert_bytes`, plus a shared expert if it has one), its activations in and
+out, the KV it reads; FLOPs: 2 per
 multiply-add of the projections, 4·q·k·d for attention, each routed token through top-k experts. The bytes and
 FLOPs are counted from the model config and the step's entries and routing (analytic, the same formulas for
 every policy), not read from compiled kernels.
@@ -204,6 +205,9 @@ class StepCostModel:
                 eb = expert_bytes({layer: routing.get(layer, ())}, self.geometry)
                 total_expert += eb
                 kernels.append((eb + 3 * t * h * b, 2 * t * self.geometry.top_k * self.geometry.expert_params))
+                if self.geometry.shared_params:  # the shared expert: every token, weights loaded every step
+                    kernels.append((self.geometry.shared_params * b + 3 * t * h * b,
+                                    2 * t * self.geometry.shared_params))
             else:
                 i = self.intermediate
                 kernels.append((2 * h * i * b + t * (h + i) * b, 2 * t * 2 * h * i))  # gate/up, SiLU*up epilogue
