@@ -1,13 +1,18 @@
 """Each collective statement, run by the reference evaluator and by the torch backend (async + wait), against
-the values computed by hand from every rank's input (each rank makes all ranks' inputs from their seeds)."""
+the values computed by hand (and through the Triton backend's kernels, which run collectives
+synchronously) from every rank's input (each rank makes all ranks' inputs from their seeds)."""
 import json
+import os
 
-import torch
-import torch.distributed as dist
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend's kernels under the interpreter on CPU
 
-from einfuse.ir import parse
-from einfuse.ir.evaluator import evaluate
-from einfuse.runtime.torch_backend import torch_backend
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from einfuse.ir import parse  # noqa: E402
+from einfuse.ir.evaluator import evaluate  # noqa: E402
+from einfuse.runtime.torch_backend import torch_backend  # noqa: E402
+from einfuse.runtime.triton_backend import triton_backend  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -28,7 +33,8 @@ want = {"s": sum(ys), "mx": torch.stack(ys).amax(0), "g": torch.cat(ys, 1),
         "rs": sum(ys).chunk(world, 0)[rank],
         "a": torch.cat([y.chunk(world, 0)[rank] for y in ys], 0)}
 out = {}
-for label, run in (("reference", lambda inp: evaluate(m, inp)), ("torch", torch_backend(m))):
+for label, run in (("reference", lambda inp: evaluate(m, inp)), ("torch", torch_backend(m)),
+                   ("triton", triton_backend(m))):
     got = run({"x": xs[rank]})
     out[label] = {k: float((got[k] - want[k]).abs().max()) for k in want}
 print(json.dumps({"rank": rank, **out}), flush=True)
