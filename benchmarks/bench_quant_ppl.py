@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 
 import torch
@@ -31,20 +32,22 @@ def texts():
     return pers[pers.index("Chapter 1"):], emma[emma.index("CHAPTER I"):]
 
 
-def perplexity(run, ids: torch.Tensor, segment: int, segments: int) -> float:
-    """exp(mean NLL) of `run` (ids [1, T] -> logits) over the first `segments` full segments."""
-    nll, count = 0.0, 0
+def perplexity(run, ids: torch.Tensor, segment: int, segments: int) -> tuple[float, torch.Tensor]:
+    """exp(mean NLL) of `run` (ids [1, T] -> logits) over the first `segments` full segments, and the greedy
+    (teacher-forced) predictions of the first segment."""
+    nll, count, greedy = 0.0, 0, None
     for piece in ids.split(segment)[:segments]:
         logits = run(piece[None])[0, :-1].float()
+        greedy = logits.argmax(-1) if greedy is None else greedy
         nll += torch.nn.functional.cross_entropy(logits, piece[1:], reduction="sum").item()
         count += len(piece) - 1
-    return math.exp(nll / count)
+    return math.exp(nll / count), greedy
 
 
 def smollm2_rows(rows, segments: int, calib_segments: int, group: int, log) -> list:
     import einfuse
     from einfuse.hub import smollm2
-    from einfuse.quant import calibrate
+    from einfuse.quant import calibrate, load, save
 
     model, tok = smollm2()
     evaluation, calibration = texts()
@@ -64,11 +67,17 @@ def smollm2_rows(rows, segments: int, calib_segments: int, group: int, log) -> l
                           group=group if "w4" in row else None, progress=sys.stderr.isatty())
             calib = q.report["seconds"]
             extra = {"weight_bytes": q.report.get("weight_bytes")}
+            if row.startswith("w4a8kv4"):  # the checkpoint path: save, then load without calibration
+                with tempfile.TemporaryDirectory() as d:
+                    extra["checkpoint"] = save(q, d)
+                    q = load(model, d)
             cm = q.compile((example,), {"use_cache": False}, backend="torch")
         t1 = time.perf_counter()
-        ppl = perplexity(lambda x, run=cm: run(x, use_cache=False).logits, ids, 1024, segments)
+        ppl, greedy = perplexity(lambda x, run=cm: run(x, use_cache=False).logits, ids, 1024, segments)
         if row == "fp32":
-            fp32 = ppl
+            fp32, fp32_greedy = ppl, greedy
+        else:
+            extra["greedy_agreement_256"] = round((greedy[:256] == fp32_greedy[:256]).float().mean().item(), 4)
         rec = {"row": row, "ppl": round(ppl, 3), "delta": None if fp32 is None else round(100 * (ppl / fp32 - 1), 2),
                "calibrate_s": calib, "compile_s": round(t1 - t0 - calib, 1), "eval_s": round(time.perf_counter() - t1, 1),
                "fallback": cm.variant.fallback, **extra}
@@ -111,6 +120,31 @@ def minilm_rows(rows, sentences: int, group: int, log) -> list:
     return out
 
 
+def generate(checkpoint_scheme: str, calib_segments: int, log) -> None:
+    """W4A8KV4 from a checkpoint on disk serving through einfuse.LLM (4-bit paged KV cache): text out."""
+    from einfuse.hub import austen_prompts, smollm2
+    from einfuse.quant import calibrate, load, save
+
+    model, tok = smollm2()
+    _, calibration = texts()
+    q = calibrate(model, [calibration], checkpoint_scheme, tokenizer=tok, seq_len=512, segments=calib_segments,
+                  progress=sys.stderr.isatty())
+    with tempfile.TemporaryDirectory() as d:
+        sizes = save(q, d)
+        q = load(model, d)
+    llm = q.llm(tok, backend="torch")
+    prompts = austen_prompts(2)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, max_new_tokens=24)
+    states = llm.runner.states
+    per_token = sum(t[0, 0].numel() * t.element_size() for t in states.values())
+    cfg = model.config
+    fp16 = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    log({"generate": checkpoint_scheme, "prompts": prompts, "outputs": outs, "seconds": round(time.perf_counter() - t0, 1),
+         "kv_bytes_per_token": per_token, "fp16_kv_bytes_per_token": fp16, "kv_ratio": round(per_token / fp16, 4),
+         "checkpoint": sizes})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=None)
@@ -119,6 +153,7 @@ def main():
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--minilm", action="store_true", help="the MiniLM-L6 cosine rows instead")
     ap.add_argument("--sentences", type=int, default=128)
+    ap.add_argument("--generate", default=None, help="serve this scheme from a checkpoint through einfuse.LLM")
     ap.add_argument("--json", default=None, help="append each row as a JSON line to this file")
     a = ap.parse_args()
 
@@ -128,7 +163,9 @@ def main():
             with open(a.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    if a.minilm:
+    if a.generate:
+        generate(a.generate, a.calib_segments, log)
+    elif a.minilm:
         minilm_rows(a.rows or ["w8a8-rtn", "w8a8", "w4a8-rtn", "w4a8"], a.sentences, a.group, log)
     else:
         smollm2_rows(a.rows or ROWS, a.segments, a.calib_segments, a.group, log)

@@ -186,7 +186,7 @@ def test_rotate_keys_keeps_scores_and_spreads_outliers():
 def test_calibrated_recipe_and_checkpoint_roundtrip(llama, tmp_path):
     texts = [ids_of(s, 64)[0] for s in range(4)]
     q = calibrate(llama, texts, "w4a8kv4", seq_len=32, segments=8, progress=False)
-    assert q.report["smoothed"] == 2 and q.report["calibration_tokens"] == 256
+    assert q.report["rotated"] == 1 and q.report["calibration_tokens"] == 256
     sizes = einfuse.quant.save(q, str(tmp_path / "ckpt"))
     assert sizes["ratio"] <= 0.27  # W4 g128 with scales and zeros
     back = einfuse.quant.load(llama, str(tmp_path / "ckpt"))
@@ -202,6 +202,31 @@ def test_calibrated_recipe_and_checkpoint_roundtrip(llama, tmp_path):
     other = tiny_llama(layers=2, hidden=192, intermediate=256, heads=3, kv_heads=1, vocab=128)
     with pytest.raises(ValueError, match="different model"):
         einfuse.quant.load(other, str(tmp_path / "ckpt"))
+
+
+def test_weight_transforms_keep_the_float_model(llama):
+    """SmoothQuant/SmoothAttention folding and the residual rotation change weights, not the function."""
+    import copy
+
+    from einfuse.quant.calibrate import Stats, linears, rotate_residual, smooth_activations, smooth_attention
+
+    m = copy.deepcopy(llama)
+    for n, p in m.named_parameters():
+        if "norm" in n:
+            p.data = torch.rand(p.shape, generator=torch.Generator().manual_seed(7)) + 0.5
+    ids = ids_of(8)
+    want = m(ids, use_cache=False).logits
+    layers = linears(m)
+    stats = Stats(m, layers, hessians=True)
+    stats.next_input()
+    m(ids, use_cache=False)
+    stats.close()
+    assert stats.hess["model.layers.0.self_attn.q_proj"] is stats.hess["model.layers.0.self_attn.v_proj"]
+    assert smooth_attention(m, stats, 0.5) == 1 and smooth_activations(m, layers, stats, 0.5) == 2
+    assert rel(m(ids, use_cache=False).logits, want) < 1e-4
+    assert rotate_residual(m, stats) == 1
+    assert rel(m(ids, use_cache=False).logits, want) < 1e-4
+    assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
 
 
 def test_bad_input_errors(llama):

@@ -181,7 +181,7 @@ class Stats:
     """Per Linear: input channel amax and (for GPTQ) the Hessian; per key projection: output channel amax."""
 
     def __init__(self, model, layers: dict, hessians: bool):
-        self.amax, self.hess, self.kmax = {}, {}, {}
+        self.amax, self.hess, self.kmax, self.owner, self._inputs = {}, {}, {}, {}, {}
         self.handles = []
         for name, mod in layers.items():
             self.handles.append(mod.register_forward_hook(self._hook(name, hessians)))
@@ -195,10 +195,28 @@ class Stats:
                 o = out.detach().reshape(-1, out.shape[-1]).float().abs().amax(0)
                 self.kmax[name] = torch.maximum(self.kmax[name], o) if name in self.kmax else o
             if hessians:
-                if name not in self.hess:
-                    self.hess[name] = Hessian(x.shape[-1])
-                self.hess[name].add(x)
+                key = (inp[0].data_ptr(), tuple(inp[0].shape))
+                if name not in self.hess:  # Linears reading one tensor (q/k/v, gate/up) share one Hessian
+                    first = self._inputs.get(key, (None,))[0]
+                    self.hess[name] = self.hess[first] if first is not None else Hessian(x.shape[-1])
+                    self.owner[name] = first is None
+                if self.owner[name]:
+                    self.hess[name].add(x)
+                # held until the next forward, so no later tensor reuses the address within this one
+                self._inputs.setdefault(key, (name, inp[0]))
         return hook
+
+    def next_input(self):
+        """Called before each calibration forward: input tensors of the last one are gone."""
+        self._inputs = {}
+
+    def distinct_hessians(self, names) -> list:
+        """The Hessian objects of `names`, each once (shared ones are transformed once)."""
+        out = {}
+        for n in names:
+            if n in self.hess:
+                out.setdefault(id(self.hess[n]), self.hess[n])
+        return list(out.values())
 
     def close(self):
         for h in self.handles:
@@ -221,7 +239,7 @@ def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer
     a copy unless `inplace` — with its quantized buffers; `.compile()`, `.llm()`, einfuse.quant.save)."""
     scheme = get_scheme(scheme, group)
     t0 = time.perf_counter()
-    pieces = token_segments(texts, tokenizer, seq_len, segments) if scheme.calibrated or texts is not None else []
+    pieces = token_segments(texts, tokenizer, seq_len, segments) if scheme.calibrated else []
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     layers = linears(model)
@@ -232,12 +250,15 @@ def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer
             stats = Stats(model, layers, hessians=scheme.gptq)
             task = bar.add_task("einfuse.quant: calibration", total=len(pieces))
             for p in pieces:
+                stats.next_input()
                 model(p[None], use_cache=False) if _is_causal(model) else model(p[None])
                 bar.advance(task)
             stats.close()
         if stats is not None and scheme.smooth_attention:
             report["smooth_attention"] = smooth_attention(model, stats, scheme.smooth_attention)
-        if stats is not None and scheme.smooth and scheme.acts:
+        if scheme.rotate:
+            report["rotated"] = rotate_residual(model, stats)
+        elif stats is not None and scheme.smooth and scheme.acts:
             report["smoothed"] = smooth_activations(model, layers, stats, scheme.smooth)
         if scheme.weights:
             task = bar.add_task(f"einfuse.quant: {scheme.weights} {'GPTQ' if scheme.gptq and stats else 'RTN'}",
@@ -350,10 +371,9 @@ def smooth_activations(model, layers: dict, stats: Stats, alpha: float) -> int:
         for n in names:
             w = layers[n].weight
             w.data = (w.data.float() * s[None, :]).to(w.dtype)
-            if stats.hess.get(n) is not None:  # the Hessian of the smoothed input X / s
-                h = stats.hess[n].H
-                inv = (1 / s).double()
-                h.mul_(inv[:, None] * inv[None, :])
+        for hess in stats.distinct_hessians(names):  # the Hessian of the smoothed input X / s
+            inv = (1 / s).double()
+            hess.H.mul_(inv[:, None] * inv[None, :])
     return len(groups)
 
 
@@ -377,3 +397,59 @@ def smooth_attention(model, stats: Stats, alpha: float) -> int:
         q.data = (q.data.float() * lam_q).to(q.dtype)
         count += 1
     return count
+
+
+def _blocks(model):
+    """The decoder blocks of a Llama-layout model (model.model.layers), or None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(model, "lm_head") or not hasattr(inner, "embed_tokens"):
+        return None
+    need = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    return layers if all(all(hasattr(b, n) for n in need) for b in layers) else None
+
+
+def rotate_residual(model, stats: Stats | None = None, seed: int = 0) -> int:
+    """QuaRot/SpinQuant's rotation of the residual stream (beyond QServe): every RMSNorm's gain is folded into
+    the Linears that read it, and the hidden dimension is rotated by a random orthogonal Q — embeddings E Q,
+    readers of the stream W diag(g) Q, writers Q^T W, the LM head (untied) diag(g_final)-folded and rotated.
+    RMSNorm commutes with Q, so the float model computes the same function; the quantizers then see weights
+    and activations without outlier channels. Hessians of the rotated inputs follow (H -> Q^T g^-1 H g^-1 Q).
+    Returns the number of blocks rotated (0: not a Llama-layout model, nothing changed)."""
+    blocks = _blocks(model)
+    if blocks is None:
+        return 0
+    for b in blocks:
+        if any(getattr(getattr(b.self_attn, n), "bias", None) is not None for n in ("o_proj",)) or \
+                getattr(b.mlp.down_proj, "bias", None) is not None:
+            return 0
+    hidden = model.model.embed_tokens.weight.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    Q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(r))[None, :]
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def set_(lin, w):
+        lin.weight = torch.nn.Parameter(w.to(lin.weight.dtype), requires_grad=False)
+
+    def reads(norm, lins):
+        gain = norm.weight.data.double()
+        for lin in lins:
+            set_(lin, (lin.weight.data.double() * gain[None, :]) @ Q)
+        for hess in stats.distinct_hessians([names[id(lin)] for lin in lins]) if stats is not None else ():
+            hess.H.copy_(Q.T @ (hess.H / gain[:, None] / gain[None, :]) @ Q)
+        norm.weight.data.fill_(1.0)
+
+    emb = model.model.embed_tokens
+    head = model.lm_head
+    gain = model.model.norm.weight.data.double()
+    set_(head, (head.weight.data.double() * gain[None, :]) @ Q)
+    model.model.norm.weight.data.fill_(1.0)
+    emb.weight = torch.nn.Parameter((emb.weight.data.double() @ Q).to(emb.weight.dtype), requires_grad=False)
+    for b in blocks:
+        a, m = b.self_attn, b.mlp
+        reads(b.input_layernorm, [a.q_proj, a.k_proj, a.v_proj])
+        reads(b.post_attention_layernorm, [m.gate_proj, m.up_proj])
+        set_(a.o_proj, Q.T @ a.o_proj.weight.data.double())
+        set_(m.down_proj, Q.T @ m.down_proj.weight.data.double())
+    return len(blocks)

@@ -97,6 +97,16 @@ def load(model: torch.nn.Module, directory: str, inplace: bool = False) -> Quant
         for b, t in bufs.items():
             mod.register_buffer(b, t)
         mod.weight.data = dequantize(bufs, scheme, mod.weight.shape).to(mod.weight.dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    owner: dict = {}
+    for name in tensors:  # tied in this model, separate in the checkpoint (a rotated model's LM head): untie
+        p = params.get(name)
+        if p is None:
+            continue
+        if p.data_ptr() in owner:
+            mod, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(mod), attr, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+        owner[p.data_ptr()] = name
     bad = list(model.load_state_dict(tensors, strict=False).unexpected_keys)
     if bad:
         raise ValueError(f"einfuse.quant.load: {directory} holds tensors this model lacks: {bad[:5]}")

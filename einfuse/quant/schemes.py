@@ -26,6 +26,7 @@ class Scheme:
     smooth_attention: float | None = None
     gptq: bool = False
     clip: bool = False
+    rotate: bool = False  # rotate the residual stream (QuaRot) before quantizing
 
     def __post_init__(self):
         if self.weights in ("w4", "w4a16"):
@@ -36,7 +37,7 @@ class Scheme:
 
     @property
     def calibrated(self) -> bool:
-        return bool(self.smooth or self.smooth_attention or self.gptq or self.clip)
+        return bool(self.smooth or self.smooth_attention or self.gptq or self.clip)  # needs statistics
 
     def weight_passes(self) -> list:
         """The passes over the whole captured module: keys rotated, weights, activations."""
@@ -63,14 +64,20 @@ class Scheme:
         return self.weight_passes() + self.kv_passes()
 
 
-_CALIBRATED = {"smooth": 0.5, "gptq": True}
+_RECIPE = {"rotate": True, "gptq": True}
 SCHEMES = {
-    # the recipes einfuse recommends (calibrated; keys rotated before 4-bit KV)
-    "w4a8kv4": Scheme("w4a8kv4", "w4", "int8", 4, rotate_keys=True, **_CALIBRATED),
+    # the recipes einfuse recommends: the residual stream rotated (QuaRot), GPTQ, keys rotated before 4-bit KV
+    "w4a8kv4": Scheme("w4a8kv4", "w4", "int8", 4, rotate_keys=True, **_RECIPE),
     "w8a8": Scheme("w8a8", "w8", "int8", smooth=0.5),
-    "w4a16": Scheme("w4a16", "w4a16", gptq=True),
-    "w4a8": Scheme("w4a8", "w4", "int8", **_CALIBRATED),
+    "w4a16": Scheme("w4a16", "w4a16", **_RECIPE),
+    "w4a8": Scheme("w4a8", "w4", "int8", **_RECIPE),
     "kv4": Scheme("kv4", kv=4, rotate_keys=True),
+    # QServe's own recipe (SmoothQuant + SmoothAttention + GPTQ) and single-step ablations
+    "w4a8kv4-qserve": Scheme("w4a8kv4-qserve", "w4", "int8", 4, smooth=0.5, smooth_attention=0.5, gptq=True),
+    "w4a16-gptq": Scheme("w4a16-gptq", "w4a16", gptq=True),
+    "w4a16-rot": Scheme("w4a16-rot", "w4a16", rotate=True),
+    "w8a8-rot": Scheme("w8a8-rot", "w8", "int8", rotate=True),
+    "kv4-smoothattn": Scheme("kv4-smoothattn", kv=4, smooth_attention=0.5),
     "kv8": Scheme("kv8", kv=8),
     "fp8": Scheme("fp8", "fp8", "fp8"),
     # round to nearest, nothing calibrated (the baselines)
