@@ -214,7 +214,15 @@ def test_mismatched_models_fail_at_start():
     rcs, outs, _ = launch(2, "fail_cases.py", "mismatch", timeout=180)
     assert rcs == [3, 3], outs
     for out in outs:
-        assert "rank(s) 1 compiled a different model" in out, out
+        assert "rank(s) 1 differ from rank 0 in their model" in out, out
+
+
+@pytest.mark.slow
+def test_mismatched_weights_fail_at_start():
+    rcs, outs, _ = launch(2, "fail_cases.py", "weights", timeout=180)
+    assert rcs == [3, 3], outs
+    for out in outs:
+        assert "rank(s) 1 differ from rank 0 in their weights" in out, out
 
 
 def test_world_that_does_not_divide_heads_is_a_compile_time_error():

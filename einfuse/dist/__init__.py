@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as tdist
 
 from ..ir import collective as coll
@@ -133,6 +134,10 @@ class Session:
     def bind(self, v):
         """A built variant reads this rank's slices of the split weights; its runner records a timeline."""
         shard = self.shards[-1]
+        # the same weights on every rank (a model built without the same seed would compute garbage silently)
+        sample = [f"{n}:{float(t.detach().flatten()[:256].double().sum()):.9e}" for n, t in sorted(v.bindings.items())
+                  if isinstance(t, torch.Tensor) and t.numel()]
+        exchange_hash("\n".join(sample), "weights (sampled)")
         for name, lay in shard.slices.items():
             if name in v.bindings:
                 v.bindings[name] = slice_tensor(v.bindings[name], lay, shard.part)

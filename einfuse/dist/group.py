@@ -123,7 +123,7 @@ def exchange_hash(text: str, what: str) -> None:
     differ = [r for r in range(world) if not torch.equal(parts[r], parts[0])]
     if differ:
         ranks = ", ".join(str(r) for r in differ)
-        raise DistError(f"einfuse: rank(s) {ranks} compiled a different {what} than rank 0 (hash "
+        raise DistError(f"einfuse: rank(s) {ranks} differ from rank 0 in their {what} (hash "
                         f"{parts[differ[0]][:4].tolist()} vs {parts[0][:4].tolist()}); every rank must run the same "
                         "model, config and Dist settings")
 

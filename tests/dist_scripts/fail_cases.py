@@ -1,4 +1,5 @@
-"""Failure cases under a 2-rank job: `mismatch` (rank 1 compiles another model) or `kill` (rank 1 dies mid-run)."""
+"""Failure cases under a 2-rank job: `mismatch` (rank 1 compiles another model), `weights` (rank 1 has other
+weights) or `kill` (rank 1 dies mid-run)."""
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ from einfuse.models import tiny_decoder
 case = sys.argv[1]
 rank = int(os.environ["RANK"])
 layers = 1 if case == "mismatch" and rank == 1 else 2
-model = tiny_decoder("llama", num_hidden_layers=layers)
+model = tiny_decoder("llama", num_hidden_layers=layers, seed=1 if case == "weights" and rank == 1 else 0)
 ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
 try:
     cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=2, timeout_s=20))
