@@ -294,3 +294,19 @@ def test_stages_partition_the_ir(tmp_path):
         partition_stages(low.module, low.instances, 5)
     with pytest.raises(PassError, match="no layers"):
         partition_stages(low.module, [], 2)
+
+
+def test_step_model_flops_match_the_ir():
+    """The H100 step model's FLOPs for a dense prefill step (64 tokens through a 2-layer Llama, hidden 512, LM
+    head on the last token) are the IR's own count (`ir.cost.statement_flops` over the lowered forward) to
+    within what the model leaves out (norms, rotary, softmax and other elementwise work: a few percent)."""
+    from einfuse.frontend.capture import export
+    from einfuse.frontend.lower import lower_graph
+    from einfuse.ir.cost import statement_flops
+
+    model = tiny_decoder("llama", vocab=512, num_hidden_layers=2, hidden_size=512, intermediate_size=1024,
+                         num_attention_heads=8, num_key_value_heads=2)
+    cap = export(model, (), {"input_ids": torch.randint(1, 512, (1, 64)), "logits_to_keep": 1})
+    ir = sum(statement_flops(s) for s in lower_graph(cap.gm, cap.kinds, "llama").module.statements)
+    step = sim.StepCostModel(model.config, None).step([sim.StepEntry(0, tuple(range(1, 65)), 0, (0,), True)], {})
+    assert 0.93 * ir < step.flops <= ir
