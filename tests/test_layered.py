@@ -310,3 +310,19 @@ def test_step_model_flops_match_the_ir():
     ir = sum(statement_flops(s) for s in lower_graph(cap.gm, cap.kinds, "llama").module.statements)
     step = sim.StepCostModel(model.config, None).step([sim.StepEntry(0, tuple(range(1, 65)), 0, (0,), True)], {})
     assert 0.93 * ir < step.flops <= ir
+
+
+def test_route_only_replay_matches_real_compute(moe, mixed_trace):
+    """The route-only replay (benchmarks/bench_layered.py: the model's tokens and routing recorded once with
+    transformers' generate, then replayed) gives the same outputs and the same expert bytes in every step as
+    running the model layer group by layer group under the same policy."""
+    trace = mixed_trace[:8]
+    factory, recorded = sim.route_only_runner(moe, trace)
+    for policy in ("chunked", "layered"):
+        real = sim.replay(moe, trace, policy, groups=4, max_batch_tokens=24)
+        routed = sim.replay(moe, trace, policy, groups=4, max_batch_tokens=24, runner=factory)
+        assert [r.output for r in routed.requests] == [r.output for r in real.requests]
+        assert [s.expert_bytes for s in routed.steps] == [s.expert_bytes for s in real.steps]
+        assert [s.model_s for s in routed.steps] == [s.model_s for s in real.steps]
+    assert all(len(tokens) == r.prompt_len + r.output_len for (tokens, _), r in
+               zip(recorded, sorted(trace, key=lambda r: r.arrival)))
