@@ -24,10 +24,10 @@ import torch
 
 from einfuse.serve import sim
 
-CONFIG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-              num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2, vocab_size=1024,
-              max_position_embeddings=8192)
-TRACE = dict(n=16, seed=11, rate=200.0, burstiness=0.5, prompt=(512, 4096), output=(16, 128))
+CONFIG = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
+          "num_key_value_heads": 2, "num_local_experts": 16, "num_experts_per_tok": 2, "vocab_size": 1024,
+          "max_position_embeddings": 8192}
+TRACE = {"n": 16, "seed": 11, "rate": 200.0, "burstiness": 0.5, "prompt": (512, 4096), "output": (16, 128)}
 
 
 def build_model():
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rec, path = recording(model, trace)
     print(f"routing: {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    factory = lambda: sim.RoutedReplayRunner(rec, CONFIG["vocab_size"], CONFIG["num_hidden_layers"])  # noqa: E731
+    def factory():
+        return sim.RoutedReplayRunner(rec, CONFIG["vocab_size"], CONFIG["num_hidden_layers"])
     results = [sim.replay(model, trace, policy, ns.groups, ns.budget, runner=factory) for policy in sim.POLICIES]
     outs = [[r.output for r in res.requests] for res in results]
     same = all(o == outs[0] for o in outs)

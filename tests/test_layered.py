@@ -8,14 +8,14 @@ arithmetic cannot flip a greedy choice, and against transformers' recomputed for
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 
 import pytest
 import torch
 
 from einfuse.models import tiny_decoder
-from einfuse.serve import LLM, EagerRunner, SamplingParams
-from einfuse.serve import sim
+from einfuse.serve import LLM, EagerRunner, SamplingParams, sim
 from einfuse.serve.layered import LayeredPrefill, LayerGroupRunner, layer_groups
 from einfuse.serve.routing import expert_bytes, expert_geometry
 
@@ -53,8 +53,8 @@ def test_policies_token_identical(moe, mixed_trace):
     results = {p: sim.replay(moe, mixed_trace, p, groups=4, max_batch_tokens=24) for p in sim.POLICIES}
     outs = {k: [r.output for r in res.requests] for k, res in results.items()}
     assert all(len(o) == r.output_len for o, r in zip(outs["none"], results["none"].requests))
-    for k in outs:
-        assert outs[k] == outs["none"], k
+    for k, out in outs.items():
+        assert out == outs["none"], k
     # the layered runs did advance prefills group by group, interleaved with decodes
     lay = results["layered"].steps
     assert sum(s.group_passes for s in lay) >= 12
@@ -196,7 +196,7 @@ def test_trace_roundtrip_and_shape(tmp_path):
     """Bursty: Gamma gaps with shape 0.5 have a coefficient of variation near sqrt(2) (Poisson: 1); lengths stay
     in range with a long tail (the median well below the mean of the range); JSONL round-trips."""
     tr = sim.bursty_trace(400, seed=1, rate=10.0, prompt=(512, 4096), output=(16, 128))
-    gaps = [b.arrival - a.arrival for a, b in zip(tr, tr[1:])]
+    gaps = [b.arrival - a.arrival for a, b in itertools.pairwise(tr)]
     mean = sum(gaps) / len(gaps)
     cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
     assert 1.15 < cv < 1.8 and 0.07 < mean < 0.14

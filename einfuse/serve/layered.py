@@ -211,8 +211,8 @@ class LayerGroupRunner:
             ids = torch.tensor([e.token_ids], device=device)
             hidden = self.core.embed_tokens(ids)
             pos = torch.arange(e.start, e.start + len(e.token_ids), device=device)[None]
-            mask = self._mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                              **{"cache": cache}, position_ids=pos)
+            mask = self._mask(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
+                              position_ids=pos)
             held = _Held(hidden, mask, pos, self.core.rotary_emb(hidden, position_ids=pos), 0)
         else:
             held = self.held.pop(e.request_id, None)

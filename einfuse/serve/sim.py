@@ -66,7 +66,7 @@ def _power_law(rng: random.Random, lo: int, hi: int, exponent: float) -> int:
     a = 1.0 - exponent
     u = rng.random()
     x = (lo ** a + u * (hi ** a - lo ** a)) ** (1 / a) if a != 0 else lo * (hi / lo) ** u
-    return max(lo, min(hi, int(round(x))))
+    return max(lo, min(hi, round(x)))
 
 
 def bursty_trace(n: int = 16, seed: int = 0, rate: float = 2.0, burstiness: float = 0.5,
@@ -113,8 +113,8 @@ def read_trace(path: str) -> list:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not JSON ({e.msg}); each line is an object like "
                                  f'{{"arrival": 0.5, "prompt_len": 512, "output_len": 64}}') from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: a JSON object is expected, got {type(row).__name__}")
+            if not isinstance(row, dict):  # a malformed file is a ValueError, whatever the line holds
+                raise ValueError(f"{where}: a JSON object is expected, got {type(row).__name__}")  # noqa: TRY004
             unknown = sorted(set(row) - set(_FIELDS) - {"prompt"})
             if unknown:
                 raise ValueError(f"{where}: unknown field(s) {unknown}; fields are {sorted(_FIELDS)} and 'prompt'")
@@ -123,7 +123,7 @@ def read_trace(path: str) -> list:
                 if v is None:
                     raise ValueError(f"{where}: missing {key!r}")
                 if isinstance(v, bool) or not isinstance(v, kind):
-                    raise ValueError(f"{where}: {key!r} must be a number, got {v!r}")
+                    raise ValueError(f"{where}: {key!r} must be a number, got {v!r}")  # noqa: TRY004
                 if (key == "arrival" and (v < 0 or not math.isfinite(v))) or (key != "arrival" and v < 1):
                     raise ValueError(f"{where}: {key!r} = {v!r} is out of range ("
                                      f"{'a finite time >= 0' if key == 'arrival' else 'at least 1'})")
@@ -486,7 +486,8 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    label = lambda r: f"layered (G={r.groups})" if r.policy == "layered" else r.policy  # noqa: E731
+    def label(r):
+        return f"layered (G={r.groups})" if r.policy == "layered" else r.policy
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in results:
