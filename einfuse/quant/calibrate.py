@@ -198,7 +198,7 @@ class Stats:
                 key = (inp[0].data_ptr(), tuple(inp[0].shape))
                 if name not in self.hess:  # Linears reading one tensor (q/k/v, gate/up) share one Hessian
                     first = self._inputs.get(key, (None,))[0]
-                    self.hess[name] = self.hess[first] if first is not None else Hessian(x.shape[-1])
+                    self.hess[name] = self.hess[first] if first is not None else Hessian(x.shape[-1], dtype=torch.float32)
                     self.owner[name] = first is None
                 if self.owner[name]:
                     self.hess[name].add(x)
@@ -374,7 +374,42 @@ def smooth_activations(model, layers: dict, stats: Stats, alpha: float) -> int:
         for hess in stats.distinct_hessians(names):  # the Hessian of the smoothed input X / s
             inv = (1 / s).double()
             hess.H.mul_(inv[:, None] * inv[None, :])
-    return len(groups)
+    return len(groups) + _smooth_projections(model, layers, stats, alpha)
+
+
+def _smooth_projections(model, layers: dict, stats: Stats, alpha: float) -> int:
+    """SmoothQuant between two Linears with nothing nonlinear per channel between them: v_proj -> o_proj (the
+    scale shared by the query heads of one KV head) and up_proj -> down_proj (Llama layout)."""
+    blocks = _blocks(model)
+    if blocks is None:
+        return 0
+    names = {id(m): n for n, m in model.named_modules()}
+    cfg = model.config
+    count = 0
+    for b in blocks:
+        a, m = b.self_attn, b.mlp
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        for src, dst, group in ((a.v_proj, a.o_proj, a.o_proj.weight.shape[1] // a.v_proj.weight.shape[0]),
+                                (m.up_proj, m.down_proj, 1)):
+            n_dst = names[id(dst)]
+            if n_dst not in stats.amax or n_dst not in layers or src.bias is not None:
+                continue
+            xmax = stats.amax[n_dst].clamp_min(1e-5)
+            wmax = dst.weight.data.abs().amax(0).float().clamp_min(1e-5)
+            raw = (xmax.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-2, 1e2)
+            if group > 1:  # o_proj's channel (h, d) reads V channel (h // group, d): one scale per V channel
+                kvh = src.weight.shape[0] // D
+                s_src = raw.view(kvh, group, D).amax(1).reshape(-1)
+                s_dst = s_src.view(kvh, 1, D).expand(kvh, group, D).reshape(-1)
+            else:
+                s_src = s_dst = raw
+            src.weight.data = (src.weight.data.float() / s_src[:, None]).to(src.weight.dtype)
+            dst.weight.data = (dst.weight.data.float() * s_dst[None, :]).to(dst.weight.dtype)
+            for hess in stats.distinct_hessians([n_dst]):
+                inv = (1 / s_dst).to(hess.H.dtype)
+                hess.H.mul_(inv[:, None] * inv[None, :])
+            count += 1
+    return count
 
 
 def smooth_attention(model, stats: Stats, alpha: float) -> int:
