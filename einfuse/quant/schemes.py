@@ -1,5 +1,5 @@
 """Named quantization configs: which IR passes run (weights, activations, KV cache, key rotation) and which
-calibrated weight transforms `einfuse.quant.calibrate` applies first (smoothing, GPTQ, clipping)."""
+calibrated weight transforms `einfuse.quant.calibrate` applies first (smoothing, rotation, GPTQ)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -14,7 +14,7 @@ class Scheme:
     rotate_keys: a Hadamard rotation of queries and keys over the head dim before the KV quantization.
     Calibrated transforms: smooth (SmoothQuant's alpha folded into the preceding norm / projection, or
     None), smooth_attention (QServe's alpha on keys -> queries, or None), gptq (else round to nearest),
-    clip (search a per-group range shrink on the calibration activations)."""
+    rotate (the residual stream rotated, QuaRot)."""
 
     name: str
     weights: str | None = None
@@ -25,7 +25,6 @@ class Scheme:
     smooth: float | None = None
     smooth_attention: float | None = None
     gptq: bool = False
-    clip: bool = False
     rotate: bool = False  # rotate the residual stream (QuaRot) before quantizing
 
     def __post_init__(self):
@@ -37,7 +36,7 @@ class Scheme:
 
     @property
     def calibrated(self) -> bool:
-        return bool(self.smooth or self.smooth_attention or self.gptq or self.clip)  # needs statistics
+        return bool(self.smooth or self.smooth_attention or self.gptq)  # needs statistics
 
     def weight_passes(self) -> list:
         """The passes over the whole captured module: keys rotated, weights, activations."""
