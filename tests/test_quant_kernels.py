@@ -288,11 +288,12 @@ def test_qdot_moves_the_packed_weight_once_per_row_tile(fresh_einfuse_cache):
     run.measure = True
     run(quant_inputs(m, seed=0))
     (stats,) = [s for s in run.stats.values() if "y_acc" in s.statements]
-    weights = N * K // 2 + 2 * N * -(-K // g) + 4 * N  # packed codes, u8 scale + zero per group, f32 channel scale
-    acts = 2 * (B * K * 2 + B * 4)  # bf16 activations and their amax, once per N tile (2 of 64)
-    epilogue = B * N * 12  # the epilogue reads its scales per output element (at most three f32)
+    # packed codes; a u8 scale and zero per group, loaded with each K tile of 64 (two per group of 128)
+    weights = N * K // 2 + 2 * N * -(-K // 64)
+    acts = B * K * 2 + B * 4  # bf16 activations and their amax (one N tile of 128 channels at decode)
+    epilogue = B * 4 + N * 4  # the epilogue's per-token and per-channel f32 scales, once per row / column
     # (the dot kind's per-element dequantization would read every packed byte twice and the group scale and
-    # zero once per element: N * K * 2.5 bytes more)
+    # zero once per element: N * K * 2.5 bytes more; its epilogue the scales once per element)
     assert stats.bytes_loaded <= weights + acts + epilogue, (stats.bytes_loaded, weights + acts + epilogue)
     assert stats.bytes_loaded >= weights
     assert stats.bytes_stored == B * N * 2

@@ -34,27 +34,43 @@ def _index_form(x: Expr):
     return None
 
 
+def _even(c) -> bool:
+    """Whether an index expression is even for every value of its ranks (integer coefficients all even)."""
+    for t in sympy.Add.make_args(sympy.expand(c)):
+        coeff = t.as_coeff_Mul()[0]
+        if t != 0 and not (coeff.is_Integer and coeff % 2 == 0):
+            return False
+    return True
+
+
 def nibble_read(x: Expr, axis) -> tuple[Access, sympy.Expr] | None:
-    """(the byte access, the even offset c) when `x` is `bitand(shr(S[.., (axis + c) // 2], 4 * ((axis + c) % 2)), 15)`:
-    the 4-bit code at position axis + c of a row stored two per byte. None otherwise."""
+    """(the byte access, the even offset c) when `x` reads the 4-bit code at position axis + c of a row stored
+    two per byte: `bitand(shr(S[.., (axis + c) // 2], 4 * ((axis + c) % 2)), 15)`, in any form the cleanup
+    passes leave it (`S[.., c/2 + axis // 2]`, `4 * (axis % 2)`). None otherwise."""
     if not (isinstance(x, Call) and x.op == "bitand" and x.args[1] == Const(15)):
         return None
     inner = x.args[0]
     if not (isinstance(inner, Call) and inner.op == "shr" and isinstance(inner.args[0], Access)):
         return None
     a, shift = inner.args[0], _index_form(inner.args[1])
-    last = sympy.sympify(a.indices[-1]) if not isinstance(a.indices[-1], Expr) else None
-    if last is None or shift is None or not isinstance(last, ix.FloorDiv) or last.args[1] != 2:
+    if shift is None or isinstance(a.indices[-1], Expr):
         return None
-    p = last.args[0]
-    c = sympy.expand(p - axis)
-    if axis in c.free_symbols or sympy.simplify(shift - 4 * ix.Mod(p, 2)) != 0:
+    four, mod = sympy.sympify(shift).as_coeff_Mul()
+    if four != 4 or not isinstance(mod, ix.Mod) or mod.args[1] != 2:
         return None
-    # c must be even for every rank value: (axis + c) // 2 = c / 2 + axis // 2, and axis % 2 picks the nibble
-    terms = sympy.Add.make_args(sympy.expand(c))
-    even = all((t.as_coeff_Mul()[0] % 2 == 0) if t.as_coeff_Mul()[0].is_Integer else False for t in terms if t != 0)
-    if not even:
+    rest = sympy.expand(mod.args[0] - axis)
+    if axis in rest.free_symbols or not _even(rest):
         return None
+    last = sympy.sympify(a.indices[-1])
+    if isinstance(last, ix.FloorDiv) and last.args[1] == 2:
+        c = sympy.expand(last.args[0] - axis)
+        if axis in c.free_symbols or not _even(c):
+            return None
+    else:
+        half = sympy.expand(last - ix.FloorDiv(axis, 2))
+        if axis in half.free_symbols:
+            return None
+        c = 2 * half
     if any(axis in sympy.sympify(q).free_symbols for q in a.indices[:-1] if not isinstance(q, Expr)):
         return None
     return a, c

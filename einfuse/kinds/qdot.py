@@ -291,7 +291,43 @@ class QDotKind(DotKind):
         bk = min(64, block_k or 64)
         while any(x % bk for x in groups):
             bk //= 2
-        return dataclasses.replace(super()._tiles(g, block_mn, bk), kind="qdot")
+        mp = super()._tiles(g, block_mn, bk)
+        tiles = dict(mp.tiles)
+        if block_mn == 64 and tiles["BLOCK_M"] <= 16 and tiles["BLOCK_N"] == 64:
+            # decode (a few tokens): 128 output channels per program, so the activation rows, which every
+            # program re-reads, are read half as often; the weight, read once, is unchanged
+            tiles["BLOCK_N"] = 128
+        return dataclasses.replace(mp, kind="qdot", tiles=tuple(tiles.items()))
+
+    def _epilogue(self, em: Emitter, members: list, names: dict, values: dict, mask: str | None) -> None:
+        """The dot kind's epilogue, except that a map over the contraction's own output positions (the
+        dequantization `T(f32(acc) * x_scale[m] * w_scale[n])`) sees the tile's row and column variables:
+        a per-token or per-channel scale is loaded once per row or column, not once per element."""
+        anchor = next(s for s in members if contraction(s, em.dtype_of) is not None)
+        maps = [s for s in members if contraction(s, em.dtype_of) is None and s.reduce is None]
+        if not maps or any(tuple(m.type.shape) != tuple(anchor.type.shape) or len(m.index) != len(anchor.index)
+                           or not all(isinstance(r, sympy.Symbol) for r in m.index) for m in maps):
+            return super()._epilogue(em, members, names, values, mask)
+        kb = em.kb
+        out = {r: names[r] for r in anchor.index if r in names}
+        if len(out) != len(anchor.index):
+            return super()._epilogue(em, members, names, values, mask)
+        if mask:
+            kb.assign("emask", mask)  # the stores' mask; loads take their own rank's
+        offset = em.store_offset(names, anchor)
+        held = (lambda a: values[a.tensor][0] if a.tensor in values else None)  # noqa: E731
+        c = contraction(anchor, em.dtype_of)
+        ragged = {**{r: "mmask" for r in c.m if mask and "mmask" in mask},
+                  **{r: "nmask" for r in c.n if mask and "nmask" in mask}}
+        for s in maps:
+            own = {r: out[a] for r, a in zip(s.index, anchor.index)}
+            masks = {r: ragged[a] for r, a in zip(s.index, anchor.index) if a in ragged}
+            t = Tile(em, {**names, **own}, masks, held=held)
+            code, d = t.value(s.expr, s.name)
+            kb.place(t.block)
+            values[s.name] = (code, d)
+            if s.name in em.stored:
+                em.store(s, offset, code, d, "emask" if mask else None)
 
     def candidates(self, g: Group) -> list[Mapping]:
         """The dot kind's variants whose K tile still steps the tensor cores (32 for int8)."""
