@@ -207,7 +207,7 @@ def test_dead_rank_named_within_60s():
     err = next(line for line in outs[0].splitlines() if line.startswith("ERROR rank 0"))
     assert "rank 1 stopped responding" in err and "einfuse" in err, err
     killed = float(next(line for line in outs[1].splitlines() if line.startswith("KILLED")).split()[1])
-    assert float(err.split()[3].rstrip(":")) - killed < 60, (err, killed)
+    assert float(err.split()[4].rstrip(":")) - killed < 60, (err, killed)
 
 
 def test_mismatched_models_fail_at_start():
