@@ -104,11 +104,17 @@ def partition_stages(m: Module, instances: list, groups: int) -> Stages:
         raise PassError("stages", f"{m.name} has layers in several module lists {sorted(paths)}; stages cut one")
     path = next(iter(paths))
     indices = sorted(set(layer_of.values()))
-    if indices != list(range(indices[0], indices[0] + len(indices))):
+    if indices != list(range(indices[0], indices[-1] + 1)):
         raise PassError("stages", f"{m.name}'s layers {indices} are not contiguous")
-    bounds = layer_groups(len(indices), groups)
-    first = indices[0]
-    group_of_layer = {first + i: g for g, (lo, hi) in enumerate(bounds) for i in range(lo, hi)}
+    # A layer list starts at 0. Lowering records a layer only once it is a template or an instance of one: a
+    # first layer that declared module inputs (dynamic sizes) is lowered plainly and not recorded. Such layers
+    # run before every recorded one, so they fall in with the prologue — right as long as they are in group 0.
+    bounds = layer_groups(indices[-1] + 1, groups)
+    first = 0
+    if indices[0] > bounds[0][1]:
+        raise PassError("stages", f"{m.name}: layers 0..{indices[0] - 1} were not recorded by lowering and "
+                                  f"span more than the first of {groups} groups; use fewer groups")
+    group_of_layer = {i: g for g, (lo, hi) in enumerate(bounds) for i in range(lo, hi)}
 
     # each op's stage: its layer's group; an op outside the layers joins the next layer op's stage
     stage = [None] * len(m.body)
