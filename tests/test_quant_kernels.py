@@ -506,3 +506,41 @@ def test_kv4_cache_write_matches_the_evaluator_bit_for_bit(fresh_einfuse_cache):
         assert torch.equal(got[name], want[name]), name
     changed = (got["kc_1"] != before).any(-1).nonzero().tolist()
     assert set(map(tuple, changed)) <= {(1, 5), (5, 5)}  # block 1 slot 5 (position 37), block 5 slot 5
+
+
+# --------------------------------------------------------------------- inside a quantized serving program
+
+@pytest.mark.slow
+def test_w4a8kv4_decode_step_on_triton_matches_the_torch_backend(fresh_einfuse_cache):
+    """einfuse.quant's W4A8KV4 decode program (a tiny Llama with SmolLM2's head dim and a ragged last group,
+    K = 192 = 128 + 64) over a live 4-bit cache: its Linears run as qdot kernels and its attention reads the
+    cache through the 4-bit tile loader; the step's logits and the cache it writes agree with the torch
+    backend's program (the reference for the same IR)."""
+    from einfuse.models import tiny_llama
+    from einfuse.quant.calibrate import QuantPagedRunner, calibrate
+    from einfuse.serve import CacheConfig, StepEntry
+
+    model = tiny_llama(layers=1, hidden=192, intermediate=256, heads=3, kv_heads=1, vocab=128)
+    q = calibrate(model, scheme="w4a8kv4-rtn", progress=False)
+    ctx, batch, bs = 48, 2, 16
+    cfg = CacheConfig(num_blocks=batch * ctx // bs + 2, block_size=bs, max_batch_tokens=16, dtype=torch.float32)
+    entries = [StepEntry(0, (5,), ctx - 1, (0, 1, 2)), StepEntry(1, (9,), 20, (4, 3))]
+    out = {}
+    for backend in ("triton", "torch"):
+        runner = QuantPagedRunner(q, backend)
+        runner.bind(cfg)
+        g = torch.Generator().manual_seed(0)
+        for t in runner.states.values():
+            t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8) if t.dtype == torch.uint8
+                    else (torch.rand(t.shape, generator=g) * 0.1).to(t.dtype))
+        logits = runner.step(entries)
+        out[backend] = (logits, {k: v.clone() for k, v in runner.states.items()}, runner)
+    kinds = [s.kind for s in out["triton"][2].programs.decode.run.specs]
+    assert kinds.count("qdot") >= 4 and "attention" in kinds
+    attention = next(s for s in out["triton"][2].programs.decode.run.specs if s.kind == "attention")
+    assert attention.source.count("tl.join(") == 2  # keys and values: bytes split into nibbles in registers
+    (got, got_states, _), (want, want_states, _) = out["triton"], out["torch"]
+    err = (got - want).abs().max() / want.abs().max()
+    assert err <= 1e-4, err
+    for name, t in want_states.items():
+        assert torch.equal(got_states[name], t), name  # the 4-bit write: the same codes, scales and zeros
