@@ -125,6 +125,7 @@ def greedy(model, prompt, tokens):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--only-generation", action="store_true", help="just compress (GPTQ) and generate")
     ap.add_argument("--gen-tokens", type=int, default=4)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -137,22 +138,24 @@ def main():
     out["text"] = {"train": train_moe.TEXT_TRAIN, "calibration": train_moe.TEXT_CALIBRATION + " (32 x 256 bytes)",
                    "evaluation": train_moe.TEXT_EVALUATION + " (64 x 256 bytes)"}
     t0 = time.time()
-    out["ppl_fp32"] = train_moe.perplexity(model, evaluation)
-    rtn_model = copy.deepcopy(model)
-    rtn = compress_moe(rtn_model, None, method="rtn")
-    out["ppl_rtn"] = train_moe.perplexity(rtn_model, evaluation)
+    if not args.only_generation:
+        out["ppl_fp32"] = train_moe.perplexity(model, evaluation)
+        rtn_model = copy.deepcopy(model)
+        rtn = compress_moe(rtn_model, None, method="rtn")
+        out["ppl_rtn"] = train_moe.perplexity(rtn_model, evaluation)
+        out["bits_moe_rtn"] = bits_row(rtn.summary())
     gptq_model = copy.deepcopy(model)
     t1 = time.time()
     gq = compress_moe(gptq_model, calib, method="gptq")
     out["gptq_seconds"] = round(time.time() - t1, 1)
-    out["ppl_gptq"] = train_moe.perplexity(gptq_model, evaluation)
     s = gq.summary()
     out["gptq_experts"] = {"few_tokens": s["few_tokens"], "no_tokens": s["no_tokens"]}
     out["bits_moe_gptq"] = bits_row(s)
-    out["bits_moe_rtn"] = bits_row(rtn.summary())
-    print(json.dumps({k: out[k] for k in ("ppl_fp32", "ppl_rtn", "ppl_gptq")}), flush=True)
-    print("bits (gptq):", json.dumps(out["bits_moe_gptq"]), flush=True)
-    if not args.skip_smollm2:
+    if not args.only_generation:
+        out["ppl_gptq"] = train_moe.perplexity(gptq_model, evaluation)
+        print(json.dumps({k: out[k] for k in ("ppl_fp32", "ppl_rtn", "ppl_gptq")}), flush=True)
+        print("bits (gptq):", json.dumps(out["bits_moe_gptq"]), flush=True)
+    if not args.skip_smollm2 and not args.only_generation:
         from einfuse.hub import smollm2
         sm, _ = smollm2()
         mlps = [layer.mlp for layer in sm.model.layers]
@@ -161,8 +164,9 @@ def main():
         out["bits_smollm2_mlp_rtn"] = bits_row(sc.summary())
         print("bits (smollm2):", json.dumps(out["bits_smollm2_mlp_rtn"]), flush=True)
         del sm
-    out["decode_step"] = [decode_step_traffic(gptq_model, gq, b) for b in (1, 8)]
-    print("decode:", json.dumps(out["decode_step"]), flush=True)
+    if not args.only_generation:
+        out["decode_step"] = [decode_step_traffic(gptq_model, gq, b) for b in (1, 8)]
+        print("decode:", json.dumps(out["decode_step"]), flush=True)
     if args.gen_tokens:
         prompt = train_moe.encode(PROMPT)
         dense_tokens = greedy(gptq_model, prompt, args.gen_tokens)
