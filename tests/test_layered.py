@@ -359,3 +359,27 @@ def test_stages_of_the_serving_prefill_program():
     want = evaluate(m, {k: v.clone() for k, v in inputs.items()})
     got = run_stages(st, {k: v.clone() for k, v in inputs.items()}, evaluate)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_compiled_stage_runner():
+    """Layered prefill on einfuse's compiled programs: group passes run the serving prefill program's stages
+    (passes.stages, torch backend) over the PagedRunner's cache states, everything else its prefill/decode
+    programs — the same tokens as compiled chunked prefill and as the eager layer-group runner."""
+    from einfuse.serve import PagedRunner
+    from einfuse.serve.layered import CompiledLayerGroupRunner
+
+    model = tiny_decoder("llama", num_hidden_layers=4, hidden_size=32, intermediate_size=64)
+    trace = sim.bursty_trace(8, seed=3, rate=400.0, prompt=(4, 80), output=(3, 10))
+    runners = []
+
+    def compiled():
+        runners.append(CompiledLayerGroupRunner(model, 2))
+        return runners[-1]
+
+    lay = sim.replay(model, trace, "layered", groups=2, max_batch_tokens=24, runner=compiled)
+    chunked = sim.replay(model, trace, "chunked", max_batch_tokens=24, runner=lambda: PagedRunner(model))
+    eager = sim.replay(model, trace, "layered", groups=2, max_batch_tokens=24)
+    assert runners[0].stage_calls >= 4 and sum(s.group_passes for s in lay.steps) >= 2
+    assert [r.output for r in lay.requests] == [r.output for r in chunked.requests] == \
+           [r.output for r in eager.requests]

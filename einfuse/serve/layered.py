@@ -17,8 +17,10 @@ through a group in one step. A longer prompt is cut into such *segments*, each w
 `LayerGroupRunner` is the ModelRunner that can stop a prefill after any layer: the transformers model's own
 modules run one decoder layer at a time (embedding before the first group, norm and LM head after the last),
 each request's keys/values in a transformers DynamicCache, the hidden state of a prefill between groups
-held until its next group runs. It is an eager runner (like runner.EagerRunner, it ignores the paged blocks);
-the compiled stages a layer group would run as are passes.stages'.
+held until its next group runs. It is an eager runner (like runner.EagerRunner, it ignores the paged blocks).
+`CompiledLayerGroupRunner` runs the same on einfuse's compiled programs: the serving prefill program cut into
+layer-group stages by passes.stages (`stage_programs`), each stage built by the backend and writing the paged
+cache states PagedRunner's prefill/decode programs read.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ..passes.stages import layer_groups
-from .blocks import BlockManager
+from .blocks import DEAD, BlockManager
+from .paged import bucket
 from .routing import RouterTap, decoder_layers
 from .runner import CacheConfig, StepEntry
 from .scheduler import Plan, Request, Scheduler
@@ -233,3 +236,118 @@ class LayerGroupRunner:
             return torch.zeros(self.config.vocab_size, device=device)  # not read (sample=False)
         last = self.core.norm(hidden[:, -1:])
         return self.model.lm_head(last)[0, -1].float()
+
+
+class CompiledLayerGroupRunner:
+    """Layered prefill on einfuse's compiled programs: decodes and whole-model chunks run through PagedRunner's
+    prefill/decode programs; a chunk over some layer groups runs the *stage programs* of those groups —
+    the serving prefill program (one sequence, keys/values in the paged cache states) cut by passes.stages
+    into `groups` stages, each built by the backend and sharing PagedRunner's cache states (written in place).
+    The values a stage passes on (hidden state, positions, rotary tables, mask) wait per request for its next
+    group. `groups` must be the layered scheduler's."""
+    runs_layer_groups = True
+
+    def __init__(self, model, groups: int, backend: str | None = None):
+        from .paged import PagedRunner
+
+        self.paged = PagedRunner(model, backend)
+        self.model = model
+        self.groups = groups
+        self.stages = None
+        self.held: dict[int, dict] = {}
+        self.last_step_bytes = None
+        self.stage_calls = 0
+
+    def bind(self, cache: CacheConfig) -> None:
+        self.paged.bind(cache)
+        self.stages = stage_programs(self.model, self.groups, cache.block_size, self.paged.backend)
+        missing = {n for s in self.stages.stages for i in s.module.inputs if i.kind == "state"
+                   for n in [i.name]} - set(self.paged.states)
+        if missing:
+            raise RuntimeError(f"einfuse: stage programs read cache states {sorted(missing)} the paged runner "
+                               f"does not have")
+        self.bounds = [s.layers for s in self.stages.stages]
+
+    def release(self, request_id: int, blocks: list[int]) -> None:
+        self.held.pop(request_id, None)
+
+    @torch.no_grad()
+    def step(self, entries: list[StepEntry]) -> torch.Tensor:
+        whole = [e for e in entries if e.layers is None or e.layers == (0, self.bounds[-1][1])]
+        rows = dict(zip((e.request_id for e in whole), self.paged.step(whole))) if whole else {}
+        out = []
+        for e in entries:
+            if e.request_id in rows:
+                out.append(rows[e.request_id])
+                continue
+            out.append(self._stages(e))
+        return torch.stack(out)
+
+    def _stages(self, e: StepEntry) -> torch.Tensor:
+        lo, hi = e.layers
+        first = next(g for g, b in enumerate(self.bounds) if b[0] == lo)
+        last = next(g for g, b in enumerate(self.bounds) if b[1] == hi)
+        device = self.paged.device
+        env = self.held.pop(e.request_id, {}) if first > 0 else {
+            "input_ids": torch.tensor([e.token_ids], dtype=torch.int64, device=device),
+            "position_ids": torch.arange(e.start, e.start + len(e.token_ids), device=device)[None],
+            "block_table": _table(e, device)}
+        for g in range(first, last + 1):
+            stage, run, bindings = self.stages.stages[g], self.stages.runs[g], self.stages.bindings
+            inputs = {i.name: env[i.name] if i.name in env else
+                      self.paged.states[i.name] if i.kind == "state" else bindings[i.name]
+                      for i in stage.module.inputs}
+            env.update(run(inputs))
+            self.stage_calls += 1
+        if last + 1 < len(self.bounds):
+            self.held[e.request_id] = env
+            return torch.zeros(self.model.config.get_text_config().vocab_size, device=device)
+        logits = env[self.stages.source.outputs[0]]
+        return logits.reshape(-1, logits.shape[-1])[-1].float()
+
+
+def _table(e: StepEntry, device) -> torch.Tensor:
+    """One entry's block table padded with DEAD to a power-of-two width, as PagedRunner pads its tables."""
+    table = torch.full((1, bucket(len(e.block_table))), DEAD, dtype=torch.int32)
+    table[0, :len(e.block_table)] = torch.tensor(e.block_table, dtype=torch.int32)
+    return table.to(device)
+
+
+@dataclass
+class StagePrograms:
+    """The serving prefill program cut into layer-group stages, each built by a backend."""
+    stages: list  # passes.stages.Stage
+    runs: list  # the backend's run(inputs) -> outputs per stage
+    bindings: dict  # weights by IR input name
+    source: object  # the whole (uncut) program
+
+
+def stage_programs(model, groups: int, block_size: int, backend: str | None = None) -> StagePrograms:
+    """Capture `model` as einfuse.api.compile_cached does (one sequence, dynamic tokens, keys and values in paged
+    cache states: passes.serving), cut the program into `groups` stages (passes.stages) and build each with the
+    backend after cleanup and fusion. State names match compile_cached's programs (the same passes before the
+    cut)."""
+    from ..frontend.capture import export
+    from ..frontend.lower import lower_graph
+    from ..passes import Verify, cleanup_passes, fusion_passes, run_pipeline
+    from ..passes.serving import CacheKV, Specialize
+    from ..passes.stages import partition_stages
+    from ..runtime import backends
+
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "position_ids": torch.arange(8).expand(2, 8).contiguous(), "use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    dim = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("tokens", min=1)}
+    cap = export(model, (), kwargs, dynamic_shapes={k: dim if k in ("input_ids", "position_ids") else None
+                                                     for k in kwargs})
+    lowered = lower_graph(cap.gm, cap.kinds, f"{type(model).__name__.lower()}_prefill")
+    m = run_pipeline(lowered.module, [Specialize({"input_ids": {0: 1}}), *cleanup_passes(), CacheKV(block_size),
+                                      *cleanup_passes()], [Verify()])
+    cut = partition_stages(m, lowered.instances, groups)
+    from ..api import default_backend
+
+    name = backend or default_backend([next(model.parameters())])
+    runs = [backends.build(name, run_pipeline(s.module, fusion_passes(), [Verify()])) for s in cut.stages]
+    return StagePrograms(cut.stages, runs, dict(cap.bindings), m)
