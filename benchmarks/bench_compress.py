@@ -28,14 +28,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import einfuse  # noqa: E402,F401  (Triton's interpreter on CPU, before transformers imports triton)
+import torch
+import train_moe
 
-import torch  # noqa: E402
-
-import train_moe  # noqa: E402
-from einfuse.compress.experts import compress_matrices, compress_moe, install, require_moe_layers  # noqa: E402
-from einfuse.compress.format import GROUP  # noqa: E402
-
+import einfuse  # noqa: F401  (Triton's interpreter on CPU, before transformers imports triton)
+from einfuse.compress.experts import compress_matrices, compress_moe, install, require_moe_layers
 
 PROMPT = "It is a truth "
 
@@ -59,7 +56,6 @@ def decode_step_traffic(model, compressed, batch: int) -> dict:
     """Bytes one decode step's experts of layer 0 load, under the interpreter's traffic counter."""
     from einfuse.runtime.traffic import Traffic, counting
     name, layer = require_moe_layers(model)[0]
-    moe_block = model.get_submodule(name.rpartition(".")[0])
     captured = {}
 
     def hook(mod, args):
@@ -100,7 +96,7 @@ def decode_step_traffic(model, compressed, batch: int) -> dict:
     y = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, yd * w.reshape(-1)[order, None].float())
     active = experts.tolist()
     want = layer(x, idx, w)
-    E, two_i, H = gu.shape
+    _, two_i, H = gu.shape
     inter = two_i // 2
     comp = sum(gu.expert_nbytes(e) + dn.expert_nbytes(e) for e in active)
     acts = batch * 2 * (H * 4 + inter * 4)  # tokens' inputs of gate_up and down (fp32), k=2 routes each

@@ -9,8 +9,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import einfuse  # noqa: F401  (selects Triton's interpreter on CPU)
-from einfuse.compress.codec import (Encoded, build_dictionary, choose_bits, decode, encode, entropy, pack,
-                                    symbol_probs, unpack)
+from einfuse.compress.codec import (
+    Encoded,
+    build_dictionary,
+    choose_bits,
+    decode,
+    encode,
+    entropy,
+    pack,
+    symbol_probs,
+    unpack,
+)
 from einfuse.compress.format import CompressedTensor, CorruptCheckpoint, load, save
 from einfuse.compress.ternary import TernaryGrid, dequantize, ternary_gptq, ternary_rtn
 from einfuse.kinds.cdot import cdot, reference
@@ -140,7 +149,7 @@ def _checkpoint(tmp_path):
 def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
     ct, d = _checkpoint(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["experts.safetensors", "manifest.json"]
-    manifest = json.load(open(tmp_path / "manifest.json"))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["tensors"]["layers.0.experts.down_proj"]["shape"] == [3, 20, 64]
     tensors, d2, _ = load(str(tmp_path))
     assert torch.equal(tensors["layers.0.experts.down_proj"].dequantize(d2), ct.dequantize(d))
@@ -243,13 +252,13 @@ module experts
 
 
 def test_compress_experts_pass_encodes_the_weight_and_the_evaluator_decodes_it():
+    from einfuse.compress.experts import CompressedModel
     from einfuse.ir import parse, print_module
     from einfuse.ir.evaluator import evaluate
     from einfuse.ir.verify import verify
+    from einfuse.kinds.cdot import padded_dictionary
     from einfuse.passes.base import PassError
     from einfuse.passes.compress import CompressExperts, arrays
-    from einfuse.compress.experts import CompressedModel
-    from einfuse.kinds.cdot import padded_dictionary
     s = _stream(60, 64, 0.85, 4).view(3, 20, 64)
     lo, hi = -torch.rand(3, 20), torch.rand(3, 20)
     d = build_dictionary(symbol_probs(s), 8)

@@ -54,7 +54,7 @@ class Dictionary:
         return {"lengths": self.lengths, "nz": self.nz, "neg": self.neg}
 
     @classmethod
-    def from_tensors(cls, bits: int, max_len: int, t: dict[str, torch.Tensor]) -> "Dictionary":
+    def from_tensors(cls, bits: int, max_len: int, t: dict[str, torch.Tensor]) -> Dictionary:
         return cls(bits, max_len, t["lengths"], t["nz"], t["neg"])
 
     def expected_length(self, probs) -> float:
@@ -118,7 +118,7 @@ def build_dictionary(probs, bits: int, max_len: int = MAX_LEN) -> Dictionary:
         leaves += 2
     child_t = torch.tensor(child, dtype=torch.int32)
     is_leaf = (child_t < 0).all(1)
-    is_leaf[0] = False if len(depth) > 1 else True
+    is_leaf[0] = len(depth) == 1
     leaf_nodes = torch.nonzero(is_leaf).flatten()
     leaf = torch.full((len(depth),), -1, dtype=torch.int32)
     leaf[leaf_nodes] = torch.arange(len(leaf_nodes), dtype=torch.int32)

@@ -136,7 +136,7 @@ def _hessians(xs: list[torch.Tensor], cols: int, min_tokens: int) -> tuple[torch
         elif n < min_tokens:
             mean = H[e].diagonal().mean().clamp(min=1e-12)
             H[e] += torch.eye(cols, dtype=H.dtype) * mean * (min_tokens - n) / n
-            methods.append(f"gptq+damp (few tokens)")
+            methods.append("gptq+damp (few tokens)")
         else:
             methods.append("gptq")
     return H, methods, counts

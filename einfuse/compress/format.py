@@ -53,7 +53,7 @@ class CompressedTensor:
 
     # ---- construction
     @classmethod
-    def encode(cls, symbols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, d: Dictionary) -> "CompressedTensor":
+    def encode(cls, symbols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, d: Dictionary) -> CompressedTensor:
         if symbols.dim() == 2:
             symbols, lo, hi = symbols[None], lo[None], hi[None]
         E, rows, cols = symbols.shape
@@ -143,7 +143,7 @@ class CompressedTensor:
         return {"shape": list(self.shape), "bits": self.bits, "ncodes": self.ncodes, "bytes": self.nbytes()}
 
     @classmethod
-    def from_tensors(cls, meta: dict, t: dict[str, torch.Tensor], prefix: str) -> "CompressedTensor":
+    def from_tensors(cls, meta: dict, t: dict[str, torch.Tensor], prefix: str) -> CompressedTensor:
         return cls(tuple(meta["shape"]), meta["bits"], meta["ncodes"], t[f"{prefix}.codes"], t[f"{prefix}.counts"],
                    t[f"{prefix}.bases"], t[f"{prefix}.scales"], t[f"{prefix}.checksums"])
 

@@ -56,9 +56,10 @@ def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor
     """y [S, rows] for x [S, cols] (tokens sorted by expert), seg [A+1] token offsets, experts [A] ids.
     `dict_tensors`: `padded_dictionary(d)` computed once by the caller (else per call)."""
     import triton  # noqa: F401  (selects the interpreter on CPU before the kernel module is imported)
+
     from .cdot_triton import cdot_kernel
 
-    E, N, K = ct.shape
+    _, N, K = ct.shape
     if x.shape[-1] != K:
         raise ValueError(f"einfuse.kinds.cdot: activations have {x.shape[-1]} features, the compressed "
                          f"weight {tuple(ct.shape)} needs {K}")

@@ -43,7 +43,7 @@ def cdot_kernel(x_ptr, y_ptr, seg_ptr, expert_ptr,
         t_ok = t < t_stop
         acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
         pos = tl.zeros([BLOCK_R], dtype=tl.int32)
-        for s in range(0, steps):
+        for s in range(steps):
             live = s < count
             bitpos = (start + s) * BITS
             byte = bitpos // 8

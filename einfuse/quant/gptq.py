@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["Grid", "UniformGrid", "Hessian", "GPTQResult", "gptq", "rtn"]
+__all__ = ["GPTQResult", "Grid", "Hessian", "UniformGrid", "gptq", "rtn"]
 
 
 class Grid(Protocol):
@@ -128,7 +128,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
                          f"{W.shape[-1]}], got {tuple(H.shape)}")
     H = H.expand(*W.shape[:-2], *H.shape[-2:])
     out_dtype = W.dtype
-    rows, cols = W.shape[-2:]
+    cols = W.shape[-1]
     W = W.to(torch.float64).clone()
     H, dead = _prepare_hessian(H, damp)
     gs = grid.group_size
@@ -196,7 +196,7 @@ def _select_group(static: list, g: torch.Tensor):
 
 def rtn(W: torch.Tensor, grid: Grid) -> GPTQResult:
     """Round-to-nearest onto the same grid (the baseline GPTQ is measured against)."""
-    rows, cols = W.shape[-2:]
+    cols = W.shape[-1]
     Wd = W.to(torch.float64)
     gs = grid.group_size or cols
     Q = torch.zeros_like(Wd)
