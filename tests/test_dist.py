@@ -181,6 +181,26 @@ def test_tp2_split_tokens_equal_single_process():
 
 
 @pytest.mark.slow
+def test_tp2_every_overlap_pass_equal_single_process():
+    """split_tokens and the all-reduce + residual + RMSNorm call together: the same logits; every all-reduce
+    that feeds an RMSNorm (2 per layer, per half) became the fused call (GPT-2's LayerNorm is left alone)."""
+    rcs, outs, _ = launch(2, "tp_models.py", "llama,gpt2,qwen2", "split_tokens,allreduce_rmsnorm")
+    assert rcs == [0, 0], outs
+    rows = results(outs)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["rel"] < 1e-5 and row["rel2"] < 1e-5, row
+        assert row["fused"] == (0 if row["family"] == "gpt2" else 2 * 2 * 2), row
+
+
+def test_fused_allreduce_rmsnorm_kernel_compiles_for_sm80_sm90():
+    from einfuse.dist.fused import aot_check
+
+    for r in aot_check(archs=(80, 90), world=8, hidden=4096):
+        assert r.ok and r.spills == 0, r
+
+
+@pytest.mark.slow
 def test_ep2_mixtral_equal_single_process():
     """Experts split over 2 ranks (2 of 4 each): one all-reduce per layer sums the experts' weighted outputs."""
     rcs, outs, _ = launch(2, "tp_models.py", "mixtral", extra_env={"EP": "1"})

@@ -26,7 +26,7 @@ from .timeline import chrome_trace
 
 __all__ = ["Dist", "DistError", "Session", "chrome_trace", "init", "stopped_ranks", "write_timeline"]
 
-OVERLAP_PASSES = ("split_tokens",)  # see einfuse.passes.overlap
+OVERLAP_PASSES = ("split_tokens", "allreduce_rmsnorm")  # see einfuse.passes.overlap
 
 
 @dataclass(frozen=True)

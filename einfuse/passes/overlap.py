@@ -12,11 +12,12 @@ from __future__ import annotations
 import heapq
 
 import sympy
+import torch
 
 from ..ir import collective as coll
 from ..ir import index as ix
 from ..ir.expr import Access, Call, Const, IndexValue
-from ..ir.module import Module, Statement
+from ..ir.module import Module, Opaque, Statement, TensorRef
 from .base import Pass
 from .sharding import Shard, ShardingError
 
@@ -145,7 +146,133 @@ def _schedule(ops: dict, half: dict, order: dict, inputs: set) -> list:
     return body
 
 
-OVERLAP = {"split_tokens": SplitTokens}
+class FuseAllReduceNorm(Pass):
+    """An all-reduce whose only reader adds it to the residual stream, followed by that sum's RMSNorm, becomes
+    one call (`einfuse.dist.fused.allreduce_residual_rmsnorm`: on CUDA with symmetric memory one kernel reads
+    the peers' partial sums and normalizes; elsewhere an all-reduce and torch ops). The norm is matched by
+    its statements' structure and then checked by evaluating them against the formula; anything else is
+    left alone."""
+
+    name = "allreduce_rmsnorm"
+    TARGET = "einfuse.dist.fused:allreduce_residual_rmsnorm"
+
+    def run(self, m: Module) -> Module:
+        users, types = m.users(), m.types()
+        fused: dict = {}  # position of the residual add -> the call; names whose definitions go
+        drop: set = set()
+        for c in m.body:
+            if not (isinstance(c, coll.Collective) and c.kind == "all_reduce" and c.op == "sum"):
+                continue
+            found = _residual_norm(m, c, users, types)
+            if found is None:
+                continue
+            h, res, w, y, eps = found
+            call = Opaque(((h.name, h.type), (y.name, y.type)), self.TARGET,
+                          (TensorRef(c.src), TensorRef(res), TensorRef(w)), (("eps", eps), ("ranks", c.ranks)),
+                          h.loc)
+            fused[h.name] = call
+            drop |= {c.name, y.name}
+        if not fused:
+            return m
+        body = []
+        for op in m.body:
+            name = op.outputs[0]
+            if name in fused:
+                body.append(fused[name])
+            elif name not in drop:
+                body.append(op)
+        return m.replace(body=tuple(body))
+
+
+def _single_user(users, name):
+    us = users.get(name, [])
+    return us[0] if len(us) == 1 and isinstance(us[0], Statement) else None
+
+
+def _flat_identity(access: Access, out: Statement, src_shape) -> bool:
+    """The access reads the tensor at the statement's own row-major position (a view of the same rows)."""
+    from .sharding import eval_index, index_grid
+
+    ext = {r: int(n) for r, n in out.output_ranks().items()}
+    env = index_grid(sorted(ext, key=str), ext)
+    if not env:
+        return False
+    shape = next(iter(env.values())).shape
+
+    def flat(positions, dims):
+        total = torch.zeros(shape, dtype=torch.long)
+        for p, d in zip(positions, dims):
+            total = total * int(d) + eval_index(p, env).expand(shape)
+        return total
+
+    return torch.equal(flat(access.indices, src_shape), flat(out.index, out.type.shape))
+
+
+def _residual_norm(m: Module, c, users, types):
+    """(h, residual, weight, y, eps) when `h = residual + c` is c's one reader and y = weight * rmsnorm(h)."""
+    from ..ir.evaluator import evaluate
+    from ..ir.module import Input
+
+    h = _single_user(users, c.name)
+    if h is None or h.reduce is not None or not (isinstance(h.expr, Call) and h.expr.op == "add"):
+        return None
+    a, b = h.expr.args
+    if not (isinstance(a, Access) and isinstance(b, Access)):
+        return None
+    ar, res = (a, b) if a.tensor == c.name else (b, a)
+    if ar.tensor != c.name or res.tensor == c.name or types[res.tensor].shape != h.type.shape:
+        return None
+    if not (_flat_identity(ar, h, types[c.name].shape) and _flat_identity(res, h, h.type.shape)):
+        return None
+    if h.type.dtype.name != "f32" or types[c.src].dtype.name != "f32":
+        return None
+    # the norm's statements: every statement reachable from h until a weight multiplies it
+    chain, frontier, y, weight = [], [h.name], None, None
+    n_last = h.type.shape[-1]
+    for _ in range(8):
+        nxt = [u for name in frontier for u in users.get(name, []) if isinstance(u, Statement)
+               and u.name not in {s.name for s in chain} and u.reads() - {x.name for x in chain} <= {h.name} | {
+                   i.name for i in m.inputs if i.kind == "param"} | set(frontier)]
+        if not nxt:
+            break
+        for u in nxt:
+            if u not in chain:
+                chain.append(u)
+        frontier = [u.name for u in nxt]
+        params = [t for u in nxt for t in u.reads() if any(i.name == t and i.kind == "param" for i in m.inputs)]
+        if params:
+            weight, y = params[0], nxt[0]
+            break
+    if y is None or types[weight].shape != (n_last,) or y.type != h.type or len(chain) > 8:
+        return None
+    consts = [x.value for s in chain for x in _consts(s.expr) if isinstance(x.value, float) and 0 < x.value < 1e-2]
+    eps = consts[0] if consts else None
+    if eps is None:
+        return None
+    order = {op.outputs[0]: n for n, op in enumerate(m.body)}
+    chain.sort(key=lambda s: order[s.name])
+    sub = Module("norm_check", (Input(h.name, h.type), Input(weight, types[weight], "param")), tuple(chain),
+                 (y.name,))
+    g = torch.Generator().manual_seed(0)
+    hv = torch.randn(tuple(int(d) for d in h.type.shape), generator=g)
+    wv = torch.randn((int(n_last),), generator=g)
+    try:
+        got = evaluate(sub, {h.name: hv, weight: wv})[y.name]
+    except Exception:  # noqa: BLE001 (not the statements of a norm)
+        return None
+    want = wv * (hv * torch.rsqrt(torch.mean(hv * hv, dim=-1, keepdim=True) + eps))
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        return None
+    return h, res.tensor, weight, y, eps
+
+
+def _consts(e):
+    from ..ir.expr import walk
+
+    return [n for n in walk(e) if isinstance(n, Const)]
+
+
+OVERLAP = {"split_tokens": SplitTokens, "allreduce_rmsnorm": FuseAllReduceNorm}
 
 
 def overlap_pipeline(names, passes=None) -> list:

@@ -82,7 +82,7 @@ def slice_tensor(t: torch.Tensor, lay: Layout, part: int) -> torch.Tensor:
 _MAX_POINTS = 1 << 18
 
 
-def _grid(syms: list, extents: dict) -> dict:
+def index_grid(syms: list, extents: dict) -> dict:
     """Values of each symbol over their joint box (every point, or corners and a sample when large)."""
     values = []
     total = 1
@@ -102,13 +102,13 @@ def _grid(syms: list, extents: dict) -> dict:
     return {s: m.reshape(-1) for s, m in zip(syms, mesh)}
 
 
-def _eval(e, env: dict) -> torch.Tensor:
+def eval_index(e, env: dict) -> torch.Tensor:
     e = sympy.sympify(e)
     if e.is_Integer:
         return torch.tensor(int(e))
     if isinstance(e, sympy.Symbol):
         return env[e]
-    args = [_eval(a, env) for a in e.args]
+    args = [eval_index(a, env) for a in e.args]
     if isinstance(e, sympy.Add):
         return sum(args[1:], args[0])
     if isinstance(e, sympy.Mul):
@@ -151,7 +151,7 @@ def guarded_accesses(e: Expr, guards: tuple = ()):
 def _guard_mask(guards: tuple, env: dict, shape):
     mask = torch.ones(shape, dtype=torch.bool)
     for (d, op), truth in guards:
-        holds = _CMP[op](_eval(d, env), 0).expand(shape)
+        holds = _CMP[op](eval_index(d, env), 0).expand(shape)
         mask &= holds if truth else ~holds
     return mask
 
@@ -343,9 +343,9 @@ class _Sharder:
         syms = self._symbols(p, guards)
         if not sympy.sympify(p).free_symbols or any(s not in ext for s in syms):
             return out
-        env = _grid(syms, ext)
+        env = index_grid(syms, ext)
         shape = env[syms[0]].shape
-        e = _eval(p, env).expand(shape)
+        e = eval_index(p, env).expand(shape)
         read = _guard_mask(guards, env, shape) & (e >= 0) & (e < lay.outer * lay.parts * lay.inner)
         want = lay.part_of(e)[read]
         for r in syms:
@@ -363,15 +363,15 @@ class _Sharder:
         syms = self._symbols(p, guards)
         local_ext = dict(ext)
         local_ext[r] = rl.local_extent
-        env = _grid(syms, local_ext)
+        env = index_grid(syms, local_ext)
         genv = dict(env)
         if r in genv:
             genv[r] = rl.global_of(env[r], self.b)
         shape = env[syms[0]].shape
-        ge = _eval(p, genv).expand(shape)
+        ge = eval_index(p, genv).expand(shape)
         read = _guard_mask(guards, genv, shape) & (ge >= 0) & (ge < lay.outer * lay.parts * lay.inner)
         want = lay.local_of(ge)[read]
-        got = _eval(p, env).expand(env[syms[0]].shape)[read]
+        got = eval_index(p, env).expand(env[syms[0]].shape)[read]
         c = int(want[0] - got[0]) if want.numel() else 0
         if torch.equal(got + c, want):
             return sympy.sympify(p) + c

@@ -6,13 +6,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend's kernels under the interpreter on CPU
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from einfuse.ir import parse  # noqa: E402
-from einfuse.ir.evaluator import evaluate  # noqa: E402
-from einfuse.runtime.torch_backend import torch_backend  # noqa: E402
-from einfuse.runtime.triton_backend import triton_backend  # noqa: E402
+from einfuse.ir import parse
+from einfuse.ir.evaluator import evaluate
+from einfuse.runtime.torch_backend import torch_backend
+from einfuse.runtime.triton_backend import triton_backend
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

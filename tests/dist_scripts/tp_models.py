@@ -35,6 +35,7 @@ for fam in families:
     wire = module_wire_bytes(v.ir)
     rel = float((got - want).abs().max() / want.abs().max())
     rel2 = float((got2 - want2).abs().max() / want2.abs().max())
-    print(json.dumps({"family": fam, "rank": int(os.environ["RANK"]), "rel": rel, "rel2": rel2,
+    fused = sum(1 for op in v.ir.body if getattr(op, "target", "").endswith(":allreduce_residual_rmsnorm"))
+    print(json.dumps({"family": fam, "rank": int(os.environ["RANK"]), "rel": rel, "rel2": rel2, "fused": fused,
                       "collectives": [[c.kind, c.name, [str(d) for d in types[c.src].shape]] for c in colls],
                       "wire_bytes": wire, "s": round(time.perf_counter() - t0, 2)}), flush=True)
