@@ -383,3 +383,21 @@ def test_compiled_stage_runner():
     assert runners[0].stage_calls >= 4 and sum(s.group_passes for s in lay.steps) >= 2
     assert [r.output for r in lay.requests] == [r.output for r in chunked.requests] == \
            [r.output for r in eager.requests]
+
+
+def test_layered_preemption(moe):
+    """Too few blocks for every prompt at once: layered prefill preempts the newest request when an older one's
+    next segment needs blocks, and recomputes it later; every request finishes with the tokens chunked prefill
+    (which preempts too) gives."""
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(n)] for i, n in enumerate((26, 30, 22, 28))]
+    outs = {}
+    for name in ("chunked", "layered"):
+        sched = sim.make_policy(name, 8, 4, max_batch_tokens=16)
+        llm = LLM(moe, scheduler=sched, runner=LayerGroupRunner(moe), block_size=4, num_blocks=16)
+        ids = [llm.add_request(p, max_new_tokens=8, ignore_eos=True) for p in prompts]
+        done = {}
+        while llm.has_unfinished():
+            done.update({o.request_id: o for o in llm.step()})
+        outs[name] = [done[i].token_ids for i in ids]
+        assert sum(done[i].preemptions for i in ids) > 0, name
+    assert outs["layered"] == outs["chunked"]

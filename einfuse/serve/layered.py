@@ -98,16 +98,28 @@ class LayeredPrefill(Scheduler):
             self.inflight.pop(req.id, None)
             self._committed += req.num_computed + tokens == len(req.tokens)  # a decode from the next step
 
-    def _start(self, plan: Plan, req: Request) -> bool:
+    def _start(self, plan: Plan, req: Request, preempt: bool) -> bool:
         """Start a segment of `req` (running, blocks claimed for it here); False if none fits. Sized so that
         next step, too, has room for every decode and every segment's next group (`_committed`): a segment
-        in flight never waits for budget that newer work took."""
-        room = min(plan.budget, self.max_batch_tokens - self._committed)
-        n = min(req.remaining, self.segment(room), plan.blocks.max_tokens(req.id) - req.num_computed)
-        if n < 1 or not plan.blocks.allocate(req.id, req.num_computed + n):
-            return False
-        self._run(plan, req, n, 0)
-        return True
+        in flight never waits for budget that newer work took. With `preempt`, when blocks are short the
+        newest running requests are preempted for it (never an older one; `req` itself when it is the newest)."""
+        while True:
+            room = self.segment(min(plan.budget, self.max_batch_tokens - self._committed))
+            n = min(req.remaining, room, plan.blocks.max_tokens(req.id) - req.num_computed)
+            if n >= 1 and plan.blocks.allocate(req.id, req.num_computed + n):
+                self._run(plan, req, n, 0)
+                return True
+            if room < 1 or not preempt:
+                return False
+            victim = plan.running[-1]
+            if victim.id in plan.out.layers:  # scheduled this step as a layered chunk: give back its cost
+                lo, hi = plan.out.layers.pop(victim.id)
+                plan.budget += -(-plan.tokens[victim.id] * (hi - lo) // self.num_layers) - plan.tokens[victim.id]
+                plan.out.partial.discard(victim.id)
+            plan.preempt_newest()
+            self.inflight.pop(victim.id, None)
+            if victim is req:
+                return False
 
     def schedule(self, running, waiting, blocks: BlockManager):
         plan = Plan(running, blocks, self.max_batch_tokens)
@@ -127,14 +139,14 @@ class LayeredPrefill(Scheduler):
             else:
                 self._committed += self.cost(f.tokens, f.group)
         for req in [r for r in plan.running if r.remaining > 1 and r.id not in plan.tokens]:
-            if req.id not in self.inflight and not self._start(plan, req):
+            if req in plan.running and req.id not in self.inflight and not self._start(plan, req, preempt=True):
                 break
         if not plan.out.preempted:
             for req in sorted(waiting, key=lambda r: r.arrival):
                 if len(plan.running) >= self.max_running:
                     break
                 plan.running.append(req)
-                if not self._start(plan, req):
+                if not self._start(plan, req, preempt=False):
                     plan.running.pop()
                     break
                 plan.out.admitted.append(req)
