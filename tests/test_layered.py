@@ -401,3 +401,15 @@ def test_layered_preemption(moe):
         outs[name] = [done[i].token_ids for i in ids]
         assert sum(done[i].preemptions for i in ids) > 0, name
     assert outs["layered"] == outs["chunked"]
+
+
+def test_llm_scheduler_by_name(moe):
+    """LLM(model, scheduler="layered", backend="eager"): 4 layer groups over the eager layer-group runner, the
+    same tokens as chunked prefill over the reference runner."""
+    prompts = [[(5 * i + j) % 250 + 1 for j in range(n)] for i, n in enumerate((40, 9, 33))]
+    llm = LLM(moe, scheduler="layered", backend="eager", max_batch_tokens=16, num_blocks=64)
+    assert isinstance(llm.scheduler, LayeredPrefill) and len(llm.scheduler.groups) == 4
+    assert isinstance(llm.runner, LayerGroupRunner)
+    ref = LLM(moe, scheduler="chunked", backend="eager", max_batch_tokens=16, num_blocks=64)
+    assert llm.generate(prompts, max_new_tokens=4, ignore_eos=True) == \
+           ref.generate(prompts, max_new_tokens=4, ignore_eos=True)

@@ -108,7 +108,9 @@ class LLM:
     dtype: the model's and the cache's dtype (None: the model's; another converts the model in place).
     backend, runner: the ModelRunner (runner.py); runner=None asks `make_runner`: backend "eager" is the
         reference runner (the transformers model, recomputed), any other the compiled PagedRunner (paged.py).
-    scheduler: "chunked" (Sarathi-style chunked prefill), "none" (whole prompts) or a Scheduler instance.
+    scheduler: "chunked" (Sarathi-style chunked prefill), "none" (whole prompts), "layered" (layered prefill in
+        4 layer groups, layered.py; its runner: LayerGroupRunner for backend "eager", else the compiled
+        CompiledLayerGroupRunner) or a Scheduler instance.
     cache_policy: None (the model's own: its sliding window when every layer has one), "streaming"
         (StreamingLLM: 4 sink tokens + a recent window; positions outside it are evicted) or a CachePolicy.
 
@@ -137,8 +139,16 @@ class LLM:
         if num_blocks is None:
             num_blocks = max(1, cache_bytes // (kv_bytes_per_token(config, dtype) * block_size))
         self.blocks = BlockManager(num_blocks, block_size, cache_policy.sink_tokens)
+        if scheduler == "layered":
+            from .layered import LayeredPrefill
+
+            scheduler = LayeredPrefill(config.num_hidden_layers, min(4, config.num_hidden_layers), max_batch_tokens)
         self.scheduler = make_scheduler(scheduler, max_batch_tokens)
         self.cache = CacheConfig(num_blocks, block_size, self.scheduler.max_batch_tokens, dtype, cache_policy)
+        if runner is None and getattr(self.scheduler, "num_layers", None) is not None:
+            from .layered import layered_runner
+
+            runner = layered_runner(model, self.cache, len(self.scheduler.groups), backend)
         self.runner = runner if runner is not None else make_runner(model, self.cache, backend)
         layered = getattr(self.scheduler, "num_layers", None)  # a layered scheduler (layered.py)
         if layered is not None:

@@ -250,6 +250,16 @@ class LayerGroupRunner:
         return self.model.lm_head(last)[0, -1].float()
 
 
+def layered_runner(model, cache: CacheConfig, groups: int, backend: str | None = None):
+    """The runner `LLM(model, scheduler="layered")` uses: LayerGroupRunner for backend "eager", else
+    CompiledLayerGroupRunner over `groups` stages; the model converted to the cache's dtype, as make_runner does."""
+    if next(model.parameters()).dtype != cache.dtype:
+        model.to(cache.dtype)
+    if backend == "eager":
+        return LayerGroupRunner(model)
+    return CompiledLayerGroupRunner(model, groups, backend)
+
+
 class CompiledLayerGroupRunner:
     """Layered prefill on einfuse's compiled programs: decodes and whole-model chunks run through PagedRunner's
     prefill/decode programs; a chunk over some layer groups runs the *stage programs* of those groups —
