@@ -303,3 +303,23 @@ def test_fused_kernel_compiles_for_sm80_sm90a_without_spills(tmp_path):
     assert len(checks) == 4
     for c in checks:
         assert c.ok and c.spills == 0 and c.registers <= 255, c
+
+
+@pytest.mark.slow
+def test_compress_experts_through_einfuse_compile(tmp_path):
+    """prepare=[compress_experts(...)] on a captured Mixtral: the dumps carry the tdict code streams and the
+    decode; the compiled model (torch backend) equals the model with its experts replaced by the ternary
+    weights; the derived inputs bind to the buffers compress_experts registered."""
+    import einfuse
+    from einfuse.passes.compress import compress_experts
+    model = _tiny_mixtral(layers=1)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    p = compress_experts(model=model, calibration=[torch.randint(0, 64, (2, 16))], widths=(6,), progress=False)
+    want = model(ids, use_cache=False).logits
+    fn = einfuse.compile(model, (ids,), kwargs={"use_cache": False}, prepare=[p], backend="torch",
+                         dump_dir=str(tmp_path))
+    got = fn(ids, use_cache=False).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    text = (tmp_path / "00_lower.ir").read_text()
+    assert "mlp_experts_gate_up_proj_codes: tdict6[" in text and "decode_experts" in text
+    assert "bits_per_param=" in text
