@@ -230,6 +230,18 @@ def test_dead_rank_named_within_60s():
     assert float(err.split()[4].rstrip(":")) - killed < 60, (err, killed)
 
 
+@pytest.mark.slow
+def test_hung_rank_named_after_the_timeout():
+    """Rank 1 stops issuing collectives but stays alive: rank 0's collective times out (Dist(timeout_s=15))
+    and the error names rank 1 as behind (its heartbeat publishes how many collectives it issued)."""
+    rcs, outs, _ = launch(2, "fail_cases.py", "hang", timeout=240)
+    assert rcs[0] == 3, outs
+    err = next(line for line in outs[0].splitlines() if line.startswith("ERROR rank 0"))
+    assert "rank 1 (" in err and "is alive but behind" in err, err
+    hung = float(next(line for line in outs[1].splitlines() if line.startswith("HANGS")).split()[1])
+    assert float(err.split()[4].rstrip(":")) - hung < 60, (err, hung)
+
+
 def test_mismatched_models_fail_at_start():
     rcs, outs, _ = launch(2, "fail_cases.py", "mismatch", timeout=180)
     assert rcs == [3, 3], outs

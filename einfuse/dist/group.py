@@ -59,7 +59,7 @@ def _start_heartbeat() -> None:
         n = 0
         while not stop.is_set():
             try:
-                store.set(f"einfuse/beat/{rank}", str(n))
+                store.set(f"einfuse/beat/{rank}", f"{n}:{coll.ENV.issued}")
             except Exception:  # noqa: BLE001 (the store is gone: the run is ending)
                 return
             n += 1
@@ -102,11 +102,31 @@ def explain(exc: BaseException, what) -> str:
     me = dist.get_rank() if dist.is_initialized() else "?"
     if dead:
         names = ", ".join(f"rank {r}" for r in dead)
-        return (f"{names} stopped responding (no heartbeat; it died or hangs), so rank {me} cannot go on "
+        return (f"{names} stopped responding (no heartbeat; it died), so rank {me} cannot go on "
                 f"[{type(exc).__name__}: {first}]")
     if dead is None:
         return f"the rendezvous store is unreachable (rank 0 or the launcher died) [{type(exc).__name__}: {first}]"
+    behind = behind_ranks()
+    if behind:
+        names = ", ".join(f"rank {r} ({n} collectives issued, this rank {coll.ENV.issued})" for r, n in behind)
+        return (f"{names} is alive but behind: it hangs or is stuck before this collective, so rank {me} timed "
+                f"out [{type(exc).__name__}: {first}]")
     return f"{type(exc).__name__}: {first} (every rank's heartbeat is alive: a timeout or a mismatched collective)"
+
+
+def behind_ranks() -> list:
+    """(rank, collectives it issued) for the ranks that issued fewer collectives than this one."""
+    store = _state["store"]
+    if store is None or not dist.is_initialized():
+        return []
+    out = []
+    for r, v in _beats(store, dist.get_world_size()).items():
+        if r == dist.get_rank() or v is None:
+            continue
+        issued = int(v.decode().split(":")[1]) if isinstance(v, bytes) else int(str(v).split(":")[1])
+        if issued < coll.ENV.issued:
+            out.append((r, issued))
+    return out
 
 
 def exchange_hash(text: str, what: str) -> None:

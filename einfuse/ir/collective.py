@@ -168,6 +168,7 @@ class Environment:
     explain: object = None  # callable(exc, Collective or kind) -> str: names the rank that failed
     events: list | None = None  # (name, kind, start s, issued s, waited s, end s)
     blocked_s: float = 0.0  # time spent waiting for collectives since the last reset
+    issued: int = 0  # collectives this process has issued (a heartbeat publishes it: who is behind)
 
 
 ENV = Environment()
@@ -223,6 +224,7 @@ def start(kind: str, x: torch.Tensor, ranks, op: str = "sum", dim: int = 0, what
     what = what or kind
     ranks = tuple(ranks)
     n = len(ranks)
+    ENV.issued += 1
     g = group_for(ranks)
     x = x.contiguous()
     try:

@@ -1,5 +1,5 @@
 """Failure cases under a 2-rank job: `mismatch` (rank 1 compiles another model), `weights` (rank 1 has other
-weights) or `kill` (rank 1 dies mid-run)."""
+weights), `kill` (rank 1 dies mid-run) or `hang` (rank 1 stops issuing collectives but lives)."""
 import os
 import signal
 import sys
@@ -16,12 +16,16 @@ layers = 1 if case == "mismatch" and rank == 1 else 2
 model = tiny_decoder("llama", num_hidden_layers=layers, seed=1 if case == "weights" and rank == 1 else 0)
 ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
 try:
-    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=2, timeout_s=20))
+    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=2, timeout_s=20 if case != "hang" else 15))
     with torch.no_grad():
         for step in range(400):
             if case == "kill" and rank == 1 and step == 3:
                 print(f"KILLED {time.time():.3f}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if case == "hang" and rank == 1 and step == 3:
+                print(f"HANGS {time.time():.3f}", flush=True)
+                time.sleep(40)
+                os._exit(4)
             cm(ids)
             time.sleep(0.01)
 except Exception as exc:  # noqa: BLE001
