@@ -362,14 +362,16 @@ def test_stages_of_the_serving_prefill_program():
 
 
 @pytest.mark.slow
-def test_compiled_stage_runner():
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_compiled_stage_runner(family):
     """Layered prefill on einfuse's compiled programs: group passes run the serving prefill program's stages
     (passes.stages, torch backend) over the PagedRunner's cache states, everything else its prefill/decode
     programs — the same tokens as compiled chunked prefill and as the eager layer-group runner."""
     from einfuse.serve import PagedRunner
     from einfuse.serve.layered import CompiledLayerGroupRunner
 
-    model = tiny_decoder("llama", num_hidden_layers=4, hidden_size=32, intermediate_size=64)
+    extra = {"num_local_experts": 8} if family == "mixtral" else {}
+    model = tiny_decoder(family, num_hidden_layers=4, hidden_size=32, intermediate_size=64, **extra)
     trace = sim.bursty_trace(8, seed=3, rate=400.0, prompt=(4, 80), output=(3, 10))
     runners = []
 
