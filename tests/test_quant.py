@@ -46,10 +46,10 @@ def test_progressive_values_stay_in_int8_and_pack_roundtrips():
     s, z = fm.progressive_params(w8, 64)
     codes = fm.progressive_codes(w8, s, z, 64)
     assert codes.max() <= 15 and s.max() <= 16 and (z.int() * s.int()).max() <= 255
-    exact = codes.int() * fm._expand(s, 200, 64).int() - fm._expand(z, 200, 64).int() * fm._expand(s, 200, 64).int()
+    exact = codes.int() * fm.expand_groups(s, 200, 64).int() - fm.expand_groups(z, 200, 64).int() * fm.expand_groups(s, 200, 64).int()
     assert exact.abs().max() <= 127  # subtraction after multiplication never leaves int8
     assert torch.equal(fm.progressive_w8(codes, s, z, 64).int(), exact)
-    assert ((exact - w8).abs() <= fm._expand(s, 200, 64).float() / 2 + 1e-6).all()
+    assert ((exact - w8).abs() <= fm.expand_groups(s, 200, 64).float() / 2 + 1e-6).all()
     assert torch.equal(fm.unpack_u4(fm.pack_u4(codes), 200), codes)
 
 

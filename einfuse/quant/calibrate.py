@@ -32,13 +32,14 @@ class ProgressiveGrid:
     group_size: int
 
     def fit(self, w):
+        w = w.clamp(-fm.PROTECT, fm.PROTECT)  # GPTQ's updates may push a weight past the protective range
         lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
         s = torch.ceil((hi - lo) / 15).clamp(1, 16)
         return s, torch.round(-lo / s).clamp(0, 15)
 
     def quantize(self, w, params):
         s, z = params
-        q = (torch.round(w / s) + z).clamp(0, 15)
+        q = (torch.round(w.clamp(-fm.PROTECT, fm.PROTECT) / s) + z).clamp(0, 15)  # (q - z) * s stays in int8
         return (q - z) * s, q.to(torch.int32)
 
 
@@ -301,7 +302,11 @@ def quantize_linear(mod: torch.nn.Linear, scheme: Scheme, hessian: torch.Tensor 
             w8 = torch.round(lvl).clamp(-fm.PROTECT, fm.PROTECT)
             gs, gz = fm.progressive_params(w8, g)
             codes = fm.progressive_codes(w8, gs, gz, g)
-        w8 = fm.progressive_w8(codes, gs, gz * 1, g)
+        exact = codes.int() * fm.expand_groups(gs, codes.shape[-1], g).int() - \
+            fm.expand_groups(gz, codes.shape[-1], g).int() * fm.expand_groups(gs, codes.shape[-1], g).int()
+        if exact.abs().max() > 127:
+            raise RuntimeError(f"einfuse.quant: a W4A8 level-1 value {int(exact.abs().max())} leaves int8")
+        w8 = fm.progressive_w8(codes, gs, gz, g)
         zs = (gz.to(torch.int16) * gs.to(torch.int16)).to(torch.uint8)  # the IR's zero: z * s
         bufs = {"weight_q": fm.pack_u4(codes), "weight_s": s1, "weight_gs": gs, "weight_gz": zs}
         deq = w8.float() * s1[:, None]

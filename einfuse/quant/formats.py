@@ -26,7 +26,7 @@ def groups(k: int, group: int) -> int:
     return (k + group - 1) // group
 
 
-def _expand(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
+def expand_groups(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     """[N, G] per-group values -> [N, K] (the IR's `t[n, k // group]`)."""
     return t.repeat_interleave(group, dim=-1)[..., :k]
 
@@ -71,14 +71,14 @@ def progressive_params(w8: torch.Tensor, group: int):
 
 def progressive_codes(w8: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
     k = w8.shape[-1]
-    sf, zf = _expand(s, k, group).float(), _expand(z, k, group).float()
+    sf, zf = expand_groups(s, k, group).float(), expand_groups(z, k, group).float()
     return (torch.round(w8.float() / sf) + zf).clamp(0, 15).to(torch.uint8)
 
 
 def progressive_w8(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
     """The IR's `W_w8 = i8(q * s - z * s)`: level-1 integers from the codes."""
     k = codes.shape[-1]
-    sf, zf = _expand(s, k, group).to(torch.int16), _expand(z, k, group).to(torch.int16)
+    sf, zf = expand_groups(s, k, group).to(torch.int16), expand_groups(z, k, group).to(torch.int16)
     return (codes.to(torch.int16) * sf - zf * sf).to(torch.int8)
 
 
@@ -100,10 +100,10 @@ def asym4_params(w: torch.Tensor, group: int, clip: torch.Tensor | float = 1.0):
 
 def asym4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
     k = w.shape[-1]
-    sf, zf = _expand(scale, k, group).float(), _expand(zero, k, group).float()
+    sf, zf = expand_groups(scale, k, group).float(), expand_groups(zero, k, group).float()
     return (torch.round(w.float() / sf) + zf).clamp(0, 15).to(torch.uint8)
 
 
 def asym4_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
     k = codes.shape[-1]
-    return (codes.float() - _expand(zero, k, group).float()) * _expand(scale, k, group).float()
+    return (codes.float() - expand_groups(zero, k, group).float()) * expand_groups(scale, k, group).float()
