@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from ..passes.base import Pass
 from ..passes.sharding import Shard, slice_tensor
 from .group import DistError, exchange_hash, init, stopped_ranks
 from .timeline import chrome_trace
+
+log = logging.getLogger("einfuse")
 
 __all__ = ["Dist", "DistError", "Session", "chrome_trace", "init", "stopped_ranks", "write_timeline"]
 
@@ -134,6 +137,9 @@ class Session:
     def bind(self, v):
         """A built variant reads this rank's slices of the split weights; its runner records a timeline."""
         shard = self.shards[-1]
+        if shard.gathers:  # correct, but the plan did not fit these reads: each costs an all-gather per call
+            log.warning("einfuse: the sharding plan left %d reads misaligned (all-gathered every call): %s",
+                        len(shard.gathers), ", ".join(shard.gathers[:8]))
         # the same weights on every rank (a model built without the same seed would compute garbage silently)
         sample = [f"{n}:{float(t.detach().flatten()[:256].double().sum()):.9e}" for n, t in sorted(v.bindings.items())
                   if isinstance(t, torch.Tensor) and t.numel()]
