@@ -26,8 +26,9 @@ import json
 import sys
 import time
 
-import einfuse  # noqa: F401  (Triton's interpreter on a CPU machine)
 import torch
+
+import einfuse  # noqa: F401  (Triton's interpreter on a CPU machine)
 
 
 def truncated(dtype, layers: int):

@@ -315,7 +315,7 @@ class QDotKind(DotKind):
         if mask:
             kb.assign("emask", mask)  # the stores' mask; loads take their own rank's
         offset = em.store_offset(names, anchor)
-        held = (lambda a: values[a.tensor][0] if a.tensor in values else None)  # noqa: E731
+        held = (lambda a: values[a.tensor][0] if a.tensor in values else None)
         c = contraction(anchor, em.dtype_of)
         ragged = {**{r: "mmask" for r in c.m if mask and "mmask" in mask},
                   **{r: "nmask" for r in c.n if mask and "nmask" in mask}}
@@ -339,7 +339,7 @@ class QDotKind(DotKind):
         op = packed_operand(e, k, em.types)
         if op is None:
             return super().operand(em, tile, e, side, mp)
-        kb, hoist = em.kb, tile.hoist
+        hoist = tile.hoist
         lead = list(op.packed.indices[:-1])
         K = em.extents[k]
         t = em.types[op.packed.tensor]
