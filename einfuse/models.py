@@ -78,6 +78,8 @@ DECODERS = {
                          num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
                          topk_group=1)),
     "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", dict(_SMALL)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",  # q/k RMS norms; top-k without renormalization
+              dict(_SMALL, num_experts=8, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 
 

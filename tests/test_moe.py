@@ -127,3 +127,18 @@ def test_moe_kernels_compile_for_sm80_sm90a():
     for c in checks:
         assert c.ok, f"{c.name} on sm_{c.arch}:\n{c.error}"
         assert c.spills == 0 and c.tensor_core, c
+
+
+def test_olmoe_model_compiles_its_experts_to_the_moe_kind_and_matches_eager():
+    """OLMoE (top-2 of 8 without renormalization, q/k norms): the whole tiny model (2 layers) on the torch
+    backend; every layer's experts become the two moe kernels; logits match eager."""
+    from einfuse.models import token_inputs
+
+    model = tiny_decoder("olmoe")
+    cm = einfuse.compile(model, kwargs=token_inputs(0), backend="torch")
+    assert [k.roles for k in moe_kernels(cm)] == [("gate_up", "act"), ("down", "combine")] * 2, cm.ir
+    assert not ROUTING_OPAQUE & {op.target for op in cm.ir.body if isinstance(op, Opaque)}
+    with torch.no_grad():
+        for k in range(1, 3):
+            inputs = token_inputs(k)
+            assert rel(cm(**inputs).logits, model(**inputs).logits) <= TOL
