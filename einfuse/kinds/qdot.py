@@ -275,8 +275,15 @@ class QDotKind(DotKind):
             return None
         return found
 
+    @staticmethod
+    def _fp8(m: Module, s: Statement) -> bool:
+        """A contraction reading an fp8 tensor (docs/quant.md's fp8 weights: `f32(W_q[n, k])`)."""
+        types = m.types()
+        return (contraction(s, lambda n: types[n].dtype) is not None
+                and any(types[a.tensor].dtype in FP8 for a in accesses(s.expr)))
+
     def claims(self, m: Module, s: Statement) -> bool:
-        return super().claims(m, s) and self._packed(m, s) is not None
+        return super().claims(m, s) and (self._packed(m, s) is not None or self._fp8(m, s))
 
     def group_roles(self, m: Module, members: list) -> tuple | None:
         roles = super().group_roles(m, members)
@@ -284,7 +291,7 @@ class QDotKind(DotKind):
             return None
         prod = m.producers()
         dots = [prod[n] for n, r in zip(members, roles) if r == "acc"]
-        return roles if all(self._packed(m, d) for d in dots) else None
+        return roles if all(self._packed(m, d) or self._fp8(m, d) for d in dots) else None
 
     def _tiles(self, g: Group, block_mn: int = 64, block_k: int | None = None) -> Mapping:
         groups = {p.group for s in g.statements if s.reduce is not None for p in (self._packed(g.module, s) or [])}
@@ -338,7 +345,7 @@ class QDotKind(DotKind):
         (k,) = mp.red
         op = packed_operand(e, k, em.types)
         if op is None:
-            return super().operand(em, tile, e, side, mp)
+            return self._fp8_operand(em, tile, e) or super().operand(em, tile, e, side, mp)
         hoist = tile.hoist
         lead = list(op.packed.indices[:-1])
         K = em.extents[k]
@@ -380,4 +387,29 @@ class QDotKind(DotKind):
         return inner.value(e, "dq_tile")[0]
 
 
+    @staticmethod
+    def _fp8_operand(em: Emitter, tile: Tile, e) -> str | None:
+        """An operand reading fp8 tensors: each is loaded as bytes and reinterpreted (a masked load's 0 has
+        no fp8 conversion in Triton's interpreter), then the IR's expression (`f32(W_q[n, k])`) computes on
+        it. The product runs as the contraction's operand type (f32 here: the IR widens fp8 operands)."""
+        reads = [a for a in accesses(e) if em.types[a.tensor].dtype in FP8]
+        if not reads or any(isinstance(p, Expr) for a in reads for p in a.indices):
+            return None
+        held = {}
+        for a in reads:
+            t = em.types[a.tensor]
+            offset = tile.index(ix.flat_offset(list(a.indices), list(t.shape)).xreplace(em.unit_ranks))
+            syms = set().union(*[sympy.sympify(p).free_symbols for p in a.indices])
+            masks = sorted({tile.masks[r] for r in syms if r in tile.masks and r not in em.unit_ranks})
+            mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
+            raw = tile.emit(f"tl.load({em.pointer(a.tensor)}.to(tl.pointer_type(tl.uint8)) + ({offset}){mask})",
+                            f"{a.tensor}_bytes")
+            fp = tile.emit(f"{raw}.to({TL[t.dtype.name]}, bitcast=True)", a.tensor)
+            held[a] = tile.emit(f"{fp}.to(tl.float32)", f"{a.tensor}_f32")  # registers hold f32 (compute_dtype)
+        inner = Tile(em, tile.ranks, tile.masks, held=lambda a: held.get(a), flats=tile.flats)
+        inner.block = tile.block
+        return inner.value(e, "fp8_tile")[0]
+
+
+FP8 = (dt.f8e4m3, dt.f8e5m2)
 QDOT = register_kind(QDotKind())
