@@ -77,6 +77,38 @@ def test_one_token_many_blocks_and_an_expert_nobody_routes_to():
         assert up.bytes_loaded < (activated_experts(ids, 6) * per_expert) * 1.1 + tokens * 6 * 8 * HIDDEN * 4
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prefill_gathers_each_experts_tokens(backend):
+    """150 tokens (three token blocks): the gate/up kernel gathers each expert's routed tokens into blocks
+    of its own (permutation by expert), so it loads an expert's gate/up weights once per 64 of its tokens,
+    not once per token block that has one; an expert nobody routes to loads nothing; matches eager."""
+    layer = moe_layer("mixtral", num_local_experts=6)
+    with torch.no_grad():
+        layer.gate.weight[5] = -1.0  # positive inputs: expert 5's logit is always the lowest
+    tokens, inputs = 150, [torch.rand(1, 150, HIDDEN, generator=torch.Generator().manual_seed(k)) + 0.1 for k in range(2)]
+    cm = einfuse.compile(layer, (inputs[0],), backend=backend)
+    with torch.no_grad():
+        for x in inputs:
+            assert rel(cm(x), layer(x)) <= TOL
+    if backend != "triton":
+        return
+    x = inputs[0]
+    with torch.no_grad():
+        _, _, ids = layer.gate(x.reshape(-1, HIDDEN))
+        rep = cm.report(x, eager=False)
+    assert 5 not in ids
+    counts = torch.bincount(ids.reshape(-1), minlength=6)
+    per_expert, n_tiles, chunks = 2 * 128 * HIDDEN * 4, 2, (counts + 63) // 64  # gate+up [2I, H] f32; I = 128
+    gathered = int(chunks.sum()) * per_expert
+    by_block = sum(bool((ids[b:b + 64] == e).any()) for b in range(0, tokens, 64) for e in range(6)) * per_expert
+    # activations: each routed token's state once per intermediate tile, the routing column scanned per block
+    activations = n_tiles * 2 * tokens * HIDDEN * 4 + 6 * n_tiles * (1 + int(chunks.max())) * tokens * 4
+    up = next(k for k in rep.kernels if any(s.startswith("moe_up") for s in k.statements))
+    assert up.bytes_loaded <= gathered + activations, (up.bytes_loaded, gathered, activations)
+    # token-order blocks load an expert's tiles once per block with a token routed to it, besides the same rows
+    assert up.bytes_loaded < by_block + n_tiles * 2 * tokens * HIDDEN * 4, (up.bytes_loaded, by_block)
+
+
 def test_unrecognized_experts_say_why_and_still_match():
     """A GELU expert activation is not the SwiGLU the kind runs: lowered op by op, explained."""
     layer = moe_layer("mixtral", hidden_act="gelu")

@@ -10,10 +10,13 @@ model written in the dense "every expert on every token" form lowers to; `einfus
     down[t, e, h] = sum[i] act[t, e, i] * w_down[e, h, i]                            # role down
     out[t, h]     = sum[e] gw[t, e] * down[t, e, h]                                  # role combine
 
-Two kernels of this kind run it. `gate_up + act`: one program per (expert, tile of the intermediate),
-looping over token blocks and skipping those no token of which routes to the expert; the expert's
-weight tile is loaded once per token block that has one (once per step in decode) and an inactive
-expert loads nothing; SwiGLU is the epilogue. `down + combine`: one program per (token block, tile of the
+Two kernels of this kind run it. `gate_up + act`: one program per (expert, tile of the intermediate).
+A step whose tokens fit one token block (decode) computes that block if a token of it routes to the
+expert; a longer step (prefill) first gathers the expert's routed tokens into blocks of its own
+(permutation by expert: each program ranks the tokens routed to its expert with a cumulative sum over
+the routing column, no sort kernel and no index tensor in memory), so the expert's weight tile is loaded
+once per BLOCK_T of *its* tokens and only its rows are computed; an inactive expert loads nothing;
+SwiGLU is the epilogue (prefill writes only the routed (token, expert) rows of act, the only ones read). `down + combine`: one program per (token block, tile of the
 hidden size), looping over the experts its tokens route to, weighting each expert's output as it
 accumulates (the combine needs no scatter and no atomics).
 
@@ -23,8 +26,10 @@ bytes_per_expert)` is the expert-weight bytes one MoE layer loads in a step whos
 routes to is loaded once, the others not at all. `expert_bytes_from_counts(counts, bytes_per_expert)`
 takes tokens per expert instead; `expert_param_bytes(hidden, intermediate, dtype)` is one gated expert's
 weight bytes (gate, up and down projections). Under Triton's interpreter the traffic counter measures
-what the kernels load; that equals this model when a step's tokens fit one token block (decode), and
-on a GPU the re-reads of a weight tile by later token blocks of a long prompt come from L2.
+what the kernels load; that equals this model when a step's tokens fit one token block (decode). In
+prefill the gate/up kernel loads an expert's gate/up weights once per BLOCK_T tokens routed to it; the
+down kernel (token-major, so that the combine needs no atomics) still loads an expert's down weights once
+per token block with a token routed to it (on a GPU those re-reads mostly come from L2).
 """
 from __future__ import annotations
 
@@ -343,41 +348,74 @@ class MoEKind(KernelKind):
         kb.assign(e, "tl.program_id(0)")
         kb.assign(n, "tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]")
         kb.assign("nmask", f"{n} < {em.ext(N)}")
-        with kb.loop("t0", f"0, {em.ext(T)}, BLOCK_T"):
-            kb.assign(t, "t0 + tl.arange(0, BLOCK_T)[:, None]")
-            kb.assign("tmask", f"{t} < {em.ext(T)}")
+        stmask = "tmask & nmask"
+        act_at = em.store_offset(names, act.replace(index=(f.t, f.e, f.n)))
+
+        def routed_rows() -> None:
+            """`routed`: which rows `t` (under `tmask`) route to expert `e`; `busy`: how many."""
             gate = Tile(em, {f.t: t, f.e: e}, {f.t: "tmask"})
             cond, _ = gate.value(Call("ne", (f.gate, Const(0))))
             kb.place(gate.block)
             kb.assign("routed", f"tl.where(tmask, {cond}, 0) != 0")  # a [BLOCK_T, 1] mask even for one token
             kb.assign("busy", "tl.sum(tl.sum(routed.to(tl.int32), axis=1), axis=0)")
-            stmask = "tmask & nmask"
-            with kb.when("busy > 0", "a token of this block routes to this expert"):
-                kb.assign("acc_gate", "tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)")
-                kb.assign("acc_up", "tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)")
-                with kb.loop("k0", f"0, {em.ext(K)}, BLOCK_K"):
-                    self._k_loop(em, K, f.h, ka, kbn, k_rag)
-                    kmask = {f.h: "kmask_a"} if k_rag else {}
-                    ta = Tile(em, {f.t: t, f.h: ka[f.h]}, {f.t: "routed", **kmask})
-                    a_code, _ = ta.value(narrow_operand(f.a, em.dtype_of)[0])
-                    a_code = ta.emit(f"tl.broadcast_to({a_code}, (BLOCK_T, BLOCK_K))", "a_tile")  # one token: a row
-                    tb = Tile(em, {f.e: e, f.n: n, f.h: kbn[f.h]}, {f.n: "nmask", **({f.h: "kmask_b"} if k_rag else {})})
-                    b_gate = self.expert_weights(em, tb, f.b, operand)
-                    b_up = self.expert_weights(em, tb, substitute(f.b, {f.n: f.n + N}), operand)
-                    kb.place(ta.block)
-                    kb.place(tb.block)
-                    self._dot(em, "acc_gate", a_code, b_gate, operand, mp)
-                    self._dot(em, "acc_up", a_code, b_up, operand, mp)
-                first = Access(f.stmt.name, (f.t, f.e, f.n))
-                second = Access(f.stmt.name, (f.t, f.e, f.n + N))
-                held = {first: "acc_gate", second: "acc_up"}
-                tail = Tile(em, names, {f.t: "tmask", f.n: "nmask"}, held=lambda x: held.get(x))
-                value, d = tail.value(act_expr, act.name)
-                kb.place(tail.block)
-                em.store(act, em.store_offset(names, act.replace(index=(f.t, f.e, f.n))), value, d, stmask)
+
+        def gate_up_block() -> None:
+            """The rows `t` (those under `routed`) times the expert's gate/up tiles, SwiGLU, stored to act."""
+            kb.assign("acc_gate", "tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)")
+            kb.assign("acc_up", "tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)")
+            with kb.loop("k0", f"0, {em.ext(K)}, BLOCK_K"):
+                self._k_loop(em, K, f.h, ka, kbn, k_rag)
+                kmask = {f.h: "kmask_a"} if k_rag else {}
+                ta = Tile(em, {f.t: t, f.h: ka[f.h]}, {f.t: "routed", **kmask})
+                a_code, _ = ta.value(narrow_operand(f.a, em.dtype_of)[0])
+                a_code = ta.emit(f"tl.broadcast_to({a_code}, (BLOCK_T, BLOCK_K))", "a_tile")  # one token: a row
+                tb = Tile(em, {f.e: e, f.n: n, f.h: kbn[f.h]}, {f.n: "nmask", **({f.h: "kmask_b"} if k_rag else {})})
+                b_gate = self.expert_weights(em, tb, f.b, operand)
+                b_up = self.expert_weights(em, tb, substitute(f.b, {f.n: f.n + N}), operand)
+                kb.place(ta.block)
+                kb.place(tb.block)
+                self._dot(em, "acc_gate", a_code, b_gate, operand, mp)
+                self._dot(em, "acc_up", a_code, b_up, operand, mp)
+            first = Access(f.stmt.name, (f.t, f.e, f.n))
+            second = Access(f.stmt.name, (f.t, f.e, f.n + N))
+            held = {first: "acc_gate", second: "acc_up"}
+            tail = Tile(em, names, {f.t: "tmask", f.n: "nmask"}, held=lambda x: held.get(x))
+            value, d = tail.value(act_expr, act.name)
+            kb.place(tail.block)
+            em.store(act, act_at, value, d, stmask)
+
+        with kb.when(f"{em.ext(T)} <= BLOCK_T", "decode: the step's tokens are one block"):
+            kb.assign(t, "tl.arange(0, BLOCK_T)[:, None]")
+            kb.assign("tmask", f"{t} < {em.ext(T)}")
+            routed_rows()
+            with kb.when("busy > 0", "a token of the step routes to this expert"):
+                gate_up_block()
             with kb.when("busy == 0", "no token routes here: the activations are 0"):
-                em.store(act, em.store_offset(names, act.replace(index=(f.t, f.e, f.n))),
-                         "tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)", dt.f32, stmask)
+                em.store(act, act_at, "tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)", dt.f32, stmask)
+        with kb.when(f"{em.ext(T)} > BLOCK_T", "prefill: the expert's tokens gathered into blocks (permutation by expert)"):
+            kb.comment("the expert's routed tokens in token order, BLOCK_T at a time: its weight tiles are loaded once per")
+            kb.comment("block of its own tokens, and only its rows are computed; act rows of other experts are never read")
+            kb.assign("count", "tl.zeros([], dtype=tl.int32)")
+            with kb.loop("t0", f"0, {em.ext(T)}, BLOCK_T"):
+                kb.assign(t, "t0 + tl.arange(0, BLOCK_T)[:, None]")
+                kb.assign("tmask", f"{t} < {em.ext(T)}")
+                routed_rows()
+                kb.assign("count", "count + busy")
+            with kb.loop("c0", "0, count, BLOCK_T"):
+                kb.assign("slot", "c0 + tl.arange(0, BLOCK_T)[None, :]")
+                kb.assign("rows", "tl.zeros([BLOCK_T], dtype=tl.int32)")
+                kb.assign("seen", "tl.zeros([], dtype=tl.int32)")
+                with kb.loop("t0", f"0, {em.ext(T)}, BLOCK_T"):
+                    kb.assign(t, "t0 + tl.arange(0, BLOCK_T)[:, None]")
+                    kb.assign("tmask", f"{t} < {em.ext(T)}")
+                    routed_rows()
+                    kb.assign("pos", "seen + tl.cumsum(routed.to(tl.int32), axis=0) - 1")  # rank among the expert's tokens
+                    kb.assign("rows", f"rows + tl.sum(tl.where(routed & (pos == slot), {t}, 0), axis=0).to(tl.int32)")
+                    kb.assign("seen", "seen + busy")
+                kb.assign(t, "rows[:, None]")
+                kb.assign("tmask", "(c0 + tl.arange(0, BLOCK_T)[:, None]) < count")
+                kb.assign("routed", "tmask")
+                gate_up_block()
         del n_rag
         bn = tiles["BLOCK_N"]
         return em.finish(mp, [E, ix.FloorDiv(N + bn - 1, bn)])
