@@ -1,8 +1,11 @@
 """Imports run one way (DESIGN.md): `ir` imports nothing of einfuse; the kernel kinds import `ir`; `frontend`
 imports `ir`; `passes` import `ir` and the kinds; `codegen` imports `ir` and the kinds; `runtime` imports
 `codegen` and `ir`; only the api, the CLI, `serve` (api-level) and the package's top-level modules import
-`api`/`frontend`; no compiler package imports `serve`. No module imports a private (`_name`) name from another
-module. Read from the source with `ast`, so an import inside a function counts too."""
+`api`/`frontend`; no compiler package imports `serve`. The drivers above the compiler (`serve`, `quant`,
+`compress`, `dist`: they compile, calibrate and run models) may import the api. Numeric libraries (GPTQ, the
+quantized formats, the ternary dictionary codec: LIBRARIES) import only `ir`, the kinds and each other, and any
+layer may use them. No module imports a private (`_name`) name from another module. Read from the source with
+`ast`, so an import inside a function counts too."""
 from __future__ import annotations
 
 import ast
@@ -20,10 +23,16 @@ ALLOWED = {
     "codegen": {"ir", "kinds", "codegen"},
     "runtime": {"runtime", "codegen", "ir"},
 }
+DRIVERS = {"api", "cli", "__init__", "frontend", "serve", "quant", "compress", "dist"}  # may import api/frontend
+LIBRARIES = {"einfuse.quant.gptq", "einfuse.quant.formats", "einfuse.compress.codec", "einfuse.compress.format",
+             "einfuse.compress.ternary", "einfuse.compress.experts", "einfuse.compress.ir"}
+ALLOWED["library"] = {"ir", "kinds"}
 
 
 def layer_of(path: Path) -> str:
     rel = path.relative_to(PACKAGE)
+    if ".".join(("einfuse",) + rel.with_suffix("").parts) in LIBRARIES:
+        return "library"
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem  # a top-level module is its own layer
 
 
@@ -64,9 +73,11 @@ def violations(path: Path, source: str | None = None) -> list[str]:
         else:
             to = parts[1]
         where = f"{path.relative_to(PACKAGE)}:{line}"
-        if to in {"api", "frontend"} and layer not in {"api", "cli", "__init__", "frontend", "serve"}:
+        if target in LIBRARIES:
+            to = "library"
+        if to in {"api", "frontend"} and layer not in DRIVERS:
             out.append(f"{where} imports einfuse.{to}: only the api, the CLI and the package root may")
-        if allowed is not None and to not in allowed and to != "einfuse":
+        if allowed is not None and to not in allowed and to not in {"einfuse", "library"}:
             out.append(f"{where} ({layer}) imports einfuse.{to}; {layer} may import {sorted(allowed)}")
         if allowed is not None and to == "einfuse" and names != ["__version__"]:
             out.append(f"{where} imports the package root")
@@ -90,3 +101,7 @@ def test_the_checker_finds_violations():
     assert violations(PACKAGE / "runtime" / "x.py", "from ..serve import LLM")
     assert not violations(PACKAGE / "serve" / "x.py", "from ..api import compile")
     assert not violations(PACKAGE / "kinds" / "x.py", "from ..ir.index import simplify")
+    assert not violations(PACKAGE / "kinds" / "x.py", "from ..compress.codec import Dictionary")  # a library
+    assert violations(PACKAGE / "compress" / "codec.py", "from ..passes.base import Pass")  # libraries stay low
+    assert violations(PACKAGE / "quant" / "gptq.py", "from ..api import compile")
+    assert not violations(PACKAGE / "quant" / "calibrate.py", "from ..api import compile")  # a driver

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..quant import Hessian
+from ..quant.gptq import Hessian
 from .codec import Dictionary, build_dictionary, choose_bits, entropy, symbol_probs
 from .format import CompressedTensor
 from .ternary import dequantize, ternary_gptq, ternary_rtn

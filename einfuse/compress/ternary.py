@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import gptq, rtn
+from ..quant.gptq import gptq, rtn
 from .codec import HIGH, LOW, ZERO
 
 
