@@ -144,18 +144,19 @@ def test_decode_step_bytes_within_activated_experts():
     assert r["measured"] < 0.3 * r["all_experts"], r
 
 
-@pytest.mark.slow  # four kernels, two archs: ~30 s cold
+@pytest.mark.slow  # four kernels, two shapes, two archs: ~60 s cold
 def test_moe_kernels_compile_for_sm80_sm90a():
     """The grouped GEMMs (tf32 for f32 operands, as torch under 'high' precision; and bf16) compile for
     sm_80 and sm_90a with no spills and tensor-core instructions."""
     checks = []
-    with float32_matmul_precision("high"):
-        cm = einfuse.compile(moe_layer("mixtral"), (torch.randn(2, 5, HIDDEN),), backend="triton")
+    for shape in ((2, 5, HIDDEN), (1, 150, HIDDEN)):  # decode, and prefill (tokens gathered by expert)
+        with float32_matmul_precision("high"):
+            cm = einfuse.compile(moe_layer("mixtral"), (torch.randn(*shape),), backend="triton")
+            checks += [c for c in cm.check_gpu(archs=(80, 90)) if "_moe_moe_" in c.name]
+        bf = moe_layer("mixtral").to(torch.bfloat16)
+        cm = einfuse.compile(bf, (torch.randn(*shape, dtype=torch.bfloat16),), backend="triton")
         checks += [c for c in cm.check_gpu(archs=(80, 90)) if "_moe_moe_" in c.name]
-    bf = moe_layer("mixtral").to(torch.bfloat16)
-    cm = einfuse.compile(bf, (torch.randn(2, 5, HIDDEN, dtype=torch.bfloat16),), backend="triton")
-    checks += [c for c in cm.check_gpu(archs=(80, 90)) if "_moe_moe_" in c.name]
-    assert len(checks) == 8, checks
+    assert len(checks) == 16, checks
     for c in checks:
         assert c.ok, f"{c.name} on sm_{c.arch}:\n{c.error}"
         assert c.spills == 0 and c.tensor_core, c
