@@ -54,7 +54,7 @@ def smollm2_rows(rows, segments: int, calib_segments: int, group: int, log) -> l
     ids = torch.tensor(tok(evaluation, add_special_tokens=False, verbose=False)["input_ids"])
     example = ids[:1024][None]
     out = []
-    fp32 = None
+    fp32 = fp32_greedy = None
     for row in rows:
         t0 = time.perf_counter()
         if row in ("fp32", "bf16"):
@@ -76,7 +76,7 @@ def smollm2_rows(rows, segments: int, calib_segments: int, group: int, log) -> l
         ppl, greedy = perplexity(lambda x, run=cm: run(x, use_cache=False).logits, ids, 1024, segments)
         if row == "fp32":
             fp32, fp32_greedy = ppl, greedy
-        else:
+        elif fp32 is not None:
             extra["greedy_agreement_256"] = round((greedy[:256] == fp32_greedy[:256]).float().mean().item(), 4)
         rec = {"row": row, "ppl": round(ppl, 3), "delta": None if fp32 is None else round(100 * (ppl / fp32 - 1), 2),
                "calibrate_s": calib, "compile_s": round(t1 - t0 - calib, 1), "eval_s": round(time.perf_counter() - t1, 1),
