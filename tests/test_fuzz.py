@@ -192,6 +192,22 @@ def test_stack_of_one_value_twice(worker):
         """, reductions=(5,)))
 
 
+def test_max_of_unsigned_integers(worker):
+    """triton: a max reduction over uint8 started from the signed bound -128, which uint8 cannot hold
+    (InterpreterError: OverflowError; found by the slow campaign, seed 5005)."""
+    assert_matches(worker, job("""
+        import torch
+        class Program(torch.nn.Module):
+            def forward(self, x1, x2):
+                return (x1.max(dim=0, keepdim=False).values, x2.amin(dim=-1), x2.amax(dim=0))
+        def inputs(seed, shared=True, out_of_range=False):
+            g = torch.Generator().manual_seed(seed)
+            x1 = torch.randint(0, 6, (1,), generator=g, dtype=torch.uint8)
+            x2 = torch.randint(0, 256, (3, 5), generator=g, dtype=torch.uint8)
+            return (x1, x2)
+        """))
+
+
 # ---------------------------------------------------------------- known failures outside the lowering and torch backend
 
 @pytest.mark.xfail(strict=True, reason="kinds/tile.py: a Triton gather masks an out-of-range index to 0 ('a gather "

@@ -125,8 +125,12 @@ def reduce_parts(op: str, d: dt.DType, helper: Callable[[str], str] | None = Non
     if op == "prod":
         mul = helper("mul") if helper else "_mul"
         return acc_t, "1", "{0} * {1}", f"tl.reduce({{0}}, 1, {mul}, keep_dims=True)"
-    big = "float('inf')" if acc.is_float else str(2 ** (acc.bits - 1) - 1)
-    small = "float('-inf')" if acc.is_float else str(-(2 ** (acc.bits - 1)))
+    if acc.is_float:
+        big, small = "float('inf')", "float('-inf')"
+    elif acc.signed:
+        big, small = str(2 ** (acc.bits - 1) - 1), str(-(2 ** (acc.bits - 1)))
+    else:  # unsigned: a signed bound (-128 for u8) does not fit the accumulator
+        big, small = str(2 ** acc.bits - 1), "0"
     if op == "max":
         return acc_t, small, "tl.maximum({0}, {1})", "tl.max({0}, axis=1, keep_dims=True)"
     if op == "min":
