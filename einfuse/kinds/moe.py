@@ -405,8 +405,9 @@ class MoEKind(KernelKind):
                 kb.assign("slot", "c0 + tl.arange(0, BLOCK_T)[None, :]")
                 kb.assign("rows", "tl.zeros([BLOCK_T], dtype=tl.int32)")
                 kb.assign("seen", "tl.zeros([], dtype=tl.int32)")
-                with kb.loop("t0", f"0, {em.ext(T)}, BLOCK_T"):
-                    kb.assign(t, "t0 + tl.arange(0, BLOCK_T)[:, None]")
+                # 16 tokens at a time: the [16, BLOCK_T] match stays in registers (a [BLOCK_T, BLOCK_T] one spills on sm_80)
+                with kb.loop("t0", f"0, {em.ext(T)}, 16"):
+                    kb.assign(t, "t0 + tl.arange(0, 16)[:, None]")
                     kb.assign("tmask", f"{t} < {em.ext(T)}")
                     routed_rows()
                     kb.assign("pos", "seen + tl.cumsum(routed.to(tl.int32), axis=0) - 1")  # rank among the expert's tokens
