@@ -472,7 +472,8 @@ def test_cli_generate_streams_a_saved_model(tmp_path, llama, capsys):
     tok.save_pretrained(tmp_path / "tiny")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
     run = subprocess.run([sys.executable, "-m", "einfuse.cli", "generate", str(tmp_path / "tiny"), "--prompt",
-                          "It is a truth", "--max-new-tokens", "12"], capture_output=True, env=env, timeout=300)
+                          "It is a truth", "--max-new-tokens", "12", "--backend", "eager"], capture_output=True, env=env,
+                         timeout=300)  # the compiled runner's CLI run: test_paged's SmolLM2 test (slow)
     stderr = run.stderr.decode()
     assert run.returncode == 0, stderr
     ref = hf_greedy(llama, tok("It is a truth")["input_ids"], 12)

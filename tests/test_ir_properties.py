@@ -323,7 +323,7 @@ def test_simplify_preserves_value(e, ranges):
         assert int_value(simple, env) == int_value(e, env), (e, simple, env)
 
 
-@settings(max_examples=500, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(index_exprs())
 def test_index_expressions_print_and_parse_back(e):
     """Index arithmetic as a value and as a position prints to text that parses to the same sympy tree."""

@@ -252,7 +252,10 @@ def sweep_inputs(name: str) -> dict:
     return tm._token_inputs(0, seq=SWEEP_TOKENS)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "minilm", "llama_bf16"])
+# llama (f32 and bf16) by default; the other models' sweeps (~1 min each) with -m slow (test_architectures checks
+# a dozen more decoder families' kernels by default)
+@pytest.mark.parametrize("name", ["llama", "llama_bf16"] + [pytest.param(n, marks=pytest.mark.slow)
+                                                          for n in ("gpt2", "mixtral", "minilm")])
 def test_kernels_compile_for_gpus(name, zoo, record_property):
     """Every kernel compiles for sm_80 and sm_90a with zero spills; every contraction with 64x64 output
     tiles runs on tensor cores (tf32 for f32: compiled under float32 matmul precision "high")."""
