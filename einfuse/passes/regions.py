@@ -337,13 +337,19 @@ def _dump(part: Partition, snaps: list, passes: list, timings: list, directory: 
         if f.endswith(".ir") and f[:2].isdigit():
             os.remove(os.path.join(directory, f))
     labels = ["lower"] + [p.pass_name for p in passes]
+    previous, text, region_notes = [None] * len(snaps), "", {}
     for n, label in enumerate(labels):
         modules = [s.modules[n] for s in snaps]
-        text = part.stitch_text(modules, cache)
+        if any(a is not b for a, b in zip(modules, previous)):  # a pass that changed nothing: the same text
+            text = part.stitch_text(modules, cache)
+        previous = modules
         body = sum(len(mod.body) * len(r.instances or [None]) for mod, r in zip(modules, part.regions))
         notes = []
         for mod, region in zip(modules, part.regions):
-            lines = module_notes(mod)
+            hit = region_notes.get(id(mod))
+            if hit is None or hit[0] is not mod:  # each region module's notes once
+                hit = region_notes[id(mod)] = (mod, module_notes(mod))
+            lines = hit[1]
             if region.instances is not None and lines:
                 notes.append(f"layer block {mod.name}, {len(region.instances)} instances, each:")
             notes += lines
