@@ -54,7 +54,10 @@ _MOD_GUARD = ("passes/verifier: fuse_elementwise inlines a concatenation read th
               "`where(r % 32 < 16, a[.., r % 32], b[.., r % 32 - 16])`; the verifier narrows no range through "
               "a `%` guard, so PassError: 'index ... r % 32, ranges over [0, 31] outside [0, 15]'")
 # (family, test) -> why it fails; tests: compile (einfuse.compile raises), triton, gpu, torch_compile
-KNOWN: dict = {}  # all of the failures found while adding these families are fixed (see git log)
+KNOWN: dict = {  # the failures found while adding these families are fixed (see git log), but:
+    ("qwen2_moe", "gpu"): "kinds/moe.py: the gate/up + SwiGLU kernel with in-kernel token ranking (prefill "
+                          "permutation, f7fd1c9) spills 12 bytes on sm_80 at Qwen2-MoE's moe_intermediate_size=32",
+}
 # Llama and Mixtral are test_models' and test_triton_backend's; Qwen2 (Llama with biases) is served in test_paged;
 # OLMoE's MoE layers are test_moe's
 ZOO = [f for f in DECODERS if f not in ("llama", "mixtral", "qwen2", "olmoe")]

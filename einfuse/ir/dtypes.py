@@ -65,6 +65,7 @@ bool_ = _std("bool", torch.bool, "bool", 1, signed=False)
 # Two 4-bit values per byte, low nibble first; logical shape counts values, storage halves the last dim.
 i4 = register_dtype(DType("i4", torch.int8, torch.uint8, "int", 4, True, per_byte=2))
 u4 = register_dtype(DType("u4", torch.uint8, torch.uint8, "int", 4, False, per_byte=2))
+BUILTIN = frozenset(_ALL)  # the names above; register_dtype adds others (e.g. einfuse.compress's tdict<bits>)
 
 
 def by_name(name: str) -> DType:
