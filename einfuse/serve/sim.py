@@ -488,6 +488,15 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     def label(r):
         return f"layered (G={r.groups})" if r.policy == "layered" else r.policy
+    def finish(fig, ax, name: str) -> str:
+        """Legend, grid, saved as out_dir/name (closed); the path."""
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        return os.path.join(out_dir, name)
+
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in results:
@@ -495,12 +504,7 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
         ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label(r))
     ax.set(xlabel="TTFT (ms, modelled H100)", ylabel="fraction of requests",
            title=f"TTFT CDF per policy, modelled H100\n{title}".strip())
-    ax.legend()
-    ax.grid(alpha=0.3)
-    paths.append(os.path.join(out_dir, "ttft_cdf.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(finish(fig, ax, "ttft_cdf.png"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for r in results:
@@ -508,12 +512,7 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
         ax.plot([t * 1e3 for t, _ in pts], [g * 1e3 for _, g in pts], ".", ms=3, alpha=0.6, label=label(r))
     ax.set(xlabel="time (ms, modelled H100)", ylabel="time between tokens (ms)",
            title=f"TBT over time per policy, modelled H100\n{title}".strip())
-    ax.legend()
-    ax.grid(alpha=0.3)
-    paths.append(os.path.join(out_dir, "tbt_over_time.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(finish(fig, ax, "tbt_over_time.png"))
 
     if any(r.moe for r in results):
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -528,12 +527,7 @@ def plots(results: list, out_dir: str, title: str = "") -> list[str]:
             ax.plot(xs, ys, "-", lw=1, label=label(r))
         ax.set(xlabel="step start (ms, modelled H100)", ylabel="expert-weight bytes loaded (MB)",
                title=f"Expert-weight bytes per step, modelled H100\n{title}".strip())
-        ax.legend()
-        ax.grid(alpha=0.3)
-        paths.append(os.path.join(out_dir, "expert_bytes_per_step.png"))
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(finish(fig, ax, "expert_bytes_per_step.png"))
     return paths
 
 
