@@ -27,7 +27,7 @@ from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, index_sy
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
 from ..kinds.attention import CHUNK_ROLES, STEP_ROLES, key_tile, supported
-from .base import Pass
+from .base import Pass, fresh_name
 from .cascade import is_map, monomial, passes_over, read_through
 from .instruments import register_dump_note
 
@@ -171,14 +171,6 @@ def find(m: Module) -> list[Cascade]:
 
 # ---------------------------------------------------------------- the 1-pass rewrite
 
-def _fresh(m: Module, base: str) -> str:
-    taken = set(m.types())
-    name, n = base, 1
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    return name
-
-
 def _rank(avoid: set, base: str) -> sympy.Symbol:
     name, n = base, 1
     while ix.rank(name) in avoid:
@@ -251,7 +243,7 @@ def rewrite_one_pass(m: Module, c: Cascade, tile: int = 64, chunk: int | None = 
     lead = list(c.lead) + ([cr] if chunk else []) + [c.p]
     lead_ext = [nchunks if r == cr else ext[r] for r in lead]
     f, fx = c.f, ext[c.f]
-    names = {k: _fresh(m, f"{c.av.name}_{k}") for k in ("lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")}
+    names = {k: fresh_name(set(m.types()), f"{c.av.name}_{k}") for k in ("lm", "rm", "sln", "prm", "sld", "rd", "slnv", "rnv")}
 
     def at(name, *extra):
         return Access(names[name], tuple(lead) + tuple(extra))
@@ -311,7 +303,7 @@ def _combine(m: Module, c: Cascade, names, at, typ, lead, cr, nchunks, m1n, acc,
     M = max_c m_c,  w_c = exp(m_c - M),  out = sum_c w_c n_c / sum_c w_c d_c."""
     f = c.f
     fx = c.av.ranks()[f]
-    part = {k: _fresh(m, f"{c.av.name}_{k}") for k in ("cmax", "cden", "cnum", "gmax", "den", "num")}
+    part = {k: fresh_name(set(m.types()), f"{c.av.name}_{k}") for k in ("cmax", "cden", "cnum", "gmax", "den", "num")}
     finals = [
         Statement(part["cmax"], typ(), tuple(lead), at("rm", m1n), loc=c.av.loc),
         Statement(part["cden"], typ(), tuple(lead), at("rd", m1n), loc=c.av.loc),

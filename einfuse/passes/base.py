@@ -11,6 +11,15 @@ from typing import Callable, Iterable
 from ..ir.module import Module
 
 
+def fresh_name(taken: set, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... whichever `taken` lacks; the name is then added to `taken`."""
+    name, n = base, 1
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
 def code_digest(code: types.CodeType) -> str:
     """What a function does, independent of the process: bytecode, names it uses, constants, nested code."""
     consts = [code_digest(c) if isinstance(c, types.CodeType) else stable_repr(c) for c in code.co_consts]

@@ -28,7 +28,7 @@ from ..ir.contraction import mul_factors, peel_invariant, product
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, rewrite
 from ..ir.module import Input, Module, Reduce, Statement, TensorType, Update
 from ..ir.ops import infer
-from .base import Pass, PassError
+from .base import Pass, PassError, fresh_name
 
 WEIGHT_SUFFIXES = ("q", "s", "gs", "gz")  # the params quantize_weights derives from a weight `W`: W_q, ...
 
@@ -51,15 +51,6 @@ def call(op: str, *args) -> Expr:
 
 def clamp(x: Expr, lo, hi) -> Expr:
     return call("min", call("max", x, lo), hi)
-
-
-def fresh(taken: set, base: str) -> str:
-    """`base`, or `base_1`, `base_2`... whichever `taken` lacks; the name is then taken."""
-    name, n = base, 1
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    taken.add(name)
-    return name
 
 
 def insert_before(body: list, anchor, ops: list) -> list:
@@ -186,7 +177,7 @@ class QuantizeWeights(Pass):
             taken.add(name)
             return Input(name, TensorType(d, shape), kind)
 
-        dq = fresh(taken, f"{w.name}_dq")
+        dq = fresh_name(taken, f"{w.name}_dq")
         if self.fmt == "fp8" or self.bits == 8:
             q = param("q", dt.f8e4m3 if self.fmt == "fp8" else dt.i8, (N, K))
             s = param("s", dt.f32, (N,))
@@ -200,7 +191,7 @@ class QuantizeWeights(Pass):
         if self.progressive:
             s = param("s", dt.f32, (N,))
             gs, gz = param("gs", dt.u8, (N, G)), param("gz", dt.u8, (N, G))
-            w8 = fresh(taken, f"{w.name}_w8")
+            w8 = fresh_name(taken, f"{w.name}_w8")
             level1 = Statement(w8, TensorType(dt.i8, (N, K)), (n, k), cast(call(
                 "sub", call("mul", cast(Access(q.name, (n, k)), dt.i16), cast(Access(gs.name, (n, grp)), dt.i16)),
                 cast(Access(gz.name, (n, grp)), dt.i16)), dt.i8))
@@ -279,7 +270,7 @@ class QuantizeActivations(Pass):
         fp8 = self.fmt == "fp8" or wdtype == dt.f8e4m3
         if fp8 != (wdtype == dt.f8e4m3):
             return [s]  # an int8 weight with fp8 activations (or the reverse): no kernel computes it
-        xa, xs, xq, acc = (fresh(taken, f"{s.name}_{x}") for x in ("xa", "xs", "xq", "acc"))
+        xa, xs, xq, acc = (fresh_name(taken, f"{s.name}_{x}") for x in ("xa", "xs", "xq", "acc"))
         out = [
             Statement(xa, TensorType(dt.f32, rows), tuple(xranks), call("abs", x), Reduce("max", ((k, K),)), loc=s.loc),
             Statement(xs, TensorType(dt.f32, rows), tuple(xranks),
@@ -334,7 +325,7 @@ def _stats(src: str, t: TensorType, D: int, bits: int, taken: set, loc=None,
     lead = [ix.rank(f"x{d}") for d in range(len(shape) - 1)]
     h, e, l_ = ix.rank("h"), ix.rank("e"), ix.rank("l")
     gshape = shape[:-1] + (L // D,)
-    names = [fresh(taken, f"{src}_{x}") for x in ("kmax", "kmin", "ks", "kz", "kq")]
+    names = [fresh_name(taken, f"{src}_{x}") for x in ("kmax", "kmin", "ks", "kz", "kq")]
     kmax, kmin, ks, kz, kq = names
     elem = cast(Access(src, tuple(lead) + (h * D + e,)), dt.f32)
     levels = float(2 ** bits - 1)
@@ -393,7 +384,7 @@ class QuantizeKV(Pass):
             shape = types[src].shape
             idx = tuple(ix.rank(f"x{d}") for d in range(len(shape)))
             grp = idx[:-1] + (ix.FloorDiv(idx[-1], D),)
-            dq = fresh(taken, f"{src}_kdq")
+            dq = fresh_name(taken, f"{src}_kdq")
             stmts.append(Statement(dq, TensorType(types[src].dtype, shape), idx,
                                    _dequant(Access(kq, idx), Access(ks, grp), Access(kz, grp), types[src].dtype)))
             producer = m.producers().get(src)
@@ -427,8 +418,8 @@ class QuantizeKV(Pass):
             L = sympy.sympify(rest[-1])
             per = 2 if self.bits == 4 else 1
             codes = Input(u.target, TensorType(dt.u8, (NB, BS) + rest[:-1] + (L // per,)), "state")
-            scale = Input(fresh(taken, f"{u.target}_scale"), TensorType(dt.f16, (NB, BS) + rest[:-1] + (L // D,)), "state")
-            zero = Input(fresh(taken, f"{u.target}_zero"), TensorType(dt.f16, scale.type.shape), "state")
+            scale = Input(fresh_name(taken, f"{u.target}_scale"), TensorType(dt.f16, (NB, BS) + rest[:-1] + (L // D,)), "state")
+            zero = Input(fresh_name(taken, f"{u.target}_zero"), TensorType(dt.f16, scale.type.shape), "state")
             inputs = [codes if i.name == u.target else i for i in inputs] + [scale, zero]
             last_rank = u.ranks[-1][0]
             src_pos = list(u.expr.indices)
@@ -445,7 +436,7 @@ class QuantizeKV(Pass):
             else:
                 value = src_at(j, kq)
             new_u = u.replace(index=tuple(u.index[:-1]) + (j,), ranks=lead_ranks + ((j, L // per),), expr=value)
-            us, zs = fresh(taken, f"{scale.name}_1"), fresh(taken, f"{zero.name}_1")
+            us, zs = fresh_name(taken, f"{scale.name}_1"), fresh_name(taken, f"{zero.name}_1")
             hq = ix.rank("hq")
             ranks_g = lead_ranks + ((hq, L // D),)
             u_s = Update(us, scale.name, tuple(u.index[:-1]) + (hq,), ranks_g, src_at(hq, ks), u.loc)
@@ -530,7 +521,7 @@ class RotateKeys(Pass):
             if D & (D - 1):
                 raise PassError(self.name, f"attention {c.av.name!r}: head dim {D} is not a power of two")
             if D not in tables:
-                name = fresh(taken, f"hadamard_{D}")
+                name = fresh_name(taken, f"hadamard_{D}")
                 d1, d2 = ix.rank("d"), ix.rank("e")
                 tables[D] = name
                 body.insert(0, Statement(name, TensorType(dt.f32, (D, D)), (d1, d2),
@@ -546,7 +537,7 @@ class RotateKeys(Pass):
                 r = ix.rank("r")
                 if sympy.sympify(t.shape[-1]) != D:
                     raise PassError(self.name, f"attention {c.av.name!r}: {src} is not read with the head dim last")
-                rot = fresh(taken, f"{src}_rot")
+                rot = fresh_name(taken, f"{src}_rot")
                 expr = call("mul", cast(Access(src, idx[:-1] + (r,)), dt.f32), Access(tables[D], (r, idx[-1])))
                 st = Statement(rot, t, idx, expr, Reduce("sum", ((r, D),)), loc=c.qk.loc)
                 at = body.index(c.qk)

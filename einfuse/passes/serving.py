@@ -35,7 +35,7 @@ from ..ir.contraction import contraction
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, rewrite, substitute
 from ..ir.module import Input, Iterate, Module, Reduce, Statement, TensorType, Update
 from .attention import Cascade, find
-from .base import Pass, PassError
+from .base import Pass, PassError, fresh_name
 
 NEG_INF = Const(-math.inf)
 POSITIONS, TABLE = "position_ids", "block_table"
@@ -110,8 +110,8 @@ class _Rewrite:
             else:
                 self.rest.append(d)
         self.access, self.key, self.batch, self.type = a, key, batch, src
-        self.cache = _fresh(m, f"{self.source}_cache")
-        self.version = _fresh(m, f"{self.source}_cache_1")
+        self.cache = fresh_name(set(m.types()), f"{self.source}_cache")
+        self.version = fresh_name(set(m.types()), f"{self.source}_cache_1")
 
     def state(self, nb, bs: int) -> Input:
         shape = (nb, bs) + tuple(self.type.shape[d] for d in self.rest)
@@ -164,7 +164,7 @@ def _cache_one(m: Module, c: Cascade, B, T, nbt, nb, bs: int, original: Module) 
     values = _Rewrite(m, value, c.key, batch_av, f"attention {c.av.name!r} values")
     S = nbt * bs
     # the scores over the cache: qk'[.., p, key] = sum[e] Q * K(cache)
-    qk_name = _fresh(m, f"{c.av.name}_cqk")
+    qk_name = fresh_name(set(m.types()), f"{c.av.name}_cqk")
     expr = Call("mul", (q_side, keys.read(k_side, bs)))
     for op, y in qk.post:
         expr = Call(op, (expr, y))
@@ -318,14 +318,6 @@ def _syms_of(p) -> set:
     """The ranks an index position uses (sizes are constants of the program)."""
     syms = index_symbols(p) if isinstance(p, Expr) else set(sympy.sympify(p).free_symbols)
     return {x for x in syms if not ix.is_size_symbol(x)}
-
-
-def _fresh(m: Module, base: str) -> str:
-    taken = set(m.types())
-    name, n = base, 1
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    return name
 
 
 class Specialize(Pass):

@@ -26,7 +26,7 @@ from ..ir import collective as coll
 from ..ir import index as ix
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_difference, rewrite
 from ..ir.module import Input, Module, Reduce, Statement, TensorType, Update
-from .base import Pass
+from .base import Pass, fresh_name
 
 
 class ShardingError(ValueError):
@@ -287,14 +287,6 @@ class _Sharder:
             raise ShardingError(f"einfuse: size {e} has no example value to shard by")
         return int(v)
 
-    def _fresh(self, base: str) -> str:
-        name, n = base, 0
-        while name in self.names:
-            n += 1
-            name = f"{base}_{n}"
-        self.names.add(name)
-        return name
-
     def _local_type(self, t: TensorType, lay: Layout) -> TensorType:
         shape = list(t.shape)
         shape[lay.dim] = lay.local_extent
@@ -312,8 +304,8 @@ class _Sharder:
         src_t = self.types[name]
         if out is None:
             self.p.gathers.append(name)
-            out = self._fresh(f"{name}_full")
-        g = coll.make(out if lay.outer == 1 else self._fresh(f"{name}_gathered"), "all_gather", name, src_t,
+            out = fresh_name(self.names, f"{name}_full")
+        g = coll.make(out if lay.outer == 1 else fresh_name(self.names, f"{name}_gathered"), "all_gather", name, src_t,
                       self.p.ranks, dim=lay.dim, loc=loc)
         self.body.append(g)
         self.p.created[g.name] = g
@@ -472,7 +464,7 @@ class _Sharder:
             partial = True
         new = s.replace(expr=expr, reduce=reduce, type=TensorType(s.type.dtype, tuple(shape)))
         if partial:  # each member reduced its part: combine them under the statement's own name
-            part = new.replace(name=self._fresh(f"{s.name}_part"))
+            part = new.replace(name=fresh_name(self.names, f"{s.name}_part"))
             self._emit(part)
             self.p.dependent.add(part.name)
             c = coll.make(s.name, "all_reduce", part.name, part.type, self.p.ranks, op=s.reduce.op, loc=s.loc)
@@ -538,7 +530,7 @@ class _Sharder:
         idx[lay.dim] = clamped
         zero = Const(0.0) if self.types[a.tensor].dtype.is_float else Const(0)
         expr = Call("where", (inside, Access(a.tensor, tuple(idx)), zero))
-        part = s.replace(name=self._fresh(f"{s.name}_part"), expr=expr)
+        part = s.replace(name=fresh_name(self.names, f"{s.name}_part"), expr=expr)
         self.read |= s.reads()
         self._emit(part)
         self.p.dependent.add(part.name)
@@ -574,7 +566,7 @@ class _Sharder:
                 for n, t in op.outputs_typed:
                     self.types[n] = t
         updated = {op.name for op in self.m.body if isinstance(op, Update)}  # state versions stay split, in place
-        renames = {o: self._fresh(f"{o}_shard") for o in self.m.outputs
+        renames = {o: fresh_name(self.names, f"{o}_shard") for o in self.m.outputs
                    if o in self.lay and o not in self.inputs and o not in updated}
         if renames:  # a split output: its parts under another name, gathered into the output's name
             self.body = [op.renamed(renames) for op in self.body]
