@@ -32,19 +32,25 @@ class MapKind(KernelKind):
     def emit(self, g: Group, mp: Mapping) -> KernelSpec:
         (s,) = g.statements
         em = Emitter(g, s.ranks())
-        kb = em.kb
-        ranks = list(mp.rows)
-        names = em.rank_names(ranks)
-        block = dict(mp.tiles)["BLOCK"]
-        total = em.numel(ranks)
-        ragged = em.ragged(ranks, block)
-        kb.assign("pid", "tl.program_id(0)")
-        em.strip("offs", "pid * BLOCK + tl.arange(0, BLOCK)", ranks, names, em.ext(total), "valid" if ragged else None)
-        t = Tile(em, names, {r: "valid" for r in ranks} if ragged else {}, flats=em.flats("offs", ranks, names))
+        t, ragged, grid = flat_strip(em, mp)
         code, d = t.value(s.expr, s.name)
-        kb.place(t.block)
+        em.kb.place(t.block)
         em.store(s, "offs", code, d, "valid" if ragged else None)
-        return em.finish(mp, [ix.FloorDiv(total + block - 1, block)])
+        return em.finish(mp, grid)
+
+
+def flat_strip(em: Emitter, mp: Mapping) -> tuple[Tile, bool, list]:
+    """One program per BLOCK of the mapping's row ranks flattened: `offs` (masked by `valid` when BLOCK does not
+    divide them) split into the ranks. (the tile over them, whether it is ragged, the grid)."""
+    ranks = list(mp.rows)
+    names = em.rank_names(ranks)
+    block = dict(mp.tiles)["BLOCK"]
+    total = em.numel(ranks)
+    ragged = em.ragged(ranks, block)
+    em.kb.assign("pid", "tl.program_id(0)")
+    em.strip("offs", "pid * BLOCK + tl.arange(0, BLOCK)", ranks, names, em.ext(total), "valid" if ragged else None)
+    t = Tile(em, names, {r: "valid" for r in ranks} if ragged else {}, flats=em.flats("offs", ranks, names))
+    return t, ragged, [ix.FloorDiv(total + block - 1, block)]
 
 
 MAP = register_kind(MapKind())

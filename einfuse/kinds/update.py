@@ -10,8 +10,9 @@ from ..ir.expr import Expr
 from ..ir.module import Module, Update
 from .base import Group, KernelKind, register_kind
 from .emit import Emitter
+from .map import flat_strip
 from .spec import KernelSpec, Mapping
-from .tile import TL, Tile, next_pow2
+from .tile import TL, next_pow2
 
 
 class UpdateKind(KernelKind):
@@ -35,14 +36,7 @@ class UpdateKind(KernelKind):
         (u,) = g.statements
         em = Emitter(g, dict(u.ranks))
         kb = em.kb
-        ranks = list(mp.rows)
-        names = em.rank_names(ranks)
-        block = dict(mp.tiles)["BLOCK"]
-        total = em.numel(ranks)
-        ragged = em.ragged(ranks, block)
-        kb.assign("pid", "tl.program_id(0)")
-        em.strip("offs", "pid * BLOCK + tl.arange(0, BLOCK)", ranks, names, em.ext(total), "valid" if ragged else None)
-        t = Tile(em, names, {r: "valid" for r in ranks} if ragged else {}, flats=em.flats("offs", ranks, names))
+        t, ragged, grid = flat_strip(em, mp)
         value, d = t.value(u.expr, u.name)
         target = em.types[u.target]
         conds, terms = [], []
@@ -57,8 +51,7 @@ class UpdateKind(KernelKind):
         cast = value if d == target.dtype else f"tl.cast({value}, {out})"
         # the state's buffer is both the target and the new version: one pointer
         kb.store(em.pointer(u.target), " + ".join(terms), cast, mask)
-        spec = em.finish(mp, [ix.FloorDiv(total + block - 1, block)], meta={"aliases": {u.name: u.target}})
-        return spec
+        return em.finish(mp, grid, meta={"aliases": {u.name: u.target}})
 
 
 UPDATE = register_kind(UpdateKind())
