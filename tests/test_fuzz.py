@@ -208,6 +208,25 @@ def test_max_of_unsigned_integers(worker):
         """))
 
 
+
+def test_integer_literals_wrap_into_the_tensor_type(worker):
+    """Eager converts a Python int to an integer tensor's type first, wrapping it: clamp(u8, min=-2) bounds
+    at 254, u8 + (-300) adds 212, i8 < 200 compares with -56. The Triton backend handed -2 to tl.maximum
+    beside a uint8 tensor (InterpreterError: an unsigned tensor and a negative scalar; found by the slow
+    campaign)."""
+    assert_matches(worker, job("""
+        import torch
+        class Program(torch.nn.Module):
+            def forward(self, x1, x2):
+                return (torch.clamp(x1, min=-2), x1.clamp(min=-200), x1 + (-300), x1 * 300, x1 > -1,
+                        x1 == -1, x2 + 200, x2 < 200)
+        def inputs(seed, shared=True, out_of_range=False):
+            g = torch.Generator().manual_seed(seed)
+            x1 = torch.randint(0, 256, (3, 5), generator=g, dtype=torch.uint8)
+            x2 = torch.randint(-128, 128, (4,), generator=g, dtype=torch.int8)
+            return (x1, x2)
+        """))
+
 # ---------------------------------------------------------------- known failures outside the lowering and torch backend
 
 @pytest.mark.xfail(strict=True, reason="kinds/tile.py: a Triton gather masks an out-of-range index to 0 ('a gather "

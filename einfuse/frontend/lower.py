@@ -220,6 +220,12 @@ class Lowerer:
 
     def cast(self, e: Expr, to: dt.DType) -> Expr:
         got, weak = infer(e, self._dtype_of)
+        if weak and isinstance(e, Const) and type(e.value) is int and to.is_int and not to.packed:
+            # eager converts a Python int to the tensor's type first, wrapping it (clamp(u8, min=-2) bounds
+            # at 254); Triton refuses an unsigned tensor beside a negative literal, so fold the wrap here
+            span = 1 << to.bits
+            low = -(span >> 1) if to.signed else 0
+            return Const((e.value - low) % span + low)
         return e if got == to or weak else Call("cast", (e,), to)
 
     def _dtype_of(self, name: str) -> dt.DType:
