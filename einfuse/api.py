@@ -337,7 +337,7 @@ def register_dynamo_backend() -> None:
 
 @dataclass
 class CachedPrograms:
-    """A decoder's prefill program (one sequence, T new tokens after a cached prefix) and decode program
+    """A decoder's prefill program (B sequences, T new tokens each after a cached prefix) and decode program
     (B sequences, one token each), derived from one capture (passes.serving): both read and write the same
     paged KV cache, the `states` (each [NB, block_size, ...]), through `block_table[b, j]`."""
 
@@ -502,7 +502,7 @@ def _compile_cached(model, block_size, backend, dump_dir, check, prepare=(), aft
     except Exception as exc:
         raise RuntimeError(f"einfuse: cannot capture {type(model).__name__} for serving: {_first_line(exc)}") from exc
     programs = {}
-    for label, fixed in (("prefill", {"input_ids": {0: 1}}), ("decode", {"input_ids": {1: 1}})):
+    for label, fixed in (("prefill", {}), ("decode", {"input_ids": {1: 1}})):
         passes = cleanup_passes() + [CacheKV(block_size)] + list(after_cache) + cleanup_passes() + fusion_passes()
         if session is not None:  # split after the cache exists (its states split with the heads)
             passes = passes[:-len(fusion_passes())] + list(session.prepare()) + fusion_passes()

@@ -34,6 +34,7 @@ import builtins
 import keyword
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -88,7 +89,7 @@ def _proven(rel) -> bool:
 
 def _within(e, lo, hi, ranges) -> bool:
     elo, ehi = ix.bounds(e, ranges)
-    return _proven(elo >= lo) and _proven(ehi <= hi)
+    return _proven(sympy.expand(elo - lo) >= 0) and _proven(sympy.expand(hi - ehi) >= 0)
 
 
 def _same(a, b) -> bool:
@@ -112,6 +113,52 @@ def _affine(e: sympy.Expr, syms) -> tuple | None:
             return None
         coeff[r] = coeff.get(r, sympy.Integer(0)) + c
     return const, {r: c for r, c in coeff.items() if c != 0}
+
+
+def _divisor(c, ranks) -> bool:
+    """A divisor a rank can be split by: an integer above 1, or a size (a positive symbol expression)."""
+    if c.is_Integer:
+        return int(c) > 1
+    return not (c.free_symbols & set(ranks)) and _proven(c >= 1)
+
+
+def _index_exprs(p) -> list:
+    """The sympy index expressions of a position: itself, or every access position and index value inside
+    a tensor-valued one."""
+    if not isinstance(p, Expr):
+        return [p]
+    out = []
+    for n in walk(p):
+        if isinstance(n, Access):
+            out += [q for q in n.indices if not isinstance(q, Expr)]
+        elif isinstance(n, IndexValue):
+            out.append(n.expr)
+    return out
+
+
+def _index_symbols_deep(p) -> set:
+    return set().union(*[sympy.sympify(e).free_symbols for e in _index_exprs(p)])
+
+
+def _radix(p, ranks: set, dom: dict, size) -> list | None:
+    """[(rank, coefficient, extent)], outermost first, when position `p` of a dim of `size` is a mixed-radix
+    sum of two or more ranks (`64*h + f` over h < 3, f < 64 in a dim of 192): the dim can be viewed as one
+    dim per rank. None otherwise."""
+    aff = _affine(p, ranks)
+    if aff is None or aff[0] != 0 or len(aff[1]) < 2:
+        return None
+    terms = list(aff[1].items())
+    if not all(c.is_Integer and c > 0 for _, c in terms) or any(dom[r][0] != 0 for r, _ in terms):
+        return None
+    terms.sort(key=lambda rc: int(rc[1]))
+    step = sympy.Integer(1)
+    for r, c in terms:
+        if sympy.simplify(c - step) != 0:
+            return None
+        step = step * dom[r][1]
+    if sympy.simplify(step - size) != 0:
+        return None
+    return [(r, c, dom[r][1]) for r, c in reversed(terms)]
 
 
 def _contiguous_strides(shape) -> tuple:
@@ -378,19 +425,19 @@ class Ctx:
             # rank r read as (r // c, r % c): split it into (r // c, r % c) dims and merge them after
             for atom in flat.atoms(ix.FloorDiv, ix.Mod):
                 r, c = atom.args
-                if not (r in dims and c.is_Integer and int(c) > 1):
+                if not (r in dims and _divisor(c, dims)):
                     return None
-                if split.setdefault(r, int(c)) != int(c):
+                if split.setdefault(r, c) != c:
                     return None
             subs, ranges = {}, dict(self.ranges)
             for r, c in split.items():
-                q = ix.exact_quotient(self.ext(r), sympy.Integer(c))
+                q = ix.exact_quotient(self.ext(r), c)
                 if q is None:
                     return None
                 hi, lo = sympy.Symbol(f"{r}_hi", integer=True, nonnegative=True), sympy.Symbol(
                     f"{r}_lo", integer=True, nonnegative=True)
                 subs[r] = c * hi + lo
-                ranges[hi], ranges[lo] = (sympy.Integer(0), q - 1), (sympy.Integer(0), sympy.Integer(c - 1))
+                ranges[hi], ranges[lo] = (sympy.Integer(0), q - 1), (sympy.Integer(0), c - 1)
                 split[r] = (c, q, hi, lo)
             flat = ix.simplify(sympy.expand(flat.xreplace(subs)), ranges)
             syms = [s for r in dims for s in ((split[r][2], split[r][3]) if r in split else (r,))]
@@ -406,7 +453,7 @@ class Ctx:
             if r in split:
                 c, q, hi, lo = split[r]
                 if hi in coeff or lo in coeff:
-                    sizes += [q, sympy.Integer(c)]
+                    sizes += [q, c]
                     strides += [coeff.get(hi, 0), coeff.get(lo, 0)]
                     final.append(self.ext(r))
                     ranks.add(r)
@@ -433,6 +480,80 @@ class Ctx:
     def _gather(self, a: Access, src: str, lay: Layout, dtype) -> Val:
         """Indexing with index tensors: gathers, and affine positions the view path cannot take (clamped
         as the evaluator clamps them: lanes a where() discards may stray)."""
+        split = self._split_gather(a, src, lay, dtype)
+        return split if split is not None else self._indexed(a, src, lay, dtype)
+
+    def _split_gather(self, a: Access, src: str, lay: Layout, dtype) -> Val | None:
+        """A gather that reads a rank as (r // c, r % c) — a paged cache through its block table,
+        `K[table[b, m // 16], m % 16, ...]` — or a dim as a mixed-radix sum of ranks (`V[..., 64*h + f]`):
+        with such ranks split into (r_hi, r_lo) and such dims into one dim per rank, the pieces become plain
+        dims (whole rows copied, not one element per index); the result merges the pieces back."""
+        ranks_used = set()
+        for p in a.indices:
+            ranks_used |= _index_symbols_deep(p) & set(self.dims)
+        if any(self.dom[r][0] != 0 for r in ranks_used):
+            return None
+        cuts = {}
+        for p in a.indices:
+            for e in _index_exprs(p):
+                for atom in sympy.sympify(e).atoms(ix.FloorDiv, ix.Mod):
+                    r, c = atom.args
+                    if r in self.dims and _divisor(c, self.dims) and ix.exact_quotient(self.ext(r), c) is not None:
+                        if cuts.setdefault(r, c) != c:
+                            return None
+        dims, dom, subs, ranges = [], {}, {}, dict(self.ranges)
+        for r in self.dims:
+            if r not in cuts:
+                dims.append(r)
+                continue
+            c = cuts[r]
+            hi, lo = (sympy.Symbol(f"{r}_{x}", integer=True, nonnegative=True) for x in ("hi", "lo"))
+            subs[r] = c * hi + lo
+            dom[hi], dom[lo] = (0, ix.exact_quotient(self.ext(r), c)), (0, c)
+            ranges[hi], ranges[lo] = (sympy.Integer(0), dom[hi][1] - 1), (sympy.Integer(0), c - 1)
+            dims += [hi, lo]
+
+        def fix(e):
+            return ix.simplify(sympy.expand(sympy.sympify(e).xreplace(subs)), ranges) if subs else sympy.sympify(e)
+
+        pos = [map_indices(p, fix) if isinstance(p, Expr) else fix(p) for p in a.indices]
+        halves = {x for r in cuts for x in subs[r].free_symbols}
+        if any(atom.args[0].free_symbols & halves
+               for p in pos for e in _index_exprs(p) for atom in sympy.sympify(e).atoms(ix.FloorDiv, ix.Mod)):
+            return None  # a cut the simplifier could not resolve: nothing gained
+        # dims read at a mixed-radix sum of ranks: one dim per rank, outermost first
+        shape, strides, where, pieces = [], [], [], False
+        all_ranks = set(dims)
+        for d, p in enumerate(pos):
+            parts = None if isinstance(p, Expr) else _radix(p, all_ranks, {**self.dom, **dom}, lay.shape[d])
+            if parts is None:
+                shape.append(lay.shape[d])
+                strides.append(lay.strides[d])
+                where.append(p)
+                continue
+            pieces = True
+            for r, c, n in parts:
+                shape.append(n)
+                strides.append(lay.strides[d] * c)
+                where.append(r)
+        if not subs and not pieces:
+            return None
+        sub = Ctx(self.gen, dims, {**{r: v for r, v in self.dom.items() if r not in cuts}, **dom}, self.extra)
+        if pieces:
+            src = self.gen.view_code(src, lay, shape, strides, lay.offset)
+        split_lay = Layout(tuple(shape), tuple(strides), lay.offset)
+        v = None
+        if not any(isinstance(p, Expr) for p in where) and all(
+                _within(p, 0, n - 1, sub.ranges) for p, n in zip(where, shape)):
+            v = sub._view(src, split_lay, list(where), dtype)  # the pieces in place: a view, no copy
+        if v is None:
+            v = sub._indexed(Access(a.tensor, tuple(where)), src, split_lay, dtype)
+        spread = {x for r in cuts if subs[r].free_symbols & v.ranks for x in subs[r].free_symbols}
+        v = sub.full(v, v.ranks | spread) if spread - v.ranks else v
+        ranks = frozenset(r for r in self.dims if r in v.ranks or (r in cuts and subs[r].free_symbols & v.ranks))
+        return Val(f"{v.op()}.reshape({self.shape_code(ranks)})", ranks, dtype, fresh=v.fresh)
+
+    def _indexed(self, a: Access, src: str, lay: Layout, dtype) -> Val:
         pos = [p if isinstance(p, Expr) else ix.simplify(sympy.expand(self.offsets(p)), self.ranges) for p in a.indices]
         used_elsewhere = {}
         for d, p in enumerate(pos):
@@ -473,7 +594,10 @@ class Ctx:
         # the tensor viewed with its dims in (others, plain) order, dense in its own layout
         base = self.gen.view_code(src, lay, [lay.shape[d] for d in others + plain],
                                   [lay.strides[d] for d in others + plain], lay.offset)
-        code = f"{base}[{', '.join(idx)}]"
+        if any_tensor and len(idx) == 1 and plain:  # whole rows: index_select copies each at once
+            code = f"rt.take({base}, {idx[0]})"
+        else:
+            code = f"{base}[{', '.join(idx)}]"
         if not any_tensor:  # basic indexing: the sliced dims remain, a size-1 dim for each other rank
             code += f".reshape({self.gen.tuple_code([1] * len(sub.dims) + [lay.shape[d] for d in plain])})"
         if plain:
@@ -993,6 +1117,10 @@ class TorchGen:
         self.attention: list = []
         self.views: set = set()  # names bound as views of other tensors
         self.plain_mm = None
+        self.kept: dict = {}  # code -> (IR-like name, python name) of a value steps share (see `reuse`)
+        self.pending: dict = {}  # ... made by the step being generated
+        self.reusing = True
+        self._mutable = None  # a regex of the names whose value changes during a run (states, collectives)
         self._n = 0
         for s in m.sizes:
             self.size_syms[s] = self._unique(f"n_{s}")
@@ -1142,10 +1270,44 @@ class TorchGen:
         self.reads = set()
         self.temps = []
         self.memo = {}
+        self.pending = {}
+        self.reusing = True
 
     def end(self, defines: list) -> None:
-        self.steps.append((self.lines, list(defines), set(self.reads), list(self.temps)))
+        shared = [name for name, _ in self.pending.values()]
+        self.steps.append((self.lines, list(defines) + shared, set(self.reads), list(self.temps)))
+        self.kept.update(self.pending)
+        self.pending = {}
         self.lines = None
+
+    def reuse(self, code: str) -> str:
+        """`code` under a name later steps may read: the first step computing it keeps it (freed after its
+        last reader, as intermediates are); a later step with the same code reads the name — a layer's
+        normalized input feeding its q, k and v products once, the cache slots every layer's K/V write
+        uses. Code reading a value that changes during a run (a state an update writes, a collective in
+        flight) and code inside a loop are never shared."""
+        if not self.reusing or self._mutable_names().search(code):
+            return code
+        hit = self.kept.get(code) or self.pending.get(code)
+        if hit is None:
+            self._n += 1
+            hit = self.pending[code] = (f"__keep{self._n}", f"_keep{self._n}")
+            self.py[hit[0]] = hit[1]
+            self.emit(f"{hit[1]} = {code}")
+        self.reads.add(hit[0])
+        return hit[1]
+
+    def _mutable_names(self):
+        if self._mutable is None:
+            names = {i.name for i in self.m.inputs if i.kind == "state"}
+            for op in self.m.body:
+                if isinstance(op, Update):
+                    names |= {op.target, op.name}
+                elif isinstance(op, Collective):
+                    names.add(op.name)
+            alts = "|".join(re.escape(self.pyname(n)) for n in sorted(names))
+            self._mutable = re.compile(rf"\b({alts})\b" if alts else r"(?!)")
+        return self._mutable
 
     @staticmethod
     def _comment(s: Statement | Opaque | Update) -> list:
@@ -1352,7 +1514,17 @@ class TorchGen:
             want = self.types[op.target].dtype
             value = ctx.value(op.expr, want)
             value = ctx.full(ctx.convert(ctx.const_tensor(value.scalar, want) if value.is_scalar else value, want))
-            positions = [ctx.full(ctx.value(p) if isinstance(p, Expr) else ctx.index_value(p)).op() for p in op.index]
+            # trailing positions that are the update's last ranks, in order and whole, are slices: each
+            # index_put_ point writes a row (a head's K/V), not one element
+            ranks, shape = [r for r, _ in op.ranks], self.types[op.target].shape
+            k = 0
+            while (k < min(len(ranks), len(op.index)) - 1 and op.index[-1 - k] == ranks[-1 - k]
+                   and _same(ctx.ext(ranks[-1 - k]), shape[-1 - k])
+                   and not any(ranks[-1 - k] in _index_symbols_deep(p) for p in op.index[:len(op.index) - 1 - k])):
+                k += 1
+            lead = ctx.sub(dims=ranks[:len(ranks) - k]) if k else ctx
+            positions = [self.reuse(lead.full(lead.value(p) if isinstance(p, Expr) else lead.index_value(p)).op())
+                         for p in op.index[:len(op.index) - k]]
             self.emit(f"rt.put({target}, ({', '.join(positions)},), {value.op()})")
         except Unsupported as why:
             self.fallbacks.append((op.name, _reason(why)))
@@ -1374,6 +1546,7 @@ class TorchGen:
         if not all(isinstance(p, sympy.Symbol) for i, p in enumerate(s.index)) and s.iterate is None:
             raise Unsupported("an output position that is not a rank")
         self._count_shared(s.expr)
+        self.reusing = s.iterate is None  # a loop body's values are the last iteration's after it
         if s.iterate is not None:
             return self.iterate(s)
         out = list(s.index)
@@ -1505,7 +1678,7 @@ class TorchGen:
             p2 = sympy.Mul(*[ctx.ext(r) for r in second]) if second else sympy.Integer(1)
             if len(first) != 1 or len(second) != 1:
                 code = f"{'(' + code + ')' if not v.atom and not extra else code}.reshape({self.tuple_code(lead + [p1, p2])})"
-            return code
+            return self.reuse(code) if (v.fresh or not v.atom or extra) else code
 
         a = operand(af, M, K, KA)
         b = operand(bf, K, N, KB)
@@ -1686,9 +1859,7 @@ class TorchGen:
             mv = ctx.convert(mv, dt.bool_ if sd["bool_mask"] else D)
             if mv.is_scalar:
                 raise Unsupported("a constant mask")
-            mt = self.temp("mask")
-            self.emit(f"{mt} = {mv.code}")
-            args.append(f"attn_mask={mt}")
+            args.append(f"attn_mask={self.reuse(mv.code)}")
         if sd["causal"]:
             args.append("is_causal=True")
         args.append(f"scale={sd['scale']!r}")

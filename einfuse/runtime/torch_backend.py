@@ -160,6 +160,14 @@ class TorchRunner:
         return torch.cat(ts, d)
 
     @staticmethod
+    def take(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """src[index] for one index tensor along dim 0, as indexing gives it (a negative index counts from
+        the end; one out of range raises IndexError), copying whole rows at once (index_select)."""
+        flat = index.reshape(-1)
+        flat = torch.where(flat < 0, flat + src.shape[0], flat)
+        return src.index_select(0, flat).view(*index.shape, *src.shape[1:])
+
+    @staticmethod
     def imin(a, b):
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
