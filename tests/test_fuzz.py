@@ -227,6 +227,26 @@ def test_integer_literals_wrap_into_the_tensor_type(worker):
             return (x1, x2)
         """))
 
+
+def test_index_into_a_view_of_one_element_still_checks_its_range(worker):
+    """`x.view(1)[i]` reads x whatever i is, so composing the view into the gather dropped i — and with it
+    the range check: an index of 1 returned x where eager raises IndexError (all three backends; found by
+    the slow campaign, seed 7000). The Triton backend's out-of-range reads are a known issue below."""
+    assert_matches(worker, job("""
+        import torch
+        class Program(torch.nn.Module):
+            def forward(self, x1, i2):
+                v1 = x1.view(1,)
+                return (v1[i2], x1.reshape(1, 1)[0, i2])
+        def inputs(seed, shared=True, out_of_range=False):
+            g = torch.Generator().manual_seed(seed)
+            x1 = torch.randn((), generator=g)
+            i2 = torch.randint(-1, 1, (3,), generator=g, dtype=torch.int64)
+            if out_of_range:  # one index past the end: eager raises
+                i2 = i2.clone(); i2[0] = 1
+            return (x1, i2)
+        """, backends=("torch", "reference")))
+
 # ---------------------------------------------------------------- known failures outside the lowering and torch backend
 
 @pytest.mark.xfail(strict=True, reason="kinds/tile.py: a Triton gather masks an out-of-range index to 0 ('a gather "

@@ -198,6 +198,9 @@ class Lowerer:
         e = t.expr
         if isinstance(e, Access):
             where = {placeholder(d): p for d, p in enumerate(idx)}
+            used = set().union(*[sympy.sympify(p).free_symbols for p in e.indices if not isinstance(p, Expr)])
+            if any(isinstance(p, Expr) and placeholder(d) not in used for d, p in enumerate(idx)):
+                raise _NeedsMaterialize()  # a gathered position the map drops (x.view(1)[i]): its range check stays
             pos = []
             for p in e.indices:
                 if isinstance(p, sympy.Symbol) and p in where:

@@ -1,8 +1,9 @@
 """What a kernel kind emits and the runtime launches: a kernel's source, its arguments, its mapping."""
 from __future__ import annotations
 
+import copy
 import hashlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import sympy
 
@@ -90,7 +91,10 @@ class KernelSpec:
         return tuple(max(0, int(sympy.sympify(g).xreplace(subs))) for g in self.grid)
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        """The spec as JSON data (no deep copy of the source: one instance per layer shares it)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(statements=list(self.statements), outputs=list(self.outputs), args=[asdict(a) for a in self.args],
+                 constexprs=dict(self.constexprs), meta=copy.deepcopy(self.meta))
         d["grid"] = [ix.to_str(g) for g in self.grid]
         d["mapping"] = {k: [str(x) for x in v] if k in ("rows", "cols", "red", "batch") else v
                         for k, v in asdict(self.mapping).items()}
