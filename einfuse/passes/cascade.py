@@ -2,6 +2,8 @@
 and the expression helpers fusion passes share (looking through map statements, products)."""
 from __future__ import annotations
 
+import functools
+
 import sympy
 
 from ..ir.contraction import is_map
@@ -82,5 +84,15 @@ def _reads_final(t: Statement, a: Access) -> bool:
     """Does `a` read the iterative tensor `t` at its last position (after the whole iteration)?"""
     d = next(k for k, p in enumerate(t.index) if not isinstance(p, sympy.Symbol))
     p = a.indices[d]
-    return not isinstance(p, Expr) and sympy.simplify(sympy.sympify(p) - t.iterate.extent) == 0
+    return not isinstance(p, Expr) and _equal(sympy.sympify(p), sympy.sympify(t.iterate.extent))
+
+
+@functools.lru_cache(maxsize=4096)
+def _equal(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """a == b as integers: expanded, which decides it for polynomials; sympy's simplify (slow, and every
+    dump header's pass counts would call it per read) only for floor divisions and the like."""
+    diff = sympy.expand(a - b)
+    if diff == 0 or diff.is_number or diff.is_polynomial():  # expanded polynomials are canonical
+        return diff == 0
+    return sympy.simplify(diff) == 0
 
