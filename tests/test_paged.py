@@ -321,3 +321,19 @@ def test_smollm2_real_prompts_match_transformers():
     assert run.returncode == 0, run.stderr
     assert run.stdout == tok.decode(hf_greedy(model, ids[0], 12), skip_special_tokens=True) + "\n"
     assert "tokens/s" in run.stderr
+
+
+def test_prefills_of_similar_lengths_share_a_call():
+    """A step's prompts go in as few padded prefill calls as pays: sorted by length, split where the padding
+    saved outweighs a call's fixed cost (8 token rows) — Persuasion's 8 prompt lengths in 3 calls of 231 rows,
+    not 1 call of 336 or 8 calls of 217 + 64."""
+    runner = PagedRunner.__new__(PagedRunner)
+    runner.call_tokens = 8
+    lengths = [14, 32, 41, 11, 30, 42, 17, 30]
+    entries = [StepEntry(i, tuple(range(n)), 0, (0,)) for i, n in enumerate(lengths)]
+    calls = runner._prefill_batches(entries, list(range(len(entries))))
+    assert sorted(i for c in calls for i in c) == list(range(len(entries)))
+    assert [sorted(lengths[i] for i in c) for c in calls] == [[41, 42], [30, 30, 32], [11, 14, 17]]
+    assert sum(max(lengths[i] for i in c) * len(c) for c in calls) == 231
+    runner.call_tokens = 1000  # calls that cost more than any padding: one call
+    assert len(runner._prefill_batches(entries, list(range(len(entries))))) == 1

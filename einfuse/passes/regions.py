@@ -41,6 +41,7 @@ class Partition:
     lowered: Module
     regions: list  # the outer region (if any) first
     positions: dict = field(default_factory=dict)  # lowered op output name -> body position
+    _last: tuple | None = field(default=None, repr=False)  # (ids, modules, plan) of the last _plan call
 
     def stitch(self, finals: list[Module]) -> Module | None:
         """The whole module from each region's module after the pipeline (None: cannot be stitched)."""
@@ -76,7 +77,16 @@ class Partition:
 
     def _plan(self, finals: list[Module]):
         """(units in body order as (op or kernel, rename or None), the module without its body: inputs,
-        sizes and outputs, with what the passes added — a state, a block table — per instance), or None."""
+        sizes and outputs, with what the passes added — a state, a block table — per instance), or None.
+        Kept for the last list of modules asked about (stitching, then the final text, reuse it)."""
+        key = tuple(map(id, finals))
+        if self._last is not None and self._last[0] == key:
+            return self._last[2]
+        plan = self._make_plan(finals)
+        self._last = (key, list(finals), plan)
+        return plan
+
+    def _make_plan(self, finals: list[Module]):
         entries = []  # (position, ops, kernels, rename): what must stay together, and its names
         used = set(self.positions)  # every lowered name: a name made for an instance must be new
         outputs = dict(zip(self.lowered.outputs, self.lowered.outputs))
