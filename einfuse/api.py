@@ -63,9 +63,9 @@ def write_kernels(specs, directory: str) -> None:
     for f in os.listdir(directory):
         if f.endswith(".py"):
             os.remove(os.path.join(directory, f))
-    for spec in specs:
-        with open(os.path.join(directory, f"{spec.name}.py"), "w") as f:
-            f.write(spec.source)
+    for name, source in {spec.name: spec.source for spec in specs}.items():  # a layer's instances share one
+        with open(os.path.join(directory, f"{name}.py"), "w") as f:
+            f.write(source)
 
 
 def write_program(run, directory: str) -> None:

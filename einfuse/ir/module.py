@@ -116,7 +116,13 @@ class Statement:
         return out
 
     def reads(self) -> set[str]:
-        return tensors_read(self.expr)
+        """The tensors the expression reads (a new set each call; the statement is immutable, so the walk
+        over its expression is done once)."""
+        known = self.__dict__.get("_reads")
+        if known is None:
+            known = frozenset(tensors_read(self.expr))
+            object.__setattr__(self, "_reads", known)
+        return set(known)
 
     def replace(self, **kw) -> "Statement":
         return dataclasses.replace(self, **kw)
