@@ -675,6 +675,9 @@ class Ctx:
                 parts = ", ".join(f"({v.code}, {self.gen.int_code(length)})" for v, length in ((va, k), (vb, n - k)))
                 d = self.dims.index(r)
                 ranks = va.ranks | vb.ranks | {r}
+                if all(not v.is_scalar and v.dtype == want and v.ranks | {r} == ranks for v in (va, vb)):
+                    # both halves tensors of the result's type and shape: torch.cat as is (rotary halves)
+                    return Val(f"torch.cat(({va.code}, {vb.code}), {d})", frozenset(ranks), want, fresh=True)
                 code = f"rt.cat({d}, ({parts}), {self.gen.tuple_code(self.shape(ranks))}, {_torch_dtype(want)})"
                 return Val(code, frozenset(ranks), want, fresh=True)
         c = self.value(cond)
@@ -1852,6 +1855,7 @@ class TorchGen:
         k = operand(k_e, kv_lead + [m] + E, "k")
         v = operand(v_e, kv_lead + [m, f], "v")
         args = [q, k, v]
+        mask_ranks = frozenset()
         if sd["mask"] is not None:
             ctx = self._attn_ctx(plan, lead + [p, m], ext)
             self._count_shared(sd["mask"])
@@ -1859,16 +1863,28 @@ class TorchGen:
             mv = ctx.convert(mv, dt.bool_ if sd["bool_mask"] else D)
             if mv.is_scalar:
                 raise Unsupported("a constant mask")
+            mask_ranks = mv.ranks
             args.append(f"attn_mask={self.reuse(mv.code)}")
+        # one query row per head (a decode step) with grouped K/V heads: the group's query heads become the
+        # rows of one head (q viewed [.., kv heads, group, d]), a plain attention instead of enable_gqa
+        group = ix.exact_quotient(ext[lead[-1]], ext[kv_lead[-1]]) if gqa else None
+        rows = (group is not None and _same(ext[p], 1) and not sd["causal"] and lead[-1] not in mask_ranks)
+        if rows:
+            outer = [ext[r] for r in lead[:-1]]
+            width = sympy.Mul(*[ext[r] for r in E])
+            args[0] = f"{q}.reshape({self.tuple_code(outer + [ext[kv_lead[-1]], group, width])})"
         if sd["causal"]:
             args.append("is_causal=True")
         args.append(f"scale={sd['scale']!r}")
-        if gqa:
+        if gqa and not rows:
             args.append("enable_gqa=True")
         o = self.temp("o")
         if not lead:
             call_args = ", ".join(f"{a}.unsqueeze(0)" if a in (q, k, v) else a for a in args)
             self.emit(f"{o} = F.scaled_dot_product_attention({call_args})[0]")
+        elif rows:
+            shape = self.tuple_code([ext[r] for r in lead + [p, f]])
+            self.emit(f"{o} = F.scaled_dot_product_attention({', '.join(args)}).view({shape})")
         else:
             self.emit(f"{o} = F.scaled_dot_product_attention({', '.join(args)})")
         conv = f".to({_torch_dtype(plan.acc)})" if D != plan.acc else ""
