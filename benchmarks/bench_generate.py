@@ -4,7 +4,9 @@ words) batched, 32 new tokens each, greedy.
 
 Run: `python -m pytest benchmarks/bench_generate.py` (add `--benchmark-json out.json` to keep the numbers).
 transformers runs the batch left-padded with its KV cache (`model.generate(**batch, min_new_tokens=32)`);
-einfuse runs the same prompts unpadded through its scheduler (`ignore_eos=True`, 32 tokens each).
+einfuse runs the same prompts through its scheduler (`ignore_eos=True`, 32 tokens each): the paged runner
+prefills them in a few calls of similar lengths (each padded to its call's longest) and decodes them as one
+batch.
 Compiling (or loading the programs from the cache) happens before any timing. The `ratio` test interleaves
 einfuse and transformers runs `REPEATS` times, records tokens/s and the median ratio in `extra_info`, and
 asserts only that einfuse is within 2x (the target, >= 1.0x, is a figure for docs/PERFORMANCE.md, which a
