@@ -162,7 +162,7 @@ def _live(units: list, outputs: set) -> list:
     needed, keep = set(outputs), []
     for unit, rename in reversed(units):
         names = set() if isinstance(unit, Kernel) else {named(rename, o) for o in unit.outputs}
-        if isinstance(unit, Kernel) or names & (needed | members):
+        if isinstance(unit, Kernel) or not (names.isdisjoint(needed) and names.isdisjoint(members)):
             keep.append((unit, rename))
             if not isinstance(unit, Kernel):
                 needed.update(named(rename, r) for r in unit.reads())
