@@ -90,11 +90,16 @@ class KernelSpec:
         subs = {k: sympy.Integer(v) for k, v in sizes.items()}
         return tuple(max(0, int(sympy.sympify(g).xreplace(subs))) for g in self.grid)
 
-    def to_json(self) -> dict:
-        """The spec as JSON data (no deep copy of the source: one instance per layer shares it)."""
+    def to_json(self, like: dict | None = None) -> dict:
+        """The spec as JSON data (no deep copy of the source: one instance per layer shares it). `like`: the
+        JSON of the kernel this one is an instance of (same name and source): its grid and mapping are reused,
+        not printed again per layer."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(statements=list(self.statements), outputs=list(self.outputs), args=[asdict(a) for a in self.args],
                  constexprs=dict(self.constexprs), meta=copy.deepcopy(self.meta))
+        if like is not None and like["name"] == self.name:
+            d["grid"], d["mapping"] = like["grid"], like["mapping"]
+            return d
         d["grid"] = [ix.to_str(g) for g in self.grid]
         d["mapping"] = {k: [str(x) for x in v] if k in ("rows", "cols", "red", "batch") else v
                         for k, v in asdict(self.mapping).items()}

@@ -76,7 +76,12 @@ def kernels_for(m: Module, cache: Cache) -> tuple[list[KernelSpec], str, bool]:
         index = json.loads(entry["index.json"])
         return [_spec_from_json(d, entry[f"{d['name']}.py"].decode()) for d in index], cache.path(key), True
     specs = generate(m)
-    files = {"index.json": json.dumps([s.to_json() | {"source": None} for s in specs], indent=1)}
+    first: dict = {}  # kernel name -> its first spec's JSON (a layer's instances share name, grid and tiling)
+    index = []
+    for s in specs:
+        index.append(s.to_json(first.get(s.name)) | {"source": None})
+        first.setdefault(s.name, index[-1])
+    files = {"index.json": json.dumps(index)}
     files.update({f"{s.name}.py": s.source for s in specs})
     return specs, cache.put(key, files), False
 
