@@ -27,8 +27,10 @@ RESULTS: dict = {}
 def _fresh():
     os.environ["EINFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="einfuse-bench-")
     import einfuse.runtime.triton_backend as tb
+    from einfuse.ir import index
 
     tb._loaded.clear()
+    index.to_str.cache_clear()  # printed index expressions: every round prints afresh
 
 
 class _ExportClock:

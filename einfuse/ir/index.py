@@ -109,8 +109,10 @@ class IndexPrinter(StrPrinter):
 _printer = IndexPrinter({"order": "lex"})
 
 
+@functools.lru_cache(maxsize=65536)
 def to_str(e: sympy.Expr) -> str:
-    """Deterministic text for an index expression (evaluated, as the parser will build it)."""
+    """Deterministic text for an index expression (evaluated, as the parser will build it); the same
+    expression prints once (a dump prints every layer's positions after every pass)."""
     return _printer.doprint(evaluated(sympy.sympify(e)))
 
 
