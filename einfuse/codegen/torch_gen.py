@@ -115,6 +115,18 @@ def _affine(e: sympy.Expr, syms) -> tuple | None:
     return const, {r: c for r, c in coeff.items() if c != 0}
 
 
+def _arith_code(e, code) -> str | None:
+    """Python for an index expression's arithmetic node (+, *, //, %, ** k), `code` giving its operands'; None
+    for any other node (the callers differ in leaves and min/max)."""
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        return "(" + (" + " if isinstance(e, sympy.Add) else " * ").join(code(a) for a in e.args) + ")"
+    if isinstance(e, (ix.FloorDiv, ix.Mod)):
+        return f"({code(e.args[0])} {'//' if isinstance(e, ix.FloorDiv) else '%'} {code(e.args[1])})"
+    if isinstance(e, sympy.Pow) and e.args[1].is_Integer and e.args[1] > 0:
+        return f"({code(e.args[0])} ** {int(e.args[1])})"
+    return None
+
+
 def _divisor(c, ranks) -> bool:
     """A divisor a rank can be split by: an integer above 1, or a size (a positive symbol expression)."""
     if c.is_Integer:
@@ -369,16 +381,9 @@ class Ctx:
             return self.gen.sym_code(e)
         if not (e.free_symbols & set(self.dims)):
             return self.gen.int_code(e)
-        if isinstance(e, sympy.Add):
-            return "(" + " + ".join(self._icode(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Mul):
-            return "(" + " * ".join(self._icode(a) for a in e.args) + ")"
-        if isinstance(e, ix.FloorDiv):
-            return f"({self._icode(e.args[0])} // {self._icode(e.args[1])})"
-        if isinstance(e, ix.Mod):
-            return f"({self._icode(e.args[0])} % {self._icode(e.args[1])})"
-        if isinstance(e, sympy.Pow) and e.args[1].is_Integer and e.args[1] > 0:
-            return f"({self._icode(e.args[0])} ** {int(e.args[1])})"
+        code = _arith_code(e, self._icode)
+        if code is not None:
+            return code
         if isinstance(e, (sympy.Min, sympy.Max)):
             fn = "rt.imin" if isinstance(e, sympy.Min) else "rt.imax"
             out = self._icode(e.args[0])
@@ -1170,20 +1175,13 @@ class TorchGen:
             return str(int(e))
         if isinstance(e, sympy.Symbol):
             return self.sym_code(e)
-        if isinstance(e, sympy.Add):
-            return "(" + " + ".join(self.int_code(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Mul):
-            return "(" + " * ".join(self.int_code(a) for a in e.args) + ")"
-        if isinstance(e, ix.FloorDiv):
-            return f"({self.int_code(e.args[0])} // {self.int_code(e.args[1])})"
-        if isinstance(e, ix.Mod):
-            return f"({self.int_code(e.args[0])} % {self.int_code(e.args[1])})"
+        code = _arith_code(e, self.int_code)
+        if code is not None:
+            return code
         if isinstance(e, sympy.Min):
             return f"min({', '.join(self.int_code(a) for a in e.args)})"
         if isinstance(e, sympy.Max):
             return f"max({', '.join(self.int_code(a) for a in e.args)})"
-        if isinstance(e, sympy.Pow) and e.args[1].is_Integer and e.args[1] > 0:
-            return f"({self.int_code(e.args[0])} ** {int(e.args[1])})"
         raise Unsupported(f"size expression {e} has no Python form")
 
     def tuple_code(self, xs) -> str:
