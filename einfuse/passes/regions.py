@@ -14,6 +14,7 @@ runs the pipeline on the whole module instead.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -155,17 +156,18 @@ class Partition:
 def _live(units: list, outputs: set) -> list:
     """`units` without the statements nothing reads: a region's output that only another region's
     pre-pass form read (a mask a serving pass replaced) is dead once they are stitched. Kernel members stay."""
-    def named(rename, n):
-        return rename.get(n, n) if rename else n
-
-    members = {named(r, n) for k, r in units if isinstance(k, Kernel) for n in k.members}
-    needed, keep = set(outputs), []
+    members = {r.get(n, n) if r else n for k, r in units if isinstance(k, Kernel) for n in k.members}
+    needed, keep = set(outputs) | members, []
     for unit, rename in reversed(units):
-        names = set() if isinstance(unit, Kernel) else {named(rename, o) for o in unit.outputs}
-        if isinstance(unit, Kernel) or not (names.isdisjoint(needed) and names.isdisjoint(members)):
+        if isinstance(unit, Kernel):
             keep.append((unit, rename))
-            if not isinstance(unit, Kernel):
-                needed.update(named(rename, r) for r in unit.reads())
+            continue
+        get = rename.get if rename else None
+        names = [get(o, o) for o in unit.outputs] if get else unit.outputs
+        if any(n in needed for n in names):
+            keep.append((unit, rename))
+            reads = unit.reads()
+            needed.update([get(r, r) for r in reads] if get else reads)
     return keep[::-1]
 
 
@@ -202,7 +204,7 @@ def _derived(name: str, names: dict, internal: frozenset, n: int, used: set, sha
     """An instance's name for a template name a pass made: the instance's name of the template statement
     it extends (`sdpa_lm` -> `sdpa_3_lm`); without one, `name_n` — or `name` itself when `shared` (an input
     every instance reads alike, a block table)."""
-    base = max((b for b in names if b in internal and name.startswith(b)), key=len, default=None)
+    base = next((b for b in _longest_first(internal) if name.startswith(b) and b in names), None)
     if base is None and shared:
         return name
     new = names[base] + name[len(base):] if base is not None else f"{name}_{n}"
@@ -210,6 +212,12 @@ def _derived(name: str, names: dict, internal: frozenset, n: int, used: set, sha
         new += f"_{n}"
     used.add(new)
     return new
+
+
+@functools.lru_cache(maxsize=64)
+def _longest_first(internal: frozenset) -> tuple:
+    """A template's statement names, longest first (the first one a name starts with is the one it extends)."""
+    return tuple(sorted(internal, key=len, reverse=True))
 
 
 def partition(m: Module, instances: list, inlinable=None) -> Partition | None:
