@@ -60,11 +60,14 @@ def analytic_wire_bytes(layers: int, tokens: int, hidden: int, vocab: int, n: in
 
 
 def check_tp(rows: list, n: int, families: list, halves: int = 1) -> None:
-    """Logits equal the single-process model's; per half of the tokens (split_tokens makes 2), one all-reduce
-    per row-parallel projection and the embedding, one all-gather of the logits; the analytic wire bytes."""
+    """Logits equal the single-process model's (also after a weight is written in place and one replaced);
+    per half of the tokens (split_tokens makes 2), one all-reduce per row-parallel projection and the
+    embedding, one all-gather of the logits; the analytic wire bytes."""
     assert sorted({r["family"] for r in rows}) == sorted(families) and len(rows) == n * len(families), rows
     for row in rows:
         assert row["rel"] < 1e-5 and row["rel2"] < 1e-5, row
+        # after a weight written in place and one replaced: each rank's slices follow the model
+        assert row["rel3"] < 1e-5 and row["rel4"] < 1e-5 and row["variants"] == 1, row
         kinds = [c[0] for c in row["collectives"]]
         assert kinds.count("all_reduce") == halves * (2 * 2 + 1), row["collectives"]
         assert kinds.count("all_gather") == halves and len(kinds) == halves * 6, row["collectives"]
@@ -209,6 +212,7 @@ def test_ep2_mixtral_equal_single_process():
     assert len(rows) == 2
     for row in rows:
         assert row["rel"] < 1e-5 and row["rel2"] < 1e-5, row
+        assert row["rel3"] < 1e-5 and row["rel4"] < 1e-5 and row["variants"] == 1, row  # weights changed after
         assert [c[0] for c in row["collectives"]] == ["all_reduce"] * 2, row
         assert row["wire_bytes"] == 2 * (2 * 1 * 8 * 64 * 4 // 2), row
 

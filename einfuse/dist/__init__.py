@@ -11,6 +11,7 @@ steps and collectives is written to the dump folder."""
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -146,7 +147,8 @@ class Session:
         exchange_hash("\n".join(sample), "weights (sampled)")
         for name, lay in shard.slices.items():
             if name in v.bindings:
-                v.bindings[name] = slice_tensor(v.bindings[name], lay, shard.part)
+                v.cuts[name] = functools.partial(slice_tensor, lay=lay, part=shard.part)
+                v.bindings[name] = v.cuts[name](v.bindings[name])
         if self.spec.timeline and hasattr(v.run, "timeline"):
             v.run.timeline = []
             coll.ENV.events = []

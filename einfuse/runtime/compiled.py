@@ -51,6 +51,7 @@ class Variant:
     module_ids: tuple = ()  # the submodules (by identity) at capture
     modules_ok: bool = True  # the model still has the submodules and weights it had at capture
     version_sum: int | None = None  # the weights' `_version`s summed (versions only grow: equal sums, no writes)
+    cuts: dict = field(default_factory=dict)  # IR name -> its slice of the model's tensor (a rank's share, dist)
     device: torch.device | None = None  # the first weight's device
 
 
@@ -64,6 +65,7 @@ class Weight:
     dtype: torch.dtype
     shape: tuple
     device: torch.device
+    cut: Callable | None = None  # the variant reads cut(tensor), this rank's slice of it (einfuse.Dist)
 
     def matches(self, t: torch.Tensor) -> bool:
         return t.dtype == self.dtype and tuple(t.shape) == self.shape and t.device == self.device
@@ -388,6 +390,9 @@ class CompiledModule(torch.nn.Module):
             if not all(w.matches(t) for w, t in zip(v.weights, ts)):
                 return False
             v.version_sum = sum(map(_VERSION, ts))
+            for w in v.weights:  # a rank's slices are copies: cut again from what the model holds now
+                if w.cut is not None:
+                    v.bindings[w.ir_name] = w.cut(w.tensor)
         # `model.to(device)` gives every weight new storage without a version change; dtype and size changes
         # made that way are caught by the run's input check (see forward), a device change here
         return not ts or ts[0].device == v.device
@@ -415,6 +420,11 @@ class CompiledModule(torch.nn.Module):
         for name, tensor in v.bindings.items():
             target = v.targets.get(name)
             live = resolve(model, target) if target else None
+            cut = v.cuts.get(name)
+            if cut is not None and live is not None and live.dtype == tensor.dtype and cut(live).shape == tensor.shape:
+                # a rank's slice: the model's tensor is followed (replaced or written in place: sliced again)
+                weights.append(Weight(name, target, live, live.dtype, tuple(live.shape), live.device, cut))
+                continue
             if live is not None and live.shape == tensor.shape and live.dtype == tensor.dtype:
                 tensor = live  # read the model's own tensor: in-place updates are seen
             else:
@@ -449,7 +459,8 @@ class CompiledModule(torch.nn.Module):
                 if live is None:
                     v.modules_ok = False  # the weight is gone: the graph no longer describes the model
                 elif live is not w.tensor:
-                    w.tensor = v.bindings[w.ir_name] = v.tensors[k] = live
+                    w.tensor = v.tensors[k] = live
+                    v.bindings[w.ir_name] = w.cut(live) if w.cut and w.matches(live) else live
                     v.version_sum = None  # re-check its metadata on the next call
         self._generation = _GENERATION[0]
 

@@ -29,13 +29,27 @@ for fam in families:
         got = cm(ids).logits
         ids2 = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(4))
         got2, want2 = cm(ids2).logits, model(ids2).logits
+        # weights changed after the compile: a rank reads its slice of what the model holds now
+        if fam == "gpt2":
+            model.transformer.h[0].mlp.c_proj.weight.mul_(1.5)  # in place
+        elif fam == "mixtral":
+            model.model.layers[0].mlp.experts.down_proj.mul_(1.5)  # the stacked experts, split over ranks by EP
+        else:
+            model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+        got3, want3 = cm(ids).logits, model(ids).logits
+        attn = model.transformer.h[0].attn.c_attn if fam == "gpt2" else model.model.layers[0].self_attn.q_proj
+        attn.weight = torch.nn.Parameter(torch.randn_like(attn.weight) * attn.weight.std())  # replaced
+        got4, want4 = cm(ids).logits, model(ids).logits
     v = cm._variants[0] if hasattr(cm, "_variants") else None
     colls = [op for op in v.ir.body if isinstance(op, Collective)]
     types = v.ir.types()
     wire = module_wire_bytes(v.ir)
     rel = float((got - want).abs().max() / want.abs().max())
     rel2 = float((got2 - want2).abs().max() / want2.abs().max())
+    rel3 = float((got3 - want3).abs().max() / want3.abs().max())
+    rel4 = float((got4 - want4).abs().max() / want4.abs().max())
     fused = sum(1 for op in v.ir.body if getattr(op, "target", "").endswith(":allreduce_residual_rmsnorm"))
-    print(json.dumps({"family": fam, "rank": int(os.environ["RANK"]), "rel": rel, "rel2": rel2, "fused": fused,
+    print(json.dumps({"family": fam, "rank": int(os.environ["RANK"]), "rel": rel, "rel2": rel2, "rel3": rel3, "rel4": rel4,
+                      "variants": len(cm._variants), "fused": fused,
                       "collectives": [[c.kind, c.name, [str(d) for d in types[c.src].shape]] for c in colls],
                       "wire_bytes": wire, "s": round(time.perf_counter() - t0, 2)}), flush=True)
