@@ -420,6 +420,17 @@ class Ctx:
                     return v
         return self._gather(a, src, lay, dtype)
 
+    def _cut(self, r, c, subs: dict, ranges: dict) -> tuple | None:
+        """Rank r as c*hi + lo (0 <= lo < c): (hi, lo, r's extent / c), recorded in `subs` and `ranges`;
+        None when c does not divide the extent."""
+        q = ix.exact_quotient(self.ext(r), c)
+        if q is None:
+            return None
+        hi, lo = (sympy.Symbol(f"{r}_{x}", integer=True, nonnegative=True) for x in ("hi", "lo"))
+        subs[r] = c * hi + lo
+        ranges[hi], ranges[lo] = (sympy.Integer(0), q - 1), (sympy.Integer(0), c - 1)
+        return hi, lo, q
+
     def _view(self, src: str, lay: Layout, pos: list, dtype) -> Val | None:
         flat = ix.simplify(sympy.expand(lay.offset + sum((p * s for p, s in zip(pos, lay.strides)), sympy.Integer(0))),
                            self.ranges)
@@ -436,14 +447,10 @@ class Ctx:
                     return None
             subs, ranges = {}, dict(self.ranges)
             for r, c in split.items():
-                q = ix.exact_quotient(self.ext(r), c)
-                if q is None:
+                cut = self._cut(r, c, subs, ranges)
+                if cut is None:
                     return None
-                hi, lo = sympy.Symbol(f"{r}_hi", integer=True, nonnegative=True), sympy.Symbol(
-                    f"{r}_lo", integer=True, nonnegative=True)
-                subs[r] = c * hi + lo
-                ranges[hi], ranges[lo] = (sympy.Integer(0), q - 1), (sympy.Integer(0), c - 1)
-                split[r] = (c, q, hi, lo)
+                split[r] = (c, cut[2], cut[0], cut[1])
             flat = ix.simplify(sympy.expand(flat.xreplace(subs)), ranges)
             syms = [s for r in dims for s in ((split[r][2], split[r][3]) if r in split else (r,))]
             aff = _affine(flat, syms)
@@ -511,11 +518,8 @@ class Ctx:
             if r not in cuts:
                 dims.append(r)
                 continue
-            c = cuts[r]
-            hi, lo = (sympy.Symbol(f"{r}_{x}", integer=True, nonnegative=True) for x in ("hi", "lo"))
-            subs[r] = c * hi + lo
-            dom[hi], dom[lo] = (0, ix.exact_quotient(self.ext(r), c)), (0, c)
-            ranges[hi], ranges[lo] = (sympy.Integer(0), dom[hi][1] - 1), (sympy.Integer(0), c - 1)
+            hi, lo, q = self._cut(r, cuts[r], subs, ranges)
+            dom[hi], dom[lo] = (0, q), (0, cuts[r])
             dims += [hi, lo]
 
         def fix(e):

@@ -231,8 +231,8 @@ class TorchRunner:
         bounds = tuple(target.shape[:len(positions)])
         last = self._put_last
         versions = tuple(p._version for p in positions)  # an input written in place is another position
-        if last is not None and last[1] == bounds and last[4] == versions and len(last[0]) == len(positions) and all(
-                a is b for a, b in zip(last[0], positions)):
+        if last is not None and last[1] == bounds and last[4] == versions and all(
+                a is b for a, b in zip(last[0], positions)):  # (equal versions: as many positions)
             index, inside = last[2], last[3]
         else:
             inside = None
