@@ -137,7 +137,7 @@ class Driver:
         if entry is None:
             return None
         meta = json.loads(entry["meta.json"])
-        report = LoweringReport(meta["total"], meta["lowered"], capture=meta["capture"])
+        report = LoweringReport(meta["total"], meta["lowered"], capture=meta["capture"], notes=list(meta["notes"]))
         for target, (count, why) in meta["fallbacks"].items():
             report.fallbacks[target] = [count, why]
         timings = [{"index": 0, "pass": "pipeline cache hit", "ms": None, "statements": meta["statements"]}]
@@ -146,7 +146,7 @@ class Driver:
 
     def _store(self, cap, name, final, report, out_leaves, timings) -> None:
         meta = {"total": report.total, "lowered": report.lowered, "capture": report.capture,
-                "fallbacks": {k: list(v) for k, v in report.fallbacks.items()}, "out_leaves": out_leaves,
+                "fallbacks": {k: list(v) for k, v in report.fallbacks.items()}, "notes": report.notes, "out_leaves": out_leaves,
                 "statements": len(final.body)}
         try:
             blob = json.dumps(meta)

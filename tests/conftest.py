@@ -16,6 +16,16 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_einfuse_cache(tmp_path_factory):
+    """Every test reads and writes a cache of this session only (modules that need an empty one of their own
+    take `fresh_einfuse_cache`): a user's ~/.cache/einfuse, or an earlier run's, never answers a test."""
+    path = tmp_path_factory.mktemp("einfuse_session_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EINFUSE_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="module")
 def fresh_einfuse_cache(tmp_path_factory):
     """An empty EINFUSE_CACHE_DIR for the whole test module (kernels, pipeline results, AOT checks):
