@@ -23,7 +23,7 @@ import sympy
 from ..ir import index as ix
 from ..ir.contraction import contraction, flat_identity
 from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, index_symbols, map_indices, rewrite,
-                       substitute)
+                       substitute, walk)
 from ..ir.module import Iterate, Kernel, Module, Reduce, Statement, TensorType
 from ..ir.ops import infer
 from ..kinds.attention import CHUNK_ROLES, STEP_ROLES, key_tile, supported
@@ -72,6 +72,19 @@ def _reads(e: Expr, name: str) -> list[Access]:
     return [a for a in accesses(e) if a.tensor == name]
 
 
+def _reaches_exp(e: Expr, producers: dict, seen: set) -> bool:
+    """Does `e` compute an `exp`, itself or through the map statements `read_through` would inline?"""
+    for n in walk(e):
+        if isinstance(n, Call) and n.op == "exp":
+            return True
+        if isinstance(n, Access) and n.tensor not in seen and not any(isinstance(p, Expr) for p in n.indices):
+            seen.add(n.tensor)
+            s = producers.get(n.tensor)
+            if is_map(s) and _reaches_exp(s.expr, producers, seen):
+                return True
+    return False
+
+
 def _in_ranks_of(s: Statement, access: Access, inner: dict) -> Expr:
     """`s`'s expression as seen from `access` (its output ranks replaced by the access positions)."""
     return substitute(s.expr, {**dict(zip(s.index, access.indices)), **inner})
@@ -106,6 +119,8 @@ def match(m: Module, av: Statement) -> Cascade | None:
     if not _is_contraction(av) or len(av.reduce.ranks) != 1:
         return None
     prod = m.producers()
+    if not _reaches_exp(av.expr, prod, set()):  # cheap: a matmul that reads no softmax (most of them)
+        return None
     key = av.reduce.ranks[0][0]
     types = m.types()
     num, den = monomial(_drop_rounding(read_through(av.expr, prod), lambda t: types[t].dtype))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..ir.contraction import is_map
 from ..ir.module import Input, Kernel, Module, Statement
-from ..ir.printer import fmt_kernel, fmt_op, header_lines
+from ..ir.printer import fmt_input, fmt_kernel, fmt_op, header_lines
 from .base import Instrument, run_pipeline
 from .fusion import transcendental_table
 from .instruments import NumericCheck, Verify, dump_header, module_notes
@@ -43,41 +43,49 @@ class Partition:
     regions: list  # the outer region (if any) first
     positions: dict = field(default_factory=dict)  # lowered op output name -> body position
     _last: tuple | None = field(default=None, repr=False)  # (ids, modules, plan) of the last _plan call
+    _memo: dict = field(default_factory=dict, repr=False)  # per region module and per-instance liveness: _Template
+    _names: dict = field(default_factory=dict, repr=False)  # (region, instance, template name) -> derived name
 
     def stitch(self, finals: list[Module]) -> Module | None:
         """The whole module from each region's module after the pipeline (None: cannot be stitched)."""
         plan = self._plan(finals)
         if plan is None:
             return None
-        units, skeleton = plan
+        pieces, skeleton = plan
         body, kernels = [], []
-        for unit, rename in units:
-            if isinstance(unit, Kernel):
-                kernels.append(_rename_kernel(unit, rename))
-            else:
-                body.append(unit.renamed(rename) if rename else unit)
+        for ops, ks, rename in pieces:
+            body += [op.renamed(rename) for op in ops] if rename else ops
+            kernels += [_rename_kernel(k, rename) for k in ks]
         return skeleton.replace(body=tuple(body), kernels=tuple(kernels))
 
     def stitch_text(self, modules: list[Module], cache: dict) -> str:
-        """The whole module's text (for per-pass dumps) without building it: each region's lines are
-        printed once with their tensor names as slots (cached per op) and filled in per instance."""
+        """The whole module's text (for per-pass dumps) without building it: each piece's lines are printed
+        once with their tensor names as format slots (cached per piece) and filled in per instance."""
         plan = self._plan(modules)
         if plan is None:
             return ""
-        units, skeleton = plan
-        outputs = skeleton.outputs
-        lines, kernel_lines = header_lines(skeleton), []
-        for unit, rename in units:
-            hit = cache.get(id(unit))
-            if hit is None or hit[0] is not unit:
-                text = (fmt_kernel if isinstance(unit, Kernel) else fmt_op)(unit, lambda n: f"\0{n}\0")
-                hit = cache[id(unit)] = (unit, text.split("\0"))
-            line = "".join(p if i % 2 == 0 or not rename else rename.get(p, p) for i, p in enumerate(hit[1]))
-            (kernel_lines if isinstance(unit, Kernel) else lines).append("  " + line)
-        return "\n".join(lines + kernel_lines + [f"  out {', '.join(outputs)}"]) + "\n"
+        pieces, skeleton = plan
+        lines, kernel_lines = header_lines(skeleton.replace(inputs=())), []
+        for i in skeleton.inputs:  # hundreds of weights: each input's line printed once
+            key = ("input", i.name, i.kind, id(i.type))
+            hit = cache.get(key)
+            if hit is None:
+                hit = cache[key] = (i, f"  {fmt_input(i)}")
+            lines.append(hit[1])
+        for ops, ks, rename in pieces:
+            key = (*map(id, ops), None, *map(id, ks))  # the cache holds what it keys, so no id is reused
+            hit = cache.get(key)
+            if hit is None:
+                hit = cache[key] = (ops, ks, _Text(ops, ks))
+            text = hit[2]
+            if ops:
+                lines.append(text.body(rename))
+            if ks:
+                kernel_lines.append(text.kernels(rename))
+        return "\n".join(lines + kernel_lines + [f"  out {', '.join(skeleton.outputs)}"]) + "\n"
 
     def _plan(self, finals: list[Module]):
-        """(units in body order as (op or kernel, rename or None), the module without its body: inputs,
+        """(pieces in body order as (ops, kernels, rename or None), the module without its body: inputs,
         sizes and outputs, with what the passes added — a state, a block table — per instance), or None.
         Kept for the last list of modules asked about (stitching, then the final text, reuse it)."""
         key = tuple(map(id, finals))
@@ -87,13 +95,19 @@ class Partition:
         self._last = (key, list(finals), plan)
         return plan
 
+    def _template(self, final: Module) -> "_Template":
+        hit = self._memo.get(id(final))
+        if hit is None or hit[0] is not final:
+            hit = self._memo[id(final)] = (final, _Template(final))
+        return hit[1]
+
     def _make_plan(self, finals: list[Module]):
-        entries = []  # (position, ops, kernels, rename): what must stay together, and its names
+        entries = []  # (position, ops, kernels, rename, template or None): what must stay together, and its names
         used = set(self.positions)  # every lowered name: a name made for an instance must be new
         outputs = dict(zip(self.lowered.outputs, self.lowered.outputs))
         inputs: dict = {}  # whole-module input name -> Input, as the regions' pipelines left them
         extra_outputs: list = []
-        for region, final in zip(self.regions, finals):
+        for r, (region, final) in enumerate(zip(self.regions, finals)):
             out_map = dict(zip(region.module.outputs, final.outputs))
             if len(set(final.outputs)) < len(final.outputs):
                 return None
@@ -108,15 +122,17 @@ class Partition:
                     last = self.positions.get(op.outputs[0], last)
                     k = grouped.get(op.outputs[0])
                     if k is None:
-                        entries.append((last, [op], [], None))
+                        entries.append((last, (op,), (), None, None))
                     elif op.outputs[0] == k.members[0]:
                         members = set(k.members)
-                        entries.append((last, [o for o in final.body if o.outputs[0] in members], [k], None))
+                        entries.append((last, tuple(o for o in final.body if o.outputs[0] in members), (k,), None,
+                                        None))
                     used.update(op.outputs)
                 continue
             known = {i.name for i in region.module.inputs}
+            template = self._template(final)
             for n, (names, first) in enumerate(region.instances):
-                rename = _instance_names(final, names, region.internal, out_map, n, used)
+                rename = self._instance_names(r, final, template, names, region.internal, out_map, n, used)
                 if rename is None:
                     return None
                 for i in final.inputs:  # an input a pass added is the instance's own if named after its statements
@@ -124,80 +140,141 @@ class Partition:
                         rename[i.name] = _derived(i.name, names, region.internal, n, used, shared=True)
                     inputs.setdefault(rename.get(i.name, i.name), Input(rename.get(i.name, i.name), i.type, i.kind))
                 extra_outputs += [rename.get(o, o) for o in added]
-                entries.append((first, list(final.body), list(final.kernels), rename))
+                entries.append((first, final.body, final.kernels, rename, template))
         defined = {}
-        for n, (_, ops, _, rename) in enumerate(entries):
-            for op in ops:
-                for o in op.outputs:
-                    defined[rename.get(o, o) if rename else o] = n
+        for n, (_, ops, _, rename, template) in enumerate(entries):
+            for o in (template.defined if template else ops[0].outputs if len(ops) == 1 else
+                      [o for op in ops for o in op.outputs]):
+                defined[rename.get(o, o) if rename else o] = n
         deps = []
-        for n, (_, ops, _, rename) in enumerate(entries):
-            reads = {rename.get(r, r) if rename else r for op in ops for r in op.reads()}
+        for n, (_, ops, _, rename, template) in enumerate(entries):
+            reads = template.external if template else {r for op in ops for r in op.reads()}
+            reads = {rename.get(r, r) for r in reads} if rename else reads
             deps.append({defined[r] for r in reads if r in defined} - {n})
-        done, units = set(), []
+        done, ordered = set(), []
         while len(done) < len(entries):  # a topological order, earliest lowered position first
             ready = [n for n in range(len(entries)) if n not in done and deps[n] <= done]
             if not ready:
                 return None
             n = min(ready, key=lambda i: (entries[i][0], i))
             done.add(n)
-            _, ops, kernels, rename = entries[n]
-            units += [(op, rename) for op in ops] + [(k, rename) for k in kernels]
-        units = _live(units, set(outputs.values()) | set(extra_outputs))
+            ordered.append(entries[n][1:])
+        pieces = _live(ordered, set(outputs.values()) | set(extra_outputs))
         order = [i.name for i in self.lowered.inputs] + [n for n in inputs if n not in self.positions]
         module_inputs = tuple(inputs[n] for n in dict.fromkeys(order) if n in inputs)
         sizes = tuple(dict.fromkeys(x for f in finals for x in f.sizes))
         hints = tuple(dict.fromkeys((x, v) for f in finals for x, v in f.size_hints))
         skeleton = self.lowered.replace(inputs=module_inputs, sizes=sizes, size_hints=hints, body=(), kernels=(),
                                         outputs=tuple(outputs[o] for o in self.lowered.outputs) + tuple(extra_outputs))
-        return units, skeleton
+        return pieces, skeleton
+
+    def _instance_names(self, r: int, final: Module, template: "_Template", names: dict, internal: frozenset,
+                        out_map: dict, n: int, used: set) -> dict | None:
+        """Template name -> whole-module name for instance `n`: statements the lowered template had keep this
+        block's names; statements passes made (attention's running max, ...) or copied in, and kernel groups,
+        are named after the statement whose name they extend; an output a pass renamed keeps the name its
+        readers use. Tensors the template reads from outside map to this block's. A derived name is kept from
+        one plan to the next (the same tensor has the same name in every dump) unless it is taken."""
+        out = {k: v for k, v in names.items() if k in internal or k not in template.inside}
+        for before, after in out_map.items():
+            if after != before:
+                if after in names and names[after] != names[before]:
+                    return None
+                out[after] = names[before]
+
+        def derive(name: str) -> str:
+            key = (r, n, name)
+            new = self._names.get(key)
+            if new is None or new in used:
+                new = self._names[key] = _derived(name, names, internal, n, used)
+            used.add(new)
+            return new
+
+        for o in template.defined:
+            if o not in out:
+                out[o] = derive(o)
+            used.add(out[o])
+        for k in final.kernels:
+            prefix = k.name[:len(k.name) - len(k.members[-1])] if k.name.endswith(k.members[-1]) else ""
+            out[k.name] = prefix + out[k.members[-1]] if prefix else derive(k.name)
+        return out
 
 
-def _live(units: list, outputs: set) -> list:
-    """`units` without the statements nothing reads: a region's output that only another region's
-    pre-pass form read (a mask a serving pass replaced) is dead once they are stitched. Kernel members stay."""
-    members = {r.get(n, n) if r else n for k, r in units if isinstance(k, Kernel) for n in k.members}
-    needed, keep = set(outputs) | members, []
-    for unit, rename in reversed(units):
-        if isinstance(unit, Kernel):
-            keep.append((unit, rename))
+class _Template:
+    """What a template region's module after a pass says the same for every instance: the names its
+    statements define, what they read from outside, and per set of needed outputs which statements live."""
+
+    def __init__(self, final: Module):
+        self.defined = [o for op in final.body for o in op.outputs]
+        self.inside = frozenset(self.defined)
+        self.external = {r for op in final.body for r in op.reads()} - self.inside
+        self.members = {n for k in final.kernels for n in k.members}
+        self.body = final.body
+        self.live: dict = {}  # needed template names -> (kept statements, their reads from outside)
+
+    def prune(self, needed: frozenset) -> tuple:
+        hit = self.live.get(needed)
+        if hit is None:
+            want, keep = set(needed) | self.members, []
+            for op in reversed(self.body):
+                if any(o in want for o in op.outputs):
+                    keep.append(op)
+                    want.update(op.reads())
+            kept = tuple(keep[::-1])
+            inside = {o for op in kept for o in op.outputs}
+            hit = self.live[needed] = (kept, {r for op in kept for r in op.reads()} - inside)
+        return hit
+
+
+def _live(order: list, outputs: set) -> list:
+    """The pieces without the statements nothing reads: a region's output that only another region's
+    pre-pass form read (a mask a serving pass replaced) is dead once they are stitched. Kernel members stay.
+    An instance's live statements depend only on which of its names are needed (cached per template)."""
+    needed = set(outputs) | {n for ops, ks, rename, template in order if template is None for k in ks
+                             for n in k.members}
+    pieces = []
+    for ops, ks, rename, template in reversed(order):
+        if template is not None:
+            kept, reads = template.prune(frozenset(o for o in template.defined if rename.get(o, o) in needed))
+            needed.update(rename.get(r, r) for r in reads)
+            pieces.append((kept, ks, rename))
             continue
-        get = rename.get if rename else None
-        names = [get(o, o) for o in unit.outputs] if get else unit.outputs
-        if any(n in needed for n in names):
-            keep.append((unit, rename))
-            reads = unit.reads()
-            needed.update([get(r, r) for r in reads] if get else reads)
-    return keep[::-1]
+        kept = tuple(op for op in ops if ks or any(o in needed for o in op.outputs))
+        if kept:
+            needed.update(r for op in kept for r in op.reads())
+            pieces.append((kept, ks, None))
+    return pieces[::-1]
+
+
+class _Text:
+    """A piece's printed lines with every tensor name a format slot: filled in per instance by one
+    `str.format` call (a dump prints each layer's statements after every pass)."""
+
+    def __init__(self, ops: tuple, kernels: tuple):
+        self.slots: dict = {}
+        self._body = "\n".join(self._template(fmt_op(op, self._slot)) for op in ops)
+        self._kernels = "\n".join(self._template(fmt_kernel(k, self._slot)) for k in kernels)
+        self.names = list(self.slots)
+
+    def _slot(self, name: str) -> str:
+        return f"\0{self.slots.setdefault(name, len(self.slots))}\0"
+
+    @staticmethod
+    def _template(line: str) -> str:
+        parts = line.replace("{", "{{").replace("}", "}}").split("\0")
+        return "  " + "".join(p if i % 2 == 0 else "{" + p + "}" for i, p in enumerate(parts))
+
+    def body(self, rename: dict | None) -> str:
+        return self._body.format(*[rename.get(n, n) for n in self.names] if rename else self.names)
+
+    def kernels(self, rename: dict | None) -> str:
+        return self._kernels.format(*[rename.get(n, n) for n in self.names] if rename else self.names)
 
 
 def _rename_kernel(k: Kernel, rename: dict | None) -> Kernel:
     if not rename:
         return k
     return Kernel(rename.get(k.name, k.name), k.kind, tuple(rename.get(n, n) for n in k.members), k.attrs, k.roles)
-
-
-def _instance_names(final: Module, names: dict, internal: frozenset, out_map: dict, n: int, used: set) -> dict | None:
-    """Template name -> whole-module name for instance `n`: statements the lowered template had keep this
-    block's names; statements passes made (attention's running max, ...) or copied in, and kernel groups,
-    are named after the statement whose name they extend; an output a pass renamed keeps the name its
-    readers use. Tensors the template reads from outside map to this block's."""
-    defined = {o for op in final.body for o in op.outputs}
-    out = {k: v for k, v in names.items() if k in internal or k not in defined}
-    for before, after in out_map.items():
-        if after != before:
-            if after in names and names[after] != names[before]:
-                return None
-            out[after] = names[before]
-    for op in final.body:
-        for o in op.outputs:
-            if o not in out:
-                out[o] = _derived(o, names, internal, n, used)
-            used.add(out[o])
-    for k in final.kernels:
-        prefix = k.name[:len(k.name) - len(k.members[-1])] if k.name.endswith(k.members[-1]) else ""
-        out[k.name] = prefix + out[k.members[-1]] if prefix else _derived(k.name, names, internal, n, used)
-    return out
 
 
 def _derived(name: str, names: dict, internal: frozenset, n: int, used: set, shared: bool = False) -> str:
