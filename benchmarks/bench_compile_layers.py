@@ -20,7 +20,7 @@ from einfuse import api, models
 
 SEQ = 32
 LAYERS = (2, 8, 32)
-ROUNDS = 3
+ROUNDS = 5
 RESULTS: dict = {}
 
 

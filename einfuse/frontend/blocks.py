@@ -226,8 +226,9 @@ class Instantiator:
             lw.body.append(op)
             for o, t in (op.outputs_typed if hasattr(op, "outputs_typed") else [(op.name, op.type)]):
                 lw.note_type(o, t)
-        for i, n in enumerate(b.nodes):
-            if i in rec.values:
+        inside = set(b.nodes)
+        for i, n in enumerate(b.nodes):  # only what nodes after the block read: its own nodes are skipped
+            if i in rec.values and any(u not in inside for u in n.users):
                 lw.values[n] = _renamed_value(rec.values[i], names)
         self._replay_report(lw, rec)
         outs = [o for op in new_ops for o in op.outputs]

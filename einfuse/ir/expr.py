@@ -139,10 +139,14 @@ def _index_position(p: Expr):
 # ---------------------------------------------------------------- traversal
 
 def walk(e: Expr) -> Iterator[Expr]:
-    """Every node, parents before children."""
-    yield e
-    for c in e.children():
-        yield from walk(c)
+    """Every node, parents before children (left to right)."""
+    stack = [e]
+    while stack:
+        n = stack.pop()
+        yield n
+        kids = n.children()
+        if kids:
+            stack.extend(reversed(kids))
 
 
 def rewrite(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:

@@ -72,19 +72,6 @@ def _reads(e: Expr, name: str) -> list[Access]:
     return [a for a in accesses(e) if a.tensor == name]
 
 
-def _reaches_exp(e: Expr, producers: dict, seen: set) -> bool:
-    """Does `e` compute an `exp`, itself or through the map statements `read_through` would inline?"""
-    for n in walk(e):
-        if isinstance(n, Call) and n.op == "exp":
-            return True
-        if isinstance(n, Access) and n.tensor not in seen and not any(isinstance(p, Expr) for p in n.indices):
-            seen.add(n.tensor)
-            s = producers.get(n.tensor)
-            if is_map(s) and _reaches_exp(s.expr, producers, seen):
-                return True
-    return False
-
-
 def _in_ranks_of(s: Statement, access: Access, inner: dict) -> Expr:
     """`s`'s expression as seen from `access` (its output ranks replaced by the access positions)."""
     return substitute(s.expr, {**dict(zip(s.index, access.indices)), **inner})
@@ -119,8 +106,6 @@ def match(m: Module, av: Statement) -> Cascade | None:
     if not _is_contraction(av) or len(av.reduce.ranks) != 1:
         return None
     prod = m.producers()
-    if not _reaches_exp(av.expr, prod, set()):  # cheap: a matmul that reads no softmax (most of them)
-        return None
     key = av.reduce.ranks[0][0]
     types = m.types()
     num, den = monomial(_drop_rounding(read_through(av.expr, prod), lambda t: types[t].dtype))
@@ -181,7 +166,28 @@ def match(m: Module, av: Statement) -> Cascade | None:
 
 def find(m: Module) -> list[Cascade]:
     """Every 3-pass attention cascade in the module."""
-    return [c for c in (match(m, s) for s in m.statements) if c is not None]
+    candidates = _softmax_readers(m)  # cheap: most matmuls read no softmax, and matching inlines maps
+    return [c for c in (match(m, s) for s in m.statements if s.name in candidates) if c is not None]
+
+
+def _softmax_readers(m: Module) -> set:
+    """Statements whose expression reads, itself or through map statements (not through a gather), a sum
+    of something that computes an `exp` through maps: softmax's denominator. One walk of the module."""
+    prod = m.producers()
+    exp: dict = {}  # name -> computes an exp, itself or through the maps it reads
+    reads_sum: dict = {}  # name -> reads a sum that computes an exp
+
+    def plain(a: Access) -> bool:
+        return not any(isinstance(p, Expr) for p in a.indices)
+
+    for s in m.statements:
+        nodes = list(walk(s.expr))
+        read = [(a, prod.get(a.tensor)) for a in nodes if isinstance(a, Access)]
+        exp[s.name] = (any(isinstance(n, Call) and n.op == "exp" for n in nodes)
+                       or any(exp.get(a.tensor) and is_map(t) and plain(a) for a, t in read))
+        reads_sum[s.name] = any((exp.get(a.tensor) and _is_contraction(t))
+                                or (reads_sum.get(a.tensor) and is_map(t) and plain(a)) for a, t in read)
+    return {n for n, r in reads_sum.items() if r}
 
 
 # ---------------------------------------------------------------- the 1-pass rewrite

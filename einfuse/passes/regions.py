@@ -76,7 +76,7 @@ class Partition:
             key = (*map(id, ops), None, *map(id, ks))  # the cache holds what it keys, so no id is reused
             hit = cache.get(key)
             if hit is None:
-                hit = cache[key] = (ops, ks, _Text(ops, ks))
+                hit = cache[key] = (ops, ks, _Text(ops, ks, cache))
             text = hit[2]
             if ops:
                 lines.append(text.body(rename))
@@ -248,21 +248,29 @@ def _live(order: list, outputs: set) -> list:
 
 class _Text:
     """A piece's printed lines with every tensor name a format slot: filled in per instance by one
-    `str.format` call (a dump prints each layer's statements after every pass)."""
+    `str.format` call (a dump prints each layer's statements after every pass). Each statement is printed
+    once per dump (`cache`): a pass that changes one statement of a layer reprints that one."""
 
-    def __init__(self, ops: tuple, kernels: tuple):
+    def __init__(self, ops: tuple, kernels: tuple, cache: dict):
         self.slots: dict = {}
-        self._body = "\n".join(self._template(fmt_op(op, self._slot)) for op in ops)
-        self._kernels = "\n".join(self._template(fmt_kernel(k, self._slot)) for k in kernels)
+        self._body = "\n".join(self._template(self._line(op, fmt_op, cache)) for op in ops)
+        self._kernels = "\n".join(self._template(self._line(k, fmt_kernel, cache)) for k in kernels)
         self.names = list(self.slots)
 
-    def _slot(self, name: str) -> str:
-        return f"\0{self.slots.setdefault(name, len(self.slots))}\0"
-
     @staticmethod
-    def _template(line: str) -> str:
-        parts = line.replace("{", "{{").replace("}", "}}").split("\0")
-        return "  " + "".join(p if i % 2 == 0 else "{" + p + "}" for i, p in enumerate(parts))
+    def _line(unit, fmt, cache: dict) -> list:
+        """`unit`'s line split at its tensor names (odd positions)."""
+        hit = cache.get(("line", id(unit)))
+        if hit is None:
+            hit = cache[("line", id(unit))] = (unit, fmt(unit, lambda n: f"\0{n}\0").split("\0"))
+        return hit[1]
+
+    def _template(self, parts: list) -> str:
+        out = ["  "]
+        for i, p in enumerate(parts):
+            out.append("{%d}" % self.slots.setdefault(p, len(self.slots)) if i % 2 else
+                       p.replace("{", "{{").replace("}", "}}"))
+        return "".join(out)
 
     def body(self, rename: dict | None) -> str:
         return self._body.format(*[rename.get(n, n) for n in self.names] if rename else self.names)
