@@ -386,3 +386,41 @@ def test_fold_rule_that_changes_a_type_is_reported():
     m = parse(SOFTMAX)
     with pytest.raises(PassError, match="fold rule 'bad' rewrote a f32 expression into a f16 one"):
         run_pipeline(m, [FoldConstants(rules=FOLD_RULES + [("bad", to_half)])])
+
+
+def test_layered_dumps_print_the_stitched_module_after_every_pass(tmp_path):
+    """A repeated-layer model's per-pass dumps are assembled from per-layer templates (each statement printed
+    once, filled in per instance, dead statements dropped per template): each must be exactly the whole
+    module stitched after that pass, printed from scratch, and the pass-made names stay put across passes."""
+    from einfuse.frontend.capture import export
+    from einfuse.frontend.lower import lower_graph
+    from einfuse.passes import regions
+
+    from einfuse.models import tiny_llama
+
+    model = tiny_llama(layers=3)
+    cap = export(model, (torch.randint(0, 256, (1, 8)),), {})
+    low = lower_graph(cap.gm, cap.kinds, "llama")
+    snaps = []
+    real = regions._dump
+
+    def spy(part, snapshots, passes, timings, directory, cache):
+        snaps.append((part, snapshots))
+        return real(part, snapshots, passes, timings, directory, cache)
+
+    regions._dump = spy
+    try:
+        final, _ = regions.run_regional(low.module, low.instances, default_pipeline(), str(tmp_path))
+    finally:
+        regions._dump = real
+    (part, snapshots), = snaps
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".ir"))
+    assert len(files) == len(default_pipeline()) + 1
+    for n, f in enumerate(files):
+        whole = part.stitch([s.modules[n] for s in snapshots])
+        text = (tmp_path / f).read_text()
+        assert text.split("\n", text.count("\n") - print_module(whole).count("\n"))[-1] == print_module(whole), f
+        verify_names = {o for op in whole.body for o in op.outputs}
+        assert len(verify_names) == sum(len(op.outputs) for op in whole.body), f  # every name defined once
+    assert print_module(final) == str(final)  # the final text assembled the same way is exact
+    assert parse(str(final)) == final
