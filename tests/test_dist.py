@@ -203,6 +203,63 @@ def test_fused_allreduce_rmsnorm_kernel_compiles_for_sm80_sm90():
         assert r.ok and r.spills == 0, r
 
 
+def _collectives_as_copies(m):
+    """`m` with every collective a plain copy of its source (one rank's arithmetic, no process group)."""
+    from einfuse.ir import index as ix
+    from einfuse.ir.expr import Access
+
+    body = []
+    for op in m.body:
+        if isinstance(op, Collective):
+            rs = tuple(ix.rank(f"d{d}") for d in range(op.type.rank))
+            op = Statement(op.name, op.type, rs, Access(op.src, rs))
+        body.append(op)
+    return m.replace(body=tuple(body))
+
+
+def test_overlap_experts_chunks_the_combine_and_keeps_the_numbers():
+    """Comet-style: with experts split over 2 ranks, each layer's experts chain and its all-reduce become 4
+    chunks of 2 tokens; chunk c's all-reduce is issued before chunk c+1's expert GEMMs and only the join
+    waits for it. Each chunk is still one MoE kernel pair, and the result equals the unchunked module
+    (evaluator, and the Triton kernels under the interpreter)."""
+    from einfuse.frontend.capture import export
+    from einfuse.frontend.lower import lower_graph
+    from einfuse.ir.evaluator import evaluate, random_inputs
+    from einfuse.passes import default_pipeline, run_pipeline
+    from einfuse.passes.expert_overlap import OverlapExperts
+    from einfuse.passes.sharding import Shard
+    from einfuse.runtime import backends
+
+    model = tiny_decoder("mixtral", num_hidden_layers=2)
+    cap = export(model, (torch.randint(1, 256, (1, 8)),), {})
+    sharded = run_pipeline(lower_graph(cap.gm, cap.kinds, "mixtral").module,
+                           [Shard((0, 1), 0, "experts", vocab_parallel=False)], [Verify()])
+    assert [op.kind for op in sharded.body if isinstance(op, Collective)] == ["all_reduce"] * 2
+    chunked = run_pipeline(sharded, [OverlapExperts(chunks=4)], [Verify()])
+    body, pos = chunked.body, {op.outputs[0]: n for n, op in enumerate(chunked.body)}
+    reduces = [op for op in body if isinstance(op, Collective)]
+    assert len(reduces) == 8 and all(op.type.shape[0] == 2 for op in reduces)
+    for ar in reduces:
+        readers = [op for op in body if ar.name in op.reads()]
+        assert len(readers) == 1 and readers[0].name in ("moe_out", "moe_out_1"), ar.name  # only the join waits
+        c = int(ar.name[-1])
+        if c < 3:  # the next chunk's expert GEMMs are issued while this all-reduce is in flight
+            nxt = ar.name[:-1] + str(c + 1)
+            assert pos[ar.name] < pos[nxt.replace("moe_out", "moe_up")] < pos[nxt] < pos[readers[0].name]
+    inputs = random_inputs(sharded, seed=3)
+    want = evaluate(_collectives_as_copies(sharded), inputs)
+    got = evaluate(_collectives_as_copies(chunked), inputs)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert float((got[k] - want[k]).abs().max() / want[k].abs().max()) < 1e-5, k
+    final = run_pipeline(_collectives_as_copies(chunked), default_pipeline(), [Verify()])
+    assert sum(1 for k in final.kernels if k.kind == "moe") == 2 * 2 * 4  # two kernels per chunk and layer
+    triton = backends.build("triton", final)(inputs)
+    for k in want:
+        assert float((triton[k] - want[k]).abs().max() / want[k].abs().max()) < 1e-5, k
+    tokens_7 = run_pipeline(sharded, [OverlapExperts(chunks=3)], [Verify()])  # 8 tokens: 2 chunks of 4
+    assert sum(isinstance(op, Collective) for op in tokens_7.body) == 4
+
 @pytest.mark.slow
 def test_ep2_mixtral_equal_single_process():
     """Experts split over 2 ranks (2 of 4 each): one all-reduce per layer sums the experts' weighted outputs."""

@@ -176,3 +176,20 @@ def test_olmoe_model_compiles_its_experts_to_the_moe_kind_and_matches_eager():
         for k in range(1, 3):
             inputs = token_inputs(k)
             assert rel(cm(**inputs).logits, model(**inputs).logits) <= TOL
+
+
+def test_mixtral_decoder_through_triton_runs_its_experts_in_the_moe_kind():
+    """A whole decoder: the post-attention RMSNorm is fused into the experts' gate/up operand (a product of
+    more than two factors), which the kind takes as its token-side operand; it crashed at kernel generation."""
+    from einfuse.models import tiny_decoder
+
+    model = tiny_decoder("mixtral", num_hidden_layers=2)
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    cm = einfuse.compile(model, (ids,), backend="triton")
+    prod = cm._variants[0].ir.producers()
+    ups = [prod[k.members[0]] for k in cm._variants[0].ir.kernels if k.kind == "moe" and k.roles[0] == "gate_up"]
+    assert len(ups) == 2 and all("rsqrt" in str(s.expr) for s in ups)  # the norm is the kernel's prologue
+    with torch.no_grad():
+        for seed in (0, 1):
+            x = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(seed))
+            assert rel(cm(x).logits, model(x).logits) <= TOL

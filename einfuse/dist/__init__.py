@@ -30,7 +30,7 @@ log = logging.getLogger("einfuse")
 
 __all__ = ["Dist", "DistError", "Session", "chrome_trace", "init", "stopped_ranks", "write_timeline"]
 
-OVERLAP_PASSES = ("split_tokens", "allreduce_rmsnorm")  # see einfuse.passes.overlap
+OVERLAP_PASSES = ("split_tokens", "allreduce_rmsnorm", "overlap_experts")  # see einfuse.passes.overlap
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import torch
 
 from ..ir import dtypes as dt
 from ..ir import index as ix
-from ..ir.contraction import mul_factors, narrow_operand
+from ..ir.contraction import mul_factors, narrow_operand, product
 from ..ir.expr import Access, Call, Const, Expr, index_symbols, substitute
 from ..ir.module import Module, Statement
 from .base import Cost, Group, KernelKind, Unsupported, register_kind
@@ -99,13 +99,19 @@ def _one_sum(s: Statement):
 
 
 def _two_operands(body: Expr, left: set, right: set) -> tuple | None:
-    """(A, B) when `body` is A * B, A over exactly the ranks `left` and B over exactly `right`."""
+    """(A, B) when `body` is A * B, A over exactly the ranks `left` and B over exactly `right`. A product of
+    more factors splits into those over ranks of `left` (a prologue fused into the operand: an RMSNorm's
+    weight and scale) and the rest, kept in their order."""
     fs = mul_factors(body)
-    if len(fs) != 2:
+    if len(fs) < 2:
         return None
-    for a, b in (fs, fs[::-1]):
-        if index_symbols(a) == left and index_symbols(b) == right:
-            return a, b
+    a = [f for f in fs if index_symbols(f) <= left]
+    b = [f for f in fs if not index_symbols(f) <= left]
+    if not a or not b:
+        return None
+    a, b = product(a), product(b)
+    if index_symbols(a) == left and index_symbols(b) == right:
+        return a, b
     return None
 
 
@@ -137,8 +143,7 @@ def up_form(s) -> UpForm | None:
         if not (isinstance(cond, Call) and cond.op == "ne" and _strip(cond.args[1]) in (Const(0.0), Const(0))):
             return None
         gate = cond.args[0]
-        g = _strip(gate)
-        if not (isinstance(g, Access) and tuple(g.indices) == (t, e)):
+        if not _routing_at(_strip(gate), t, e):
             return None
     ab = _two_operands(body, {t, h}, {e, n, h})
     return UpForm(s, t, e, n, h, gate, *ab) if ab else None
@@ -204,6 +209,15 @@ def find_down(s) -> DownForm | None:
     return None
 
 
+def _routing_at(g: Expr, t, e) -> bool:
+    """`g` reads the routing weights at (token, expert): `gw[t, e]`, or `gw[t + c, e]` for a chunk of the
+    tokens starting at row c (passes.expert_overlap)."""
+    if not (isinstance(g, Access) and len(g.indices) == 2 and g.indices[1] == e):
+        return False
+    shift = sympy.sympify(g.indices[0]) - t
+    return bool(shift.is_Integer and shift >= 0)
+
+
 def combine_form(s, down: DownForm) -> Expr | None:
     """`out[t, h] = sum[e] gate * down[t, e, h]` (gate the routing weight at (t, e)): its expression in
     down's ranks, or None."""
@@ -216,8 +230,7 @@ def combine_form(s, down: DownForm) -> Expr | None:
     ab = _two_operands(expr, {down.t, down.e}, {down.t, down.e, down.h})
     if ab is None or _strip(ab[1]) != Access(down.stmt.name, (down.t, down.e, down.h)):
         return None
-    g = _strip(ab[0])
-    return expr if isinstance(g, Access) and tuple(g.indices) == (down.t, down.e) else None
+    return expr if _routing_at(_strip(ab[0]), down.t, down.e) else None
 
 
 def combine_gate(expr: Expr, down: DownForm) -> Expr:

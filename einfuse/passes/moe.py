@@ -11,9 +11,11 @@ to the other kinds, with a line in the dump saying why.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..ir.expr import Call, Const, substitute
 from ..ir.module import Kernel, Module, Statement
-from ..kinds.moe import act_form, combine_form, combine_gate, find_down, up_form
+from ..kinds.moe import DownForm, UpForm, act_form, combine_form, combine_gate, find_down, up_form
 from .base import Pass
 from .fusion import schedule
 
@@ -26,34 +28,22 @@ class FuseMoE(Pass):
 
     def run(self, m: Module) -> Module:
         self.notes = []
-        prod, users, grouped = m.producers(), m.users(), set(m.group_of())
+        users, grouped = m.users(), set(m.group_of())
         replaced: dict = {}
         kernels = list(m.kernels)
-        for s in m.statements:
-            down = find_down(s) if s.name not in grouped else None
-            if down is None:
-                continue
-            readers = users.get(s.name, [])
-            comb = readers[0] if len(readers) == 1 else None
-            expr = combine_form(comb, down) if comb is not None and comb.name not in grouped else None
-            act = prod.get(down.a.tensor if hasattr(down.a, "tensor") else _tensor(down.a))
-            up = None
-            if isinstance(act, Statement):
-                reads = [prod.get(t) for t in act.reads()]
-                up = next((f for f in (up_form(r) for r in reads if isinstance(r, Statement)) if f is not None), None)
-            if expr is None or up is None or act_form(act, up) is None:
-                continue
-            why = self._why_not(users, grouped, up.stmt, act, s)
+        for c in find_chains(m, grouped):
+            why = self._why_not(users, grouped, c.up.stmt, c.act, c.down.stmt)
             if why:
-                self.notes.append(f"experts chain {up.stmt.name} -> {comb.name} left to other kinds: {why}")
+                self.notes.append(f"experts chain {c.up.stmt.name} -> {c.comb.name} left to other kinds: {why}")
                 continue
-            up_stmt = up.stmt
-            if up.gate is None:  # the dense form: skip the pairs the combine weighs by 0
-                gate = substitute(combine_gate(expr, down), {down.t: up.t, down.e: up.e})
+            up_stmt = c.up.stmt
+            if c.up.gate is None:  # the dense form: skip the pairs the combine weighs by 0
+                gate = substitute(combine_gate(c.expr, c.down), {c.down.t: c.up.t, c.down.e: c.up.e})
                 up_stmt = up_stmt.replace(expr=Call("where", (Call("ne", (gate, Const(0))), up_stmt.expr, Const(0))))
                 replaced[up_stmt.name] = up_stmt
-            kernels.append(Kernel(f"moe_{act.name}", "moe", (up_stmt.name, act.name), (), ("gate_up", "act")))
-            kernels.append(Kernel(f"moe_{comb.name}", "moe", (s.name, comb.name), (), ("down", "combine")))
+            kernels.append(Kernel(f"moe_{c.act.name}", "moe", (up_stmt.name, c.act.name), (), ("gate_up", "act")))
+            kernels.append(Kernel(f"moe_{c.comb.name}", "moe", (c.down.stmt.name, c.comb.name), (),
+                                  ("down", "combine")))
         if not replaced and len(kernels) == len(m.kernels):
             return m
         body = tuple(replaced.get(op.outputs[0], op) for op in m.body)
@@ -68,6 +58,42 @@ class FuseMoE(Pass):
             if others:
                 return f"{s.name} is also read by {', '.join(others)}"
         return None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """An experts chain the MoE kind runs: gate/up projection, SwiGLU, down projection, combine (`expr`: the
+    combine's expression in the down projection's ranks). Each statement's dim 0 is the token."""
+
+    up: UpForm
+    act: Statement
+    down: DownForm
+    comb: Statement
+    expr: object
+
+    @property
+    def statements(self) -> tuple:
+        return self.up.stmt, self.act, self.down.stmt, self.comb
+
+
+def find_chains(m: Module, grouped=frozenset()) -> list:
+    """Every experts chain of `m` none of whose down projection or combine is in `grouped`."""
+    prod, users, found = m.producers(), m.users(), []
+    for s in m.statements:
+        down = find_down(s) if s.name not in grouped else None
+        if down is None:
+            continue
+        readers = users.get(s.name, [])
+        comb = readers[0] if len(readers) == 1 else None
+        expr = combine_form(comb, down) if comb is not None and comb.name not in grouped else None
+        act = prod.get(down.a.tensor if hasattr(down.a, "tensor") else _tensor(down.a))
+        up = None
+        if isinstance(act, Statement):
+            reads = [prod.get(t) for t in act.reads()]
+            up = next((f for f in (up_form(r) for r in reads if isinstance(r, Statement)) if f is not None), None)
+        if expr is not None and up is not None and act_form(act, up) is not None:
+            found.append(Chain(up, act, down, comb, expr))
+    return found
 
 
 def _tensor(e) -> str:

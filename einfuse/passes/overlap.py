@@ -19,6 +19,7 @@ from ..ir import index as ix
 from ..ir.expr import Access, Call, Const, IndexValue
 from ..ir.module import Module, Opaque, Statement, TensorRef
 from .base import Pass
+from .expert_overlap import OverlapExperts
 from .sharding import Shard, ShardingError
 
 COMBINE = {"sum": "add", "max": "max", "min": "min"}
@@ -272,7 +273,7 @@ def _consts(e):
     return [n for n in walk(e) if isinstance(n, Const)]
 
 
-OVERLAP = {"split_tokens": SplitTokens, "allreduce_rmsnorm": FuseAllReduceNorm}
+OVERLAP = {"split_tokens": SplitTokens, "allreduce_rmsnorm": FuseAllReduceNorm, "overlap_experts": OverlapExperts}
 
 
 def overlap_pipeline(names, passes=None) -> list:
