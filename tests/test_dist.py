@@ -235,7 +235,7 @@ def test_overlap_experts_chunks_the_combine_and_keeps_the_numbers():
     sharded = run_pipeline(lower_graph(cap.gm, cap.kinds, "mixtral").module,
                            [Shard((0, 1), 0, "experts", vocab_parallel=False)], [Verify()])
     assert [op.kind for op in sharded.body if isinstance(op, Collective)] == ["all_reduce"] * 2
-    chunked = run_pipeline(sharded, [OverlapExperts(chunks=4)], [Verify()])
+    chunked = run_pipeline(sharded, [OverlapExperts(chunks=4, min_tokens=2)], [Verify()])
     body, pos = chunked.body, {op.outputs[0]: n for n, op in enumerate(chunked.body)}
     reduces = [op for op in body if isinstance(op, Collective)]
     assert len(reduces) == 8 and all(op.type.shape[0] == 2 for op in reduces)
@@ -257,8 +257,17 @@ def test_overlap_experts_chunks_the_combine_and_keeps_the_numbers():
     triton = backends.build("triton", final)(inputs)
     for k in want:
         assert float((triton[k] - want[k]).abs().max() / want[k].abs().max()) < 1e-5, k
-    tokens_7 = run_pipeline(sharded, [OverlapExperts(chunks=3)], [Verify()])  # 8 tokens: 2 chunks of 4
-    assert sum(isinstance(op, Collective) for op in tokens_7.body) == 4
+    other = run_pipeline(lower_graph(cap.gm, cap.kinds, "mixtral").module,  # experts 2 and 3: gw[t, e + 2]
+                         [Shard((0, 1), 1, "experts", vocab_parallel=False), OverlapExperts(chunks=4, min_tokens=2)],
+                         [Verify()])
+    assert sum(isinstance(op, Collective) for op in other.body) == 8  # the ranks' collectives must match
+    other = run_pipeline(_collectives_as_copies(other), default_pipeline(), [Verify()])
+    assert sum(1 for k in other.kernels if k.kind == "moe") == 2 * 2 * 4
+    three = run_pipeline(sharded, [OverlapExperts(chunks=3, min_tokens=2)], [Verify()])  # 8 tokens: 2 chunks of 4
+    assert sum(isinstance(op, Collective) for op in three.body) == 4
+    small = run_pipeline(sharded, [OverlapExperts(chunks=4, min_tokens=3)], [Verify()])  # 4 tokens each at most
+    assert sum(isinstance(op, Collective) for op in small.body) == 4
+    assert run_pipeline(sharded, [OverlapExperts()], [Verify()]) is sharded  # 8 tokens: below the default chunk
 
 @pytest.mark.slow
 def test_ep2_mixtral_equal_single_process():
@@ -273,6 +282,19 @@ def test_ep2_mixtral_equal_single_process():
         assert [c[0] for c in row["collectives"]] == ["all_reduce"] * 2, row
         assert row["wire_bytes"] == 2 * (2 * 1 * 8 * 64 * 4 // 2), row
 
+
+def test_ep2_mixtral_overlap_experts_equal_single_process():
+    """Experts over 2 ranks with overlap_experts: each layer's combine is 2 all-reduces of 64 tokens, issued
+    while the other chunk computes; logits equal the single process (prefill of 128 tokens), and after the
+    weights change."""
+    rcs, outs, _ = launch(2, "tp_models.py", "mixtral", "overlap_experts", extra_env={"EP": "1"})
+    assert rcs == [0, 0], outs
+    rows = results(outs)
+    assert len(rows) == 2
+    for row in rows:
+        assert max(row["rel"], row["rel2"], row["rel3"], row["rel4"]) < 1e-5, row
+        assert [(c[0], c[2]) for c in row["collectives"]] == [("all_reduce", ["64", "64"])] * 4, row
+        assert row["wire_bytes"] == 2 * (2 * 128 * 64 * 4 // 2), row  # the same bytes as one all-reduce per layer
 
 @pytest.mark.slow
 def test_tp4_equal_single_process():

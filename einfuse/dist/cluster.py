@@ -49,10 +49,11 @@ class Unit:
     bytes: int = 0
 
 
-def units(m: Module, c: Cluster = H100x8) -> list:
+def units(m: Module, c: Cluster = H100x8, routed_share: float = 1.0) -> list:
     """The program as kernels and collectives in order, each with its modelled time: a kernel moves the
     tensors its group reads from outside and the ones read after it (weights included) and does the IR's
-    FLOPs; its time is the larger of the two over the machine's rates, plus a launch."""
+    FLOPs; its time is the larger of the two over the machine's rates, plus a launch. An MoE kernel's IR
+    counts every (token, expert) pair; it does `routed_share` of them (top-k / experts)."""
     hints = {s: sympy.Integer(v) for s, v in m.size_hints}
     types = m.types()
     group = m.group_of()
@@ -79,12 +80,14 @@ def units(m: Module, c: Cluster = H100x8) -> list:
             u.outputs[0] not in names for u in users.get(s.name, []))}
         nbytes = sum(_numel(types[t], hints) for t in reads | stored) * c.elem_bytes
         flops = sum(statement_flops(s, {str(k): int(v) for k, v in hints.items()}) for s in members)
+        if g is not None and g.kind == "moe":
+            flops = int(flops * routed_share)
         secs = c.launch_s + max(nbytes / c.hbm_bytes_s, flops / c.flops_s)
         out.append(Unit(g.name if g is not None else op.name, "kernel", reads, stored, secs, flops, nbytes))
     return out
 
 
-def simulate(m: Module, c: Cluster = H100x8) -> dict:
+def simulate(m: Module, c: Cluster = H100x8, routed_share: float = 1.0) -> dict:
     """Kernels run in order on the compute stream, collectives in order on the communication stream, each
     when its inputs are ready. Returns seconds: kernels, collectives, the makespan and the exposed
     communication (makespan - kernels)."""
@@ -93,7 +96,7 @@ def simulate(m: Module, c: Cluster = H100x8) -> dict:
     kernels = comms = 0.0
     by: dict = {}  # collective -> the time kernels waited for it
     made_by: dict = {}  # tensor -> the collective that made it
-    for u in units(m, c):
+    for u in units(m, c, routed_share):
         start = max([ready.get(r, 0.0) for r in u.reads] or [0.0])
         if u.kind == "collective":
             start = max(start, comm_free)

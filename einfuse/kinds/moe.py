@@ -210,12 +210,13 @@ def find_down(s) -> DownForm | None:
 
 
 def _routing_at(g: Expr, t, e) -> bool:
-    """`g` reads the routing weights at (token, expert): `gw[t, e]`, or `gw[t + c, e]` for a chunk of the
-    tokens starting at row c (passes.expert_overlap)."""
-    if not (isinstance(g, Access) and len(g.indices) == 2 and g.indices[1] == e):
+    """`g` reads the routing weights at (token, expert) up to constant shifts: `gw[t, e]`; `gw[t + c, e]`
+    for a chunk of the tokens starting at row c (passes.expert_overlap); `gw[t, e + c]` on a rank of
+    expert parallelism that holds the experts from c on (passes.sharding)."""
+    if not (isinstance(g, Access) and len(g.indices) == 2):
         return False
-    shift = sympy.sympify(g.indices[0]) - t
-    return bool(shift.is_Integer and shift >= 0)
+    shifts = [sympy.sympify(p) - r for p, r in zip(g.indices, (t, e))]
+    return all(d.is_Integer and d >= 0 for d in shifts)
 
 
 def combine_form(s, down: DownForm) -> Expr | None:

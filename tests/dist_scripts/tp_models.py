@@ -18,7 +18,8 @@ ep = os.environ.get("EP") == "1"  # expert parallelism instead of tensor paralle
 for fam in families:
     kv = {"num_key_value_heads": 4} if world == 4 and fam in ("llama", "qwen2") else {}
     model = tiny_gpt2() if fam == "gpt2" else tiny_decoder(fam, **kv)
-    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    tokens = 128 if "overlap_experts" in overlap else 8  # two chunks of the default 64 tokens
+    ids = torch.randint(1, 256, (1, tokens), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(ids).logits
     dump = os.environ.get("DUMP_DIR")
@@ -27,7 +28,7 @@ for fam in families:
                          dump_dir=f"{dump}/{fam}" if dump else None)
     with torch.no_grad():
         got = cm(ids).logits
-        ids2 = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+        ids2 = torch.randint(1, 256, (1, tokens), generator=torch.Generator().manual_seed(4))
         got2, want2 = cm(ids2).logits, model(ids2).logits
         # weights changed after the compile: a rank reads its slice of what the model holds now
         if fam == "gpt2":
