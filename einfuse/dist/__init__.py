@@ -145,6 +145,13 @@ class Session:
         sample = [f"{n}:{float(t.detach().flatten()[:256].double().sum()):.9e}" for n, t in sorted(v.bindings.items())
                   if isinstance(t, torch.Tensor) and t.numel()]
         exchange_hash("\n".join(sample), "weights (sampled)")
+        # the same collectives in the same order, or the first mismatched one hangs or garbles the transport
+        types = v.ir.types() if v.ir is not None else {}
+        schedule = [f"{op.kind}:{types[op.src]}:{op.op}:{op.dim}:{op.ranks}" for op in getattr(v.ir, "body", ())
+                    if isinstance(op, coll.Collective)]
+        exchange_hash("\n".join(schedule), "collectives (kind, shape, order) after einfuse's passes",
+                      fix="the sharding and overlap passes made different programs on different ranks: an einfuse "
+                          "bug; please report it with the dump folder (dump_dir)")
         for name, lay in shard.slices.items():
             if name in v.bindings:
                 v.cuts[name] = functools.partial(slice_tensor, lay=lay, part=shard.part)

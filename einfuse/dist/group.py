@@ -129,7 +129,7 @@ def behind_ranks() -> list:
     return out
 
 
-def exchange_hash(text: str, what: str) -> None:
+def exchange_hash(text: str, what: str, fix: str = "every rank must run the same model, config and Dist settings") -> None:
     """Every rank hashes `text` (the model's IR and the settings); different hashes are an error naming the
     ranks that differ from rank 0, raised on every rank before any collective of the model runs."""
     digest = hashlib.sha256(text.encode()).digest()
@@ -144,8 +144,7 @@ def exchange_hash(text: str, what: str) -> None:
     if differ:
         ranks = ", ".join(str(r) for r in differ)
         raise DistError(f"einfuse: rank(s) {ranks} differ from rank 0 in their {what} (hash "
-                        f"{parts[differ[0]][:4].tolist()} vs {parts[0][:4].tolist()}); every rank must run the same "
-                        "model, config and Dist settings")
+                        f"{parts[differ[0]][:4].tolist()} vs {parts[0][:4].tolist()}); {fix}")
 
 
 def stop_heartbeat() -> None:
