@@ -1617,6 +1617,13 @@ class TorchGen:
         out = list(s.index)
         red = [r for r, _ in s.reduce.ranks]
         body, post = peel_invariant(s.expr, set(red))
+        mask = None
+        if (isinstance(body, Call) and body.op == "where" and isinstance(body.args[2], Const)
+                and body.args[2].value == 0 and not index_symbols(body.args[0]) & set(red)):
+            # sum_r where(c, x, 0) with c free of r is where(c, sum_r x, 0): a product the mask selects
+            # whole (MoE's routed pairs) is one matmul, not the product broadcast over every rank; where()
+            # picks, so an unselected sum's inf or NaN does not reach the result either way
+            mask, body = body.args[0], body.args[1]
         factors = _mul_factors(body)
         dims = set(ctx.dims)
         scal = [f for f in factors if not (index_symbols(f) & dims)]
@@ -1647,6 +1654,12 @@ class TorchGen:
         for f in scal:
             sv = octx.value(f)
             v = octx.apply("mul", [v, sv if sv.is_scalar else octx.convert(sv, acc)], acc)
+        if mask is not None:
+            c = octx.value(mask)
+            if c.is_scalar:
+                v = v if c.scalar else octx.const_tensor(0.0, acc)
+            else:
+                v = Val(f"torch.where({c.code}, {v.op()}, 0.0)", c.ranks | v.ranks, acc, fresh=True)
         for op, y in post:
             yv = octx.value(y)
             got = _result_dtype(_PYOP["*" if op == "mul" else "/"], [v, yv], octx.nd)
