@@ -296,6 +296,22 @@ def test_ep2_mixtral_overlap_experts_equal_single_process():
         assert [(c[0], c[2]) for c in row["collectives"]] == [("all_reduce", ["64", "64"])] * 4, row
         assert row["wire_bytes"] == 2 * (2 * 128 * 64 * 4 // 2), row  # the same bytes as one all-reduce per layer
 
+def test_tp2_ep2_mixtral_on_four_ranks_equal_single_process():
+    """Tensor and expert parallelism in one job (4 ranks): attention and the embedding split over ranks
+    {0, 1} and {2, 3}, the experts over {0, 2} and {1, 3}; each layer all-reduces the attention output in
+    its tp group and the experts' combine in its ep group. Logits equal the single process."""
+    rcs, outs, _ = launch(4, "tp_models.py", "mixtral", extra_env={"TPEP": "2x2"}, timeout=600)
+    assert rcs == [0] * 4, outs
+    rows = results(outs)
+    assert len(rows) == 4
+    for row in rows:
+        assert max(row["rel"], row["rel2"], row["rel3"], row["rel4"]) < 1e-5, row
+        tp = [0, 1] if row["rank"] < 2 else [2, 3]
+        ep = [row["rank"] % 2, row["rank"] % 2 + 2]
+        by_group = [(c[0], c[3]) for c in row["collectives"]]
+        assert by_group.count(("all_reduce", ep)) == 2, by_group  # one combine per MoE layer
+        assert by_group.count(("all_reduce", tp)) == 2 + 1 and by_group.count(("all_gather", tp)) == 1, by_group
+
 @pytest.mark.slow
 def test_tp4_equal_single_process():
     rcs, outs, _ = launch(4, "tp_models.py", "llama,gpt2,qwen2", timeout=900)

@@ -37,7 +37,9 @@ OVERLAP_PASSES = ("split_tokens", "allreduce_rmsnorm", "overlap_experts")  # see
 class Dist:
     """How to split a model over the ranks of a torchrun job: `tp` ranks of tensor parallelism (Megatron's
     plan, or `plan` = {IR parameter name: (dim, fused parts)}) or `ep` ranks of expert parallelism (each
-    rank holds 1/ep of the experts; an all-reduce combines them), `overlap` passes by name (e.g.
+    rank holds 1/ep of the experts; an all-reduce combines them) or both (tp*ep ranks: the attention and
+    dense layers split over groups of tp consecutive ranks, the experts over the ranks tp apart), `overlap`
+    passes by name (e.g.
     ("split_tokens",)), the collectives' `timeout_s`, and whether ranks record a `timeline`."""
 
     tp: int = 1
@@ -56,8 +58,6 @@ class Dist:
             raise ValueError(f"einfuse: unknown overlap pass {bad[0]!r}; available: {', '.join(OVERLAP_PASSES)}")
         if self.tp < 1 or self.ep < 1:
             raise ValueError("einfuse: Dist(tp, ep) are numbers of ranks, at least 1")
-        if self.ep > 1 and self.tp > 1:
-            raise ValueError("einfuse: Dist(tp, ep) together is not supported yet; use one of them")
 
     def start(self, model=None) -> Session:
         """Join the process group and check the model's shape fits this split."""
@@ -68,7 +68,19 @@ class Dist:
                             f"this job has {world} (torchrun --nproc-per-node {self.tp * self.ep})")
         if model is not None:
             check_divides(getattr(model, "config", None), self.tp, self.ep)
+        if self.tp > 1 and self.ep > 1:  # every rank makes every subgroup, in the same order
+            for ranks in self.tp_groups(world) + self.ep_groups(world):
+                if ranks not in coll.ENV.groups:
+                    coll.ENV.groups[ranks] = tdist.new_group(list(ranks))
         return Session(self, tdist.get_rank(), tuple(range(world)))
+
+    def tp_groups(self, world: int) -> list:
+        """With tp and ep together: ranks r*tp .. r*tp + tp - 1 split the attention and dense layers."""
+        return [tuple(range(g * self.tp, (g + 1) * self.tp)) for g in range(world // self.tp)]
+
+    def ep_groups(self, world: int) -> list:
+        """With tp and ep together: ranks p, p + tp, p + 2*tp, ... split the experts."""
+        return [tuple(range(p, world, self.tp)) for p in range(self.tp)]
 
 
 def check_divides(config, tp: int, ep: int = 1) -> None:
@@ -124,10 +136,18 @@ class Session:
         """The passes run on the whole lowered module before the pipeline: the hash check, sharding, overlap."""
         from ..passes.overlap import overlap_passes
 
-        plan = dict(self.spec.plan) if self.spec.plan else ("experts" if self.spec.ep > 1 else "megatron")
-        shard = Shard(self.ranks, self.ranks.index(self.rank), plan, vocab_parallel=self.spec.ep == 1)
-        self.shards.append(shard)
-        return (CheckSame(self.spec), shard) + tuple(overlap_passes(self.spec.overlap))
+        spec = self.spec
+        if spec.tp > 1 and spec.ep > 1:  # attention and dense layers over the tp group, experts over the ep group
+            world = len(self.ranks)
+            tp = next(g for g in spec.tp_groups(world) if self.rank in g)
+            ep = next(g for g in spec.ep_groups(world) if self.rank in g)
+            shards = (Shard(tp, tp.index(self.rank), dict(spec.plan) if spec.plan else "dense"),
+                      Shard(ep, ep.index(self.rank), "experts", vocab_parallel=False))
+        else:
+            plan = dict(spec.plan) if spec.plan else ("experts" if spec.ep > 1 else "megatron")
+            shards = (Shard(self.ranks, self.ranks.index(self.rank), plan, vocab_parallel=spec.ep == 1),)
+        self.shards.append(shards)
+        return (CheckSame(spec),) + shards + tuple(overlap_passes(spec.overlap))
 
     def pipeline(self, passes=None) -> list:
         """The pipeline after sharding and the overlap passes (see einfuse.passes.overlap.overlap_pipeline)."""
@@ -137,25 +157,30 @@ class Session:
 
     def bind(self, v):
         """A built variant reads this rank's slices of the split weights; its runner records a timeline."""
-        shard = self.shards[-1]
-        if shard.gathers:  # correct, but the plan did not fit these reads: each costs an all-gather per call
+        shards = self.shards[-1]
+        gathers = [g for shard in shards for g in shard.gathers]
+        if gathers:  # correct, but the plan did not fit these reads: each costs an all-gather per call
             log.warning("einfuse: the sharding plan left %d reads misaligned (all-gathered every call): %s",
-                        len(shard.gathers), ", ".join(shard.gathers[:8]))
+                        len(gathers), ", ".join(gathers[:8]))
         # the same weights on every rank (a model built without the same seed would compute garbage silently)
         sample = [f"{n}:{float(t.detach().flatten()[:256].double().sum()):.9e}" for n, t in sorted(v.bindings.items())
                   if isinstance(t, torch.Tensor) and t.numel()]
         exchange_hash("\n".join(sample), "weights (sampled)")
         # the same collectives in the same order, or the first mismatched one hangs or garbles the transport
         types = v.ir.types() if v.ir is not None else {}
-        schedule = [f"{op.kind}:{types[op.src]}:{op.op}:{op.dim}:{op.ranks}" for op in getattr(v.ir, "body", ())
-                    if isinstance(op, coll.Collective)]
+        schedule = [f"{op.kind}:{types[op.src]}:{op.op}:{op.dim}:{len(op.ranks)}" for op in getattr(v.ir, "body", ())
+                    if isinstance(op, coll.Collective)]  # group sizes: with tp and ep the groups themselves differ
         exchange_hash("\n".join(schedule), "collectives (kind, shape, order) after einfuse's passes",
                       fix="the sharding and overlap passes made different programs on different ranks: an einfuse "
                           "bug; please report it with the dump folder (dump_dir)")
-        for name, lay in shard.slices.items():
-            if name in v.bindings:
-                v.cuts[name] = functools.partial(slice_tensor, lay=lay, part=shard.part)
-                v.bindings[name] = v.cuts[name](v.bindings[name])
+        for shard in shards:
+            for name, lay in shard.slices.items():
+                if name in v.bindings:
+                    if name in v.cuts:
+                        raise DistError(f"einfuse: {name} is split twice (tensor and expert parallelism); give "
+                                        "Dist(plan=...) a plan that leaves the experts to ep")
+                    v.cuts[name] = functools.partial(slice_tensor, lay=lay, part=shard.part)
+                    v.bindings[name] = v.cuts[name](v.bindings[name])
         if self.spec.timeline and hasattr(v.run, "timeline"):
             v.run.timeline = []
             coll.ENV.events = []

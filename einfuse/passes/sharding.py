@@ -223,11 +223,20 @@ def megatron_plan(m: Module, parts: int) -> dict:
     return plan
 
 
+def dense_plan(m: Module, parts: int) -> dict:
+    """Megatron's plan for everything but the stacked experts (which expert parallelism splits instead)."""
+    return {k: v for k, v in megatron_plan(m, parts).items() if not EXPERTS.search(k)}
+
+
+PLANS = {"megatron": megatron_plan, "experts": expert_plan, "dense": dense_plan}
+
+
 # ---------------------------------------------------------------- the pass
 
 class Shard(Pass):
     """Split the module over `ranks` (global process ranks) by `plan` ({tensor: (dim, outer)}) and keep
-    member `part`'s share; `plan=None` (or "megatron") infers Megatron's plan, "experts" splits the experts. After `run`, `slices` maps each split
+    member `part`'s share; `plan=None` (or "megatron") infers Megatron's plan, "experts" splits the experts, "dense" is
+    Megatron's plan without the experts (tensor parallelism beside expert parallelism). After `run`, `slices` maps each split
     parameter to its Layout and `gathers` lists the misaligned reads that needed an all-gather."""
 
     name = "shard"
@@ -267,7 +276,7 @@ class _Sharder:
         self.read: set = set()
         self.full: dict = {}  # tensor -> name of its whole (gathered) value
         self.body: list = []
-        plan = {"megatron": megatron_plan, "experts": expert_plan}[p.plan or "megatron"](m, self.parts) \
+        plan = PLANS[p.plan or "megatron"](m, self.parts) \
             if p.plan is None or isinstance(p.plan, str) else p.plan
         if not p.vocab_parallel:
             plan = {k: v for k, v in plan.items() if not VOCAB.search(k)}

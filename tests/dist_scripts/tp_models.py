@@ -15,6 +15,7 @@ families = sys.argv[1].split(",")
 overlap = tuple(x for x in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if x)
 world = int(os.environ["WORLD_SIZE"])
 ep = os.environ.get("EP") == "1"  # expert parallelism instead of tensor parallelism
+tp_ep = os.environ.get("TPEP")  # "2x2": tensor and expert parallelism together
 for fam in families:
     kv = {"num_key_value_heads": 4} if world == 4 and fam in ("llama", "qwen2") else {}
     model = tiny_gpt2() if fam == "gpt2" else tiny_decoder(fam, **kv)
@@ -24,7 +25,8 @@ for fam in families:
         want = model(ids).logits
     dump = os.environ.get("DUMP_DIR")
     t0 = time.perf_counter()
-    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=1 if ep else world, ep=world if ep else 1, overlap=overlap),
+    tp, ep_ranks = map(int, tp_ep.split("x")) if tp_ep else (1, world) if ep else (world, 1)
+    cm = einfuse.compile(model, (ids,), backend="torch", dist=einfuse.Dist(tp=tp, ep=ep_ranks, overlap=overlap),
                          dump_dir=f"{dump}/{fam}" if dump else None)
     with torch.no_grad():
         got = cm(ids).logits
@@ -52,5 +54,5 @@ for fam in families:
     fused = sum(1 for op in v.ir.body if getattr(op, "target", "").endswith(":allreduce_residual_rmsnorm"))
     print(json.dumps({"family": fam, "rank": int(os.environ["RANK"]), "rel": rel, "rel2": rel2, "rel3": rel3, "rel4": rel4,
                       "variants": len(cm._variants), "fused": fused,
-                      "collectives": [[c.kind, c.name, [str(d) for d in types[c.src].shape]] for c in colls],
+                      "collectives": [[c.kind, c.name, [str(d) for d in types[c.src].shape], list(c.ranks)] for c in colls],
                       "wire_bytes": wire, "s": round(time.perf_counter() - t0, 2)}), flush=True)
