@@ -193,3 +193,28 @@ def test_mixtral_decoder_through_triton_runs_its_experts_in_the_moe_kind():
         for seed in (0, 1):
             x = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(seed))
             assert rel(cm(x).logits, model(x).logits) <= TOL
+
+
+def test_torch_backend_runs_the_experts_routed():
+    """The torch backend reads the MoE kernel pair back as routed experts (each expert on the rows routed to it,
+    as transformers' eager experts): one `rt.moe` call per layer, no dense (token, expert) GEMM; logits equal
+    eager. A chain whose intermediate another statement reads runs statement by statement."""
+    from einfuse.codegen.torch_moe import moe_plans
+    from einfuse.runtime.torch_backend import torch_backend
+
+    model = tiny_decoder("mixtral", num_hidden_layers=2)
+    ids = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    cm = einfuse.compile(model, (ids,), backend="torch")
+    run = cm._variants[0].run
+    assert run.source.count("rt.moe(") == 2 and "moe_up =" not in run.source, run.source
+    with torch.no_grad():
+        for seed in (0, 1):
+            x = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(seed))
+            assert rel(cm(x).logits, model(x).logits) <= TOL
+    ir = cm._variants[0].ir
+    assert len(moe_plans(ir)) == 2
+    # the activation also read by a new output: no routed plan for that layer (its value is needed whole)
+    act = next(k.members[1] for k in ir.kernels if k.kind == "moe" and k.roles[0] == "gate_up")
+    leaky = ir.replace(outputs=ir.outputs + (act,))
+    src = torch_backend(leaky).source
+    assert src.count("rt.moe(") == 1 and f"{act} =" in src.replace("    ", "")

@@ -50,6 +50,7 @@ from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, canonica
 from ..ir.module import Kernel, Module, Opaque, Statement, TensorType, Update
 from ..ir.ops import MAP_OPS, REDUCE_OPS, infer
 from ..ir.printer import fmt_op
+from .torch_moe import MoEPlan, moe_plans
 
 NEG_INF = Const(-math.inf)
 log = logging.getLogger("einfuse")
@@ -1355,7 +1356,15 @@ class TorchGen:
             plan.skipped = members - needed - {plan.out.name}
             skip |= plan.skipped
             at_end[plan.out.name] = plan
-        epilogues = self._addmm_candidates(skip | set(at_end))
+        routed = {}  # combine statement -> MoE plan: the experts run routed at the combine
+        for plan in moe_plans(m):
+            inner = plan.members - {plan.comb.name}
+            if any(n in m.outputs or any(u.outputs[0] not in plan.members for u in users.get(n, [])) for n in inner):
+                continue  # an intermediate value someone else reads: the statements run one by one
+            plan.skipped = inner
+            skip |= inner
+            routed[plan.comb.name] = plan
+        epilogues = self._addmm_candidates(skip | set(at_end) | set(routed))
         deferred = {acc.name for acc in epilogues.values()}
         marks = any(isinstance(op, Collective) for op in m.body)  # a distributed program records a timeline
         pending: dict = {}  # collectives in flight (async_op=True): waited for where first read
@@ -1375,6 +1384,8 @@ class TorchGen:
                 self.update(n, op)
             elif op.name in at_end:
                 self.attention_step(at_end[op.name])
+            elif op.name in routed:
+                self.moe_step(routed[op.name])
             elif op.name in epilogues:
                 self.addmm_step(epilogues[op.name], op)
             elif op.name not in skip and op.name not in deferred:
@@ -1825,6 +1836,38 @@ class TorchGen:
             self.statement_step(out)
             return
         self.end([out.name])
+
+    # ---- MoE experts (einfuse.codegen.torch_moe)
+    def moe_step(self, plan: MoEPlan) -> None:
+        """The chain at its combine: each expert's routed rows through its two GEMMs (`rt.moe`)."""
+        comb, f, d = plan.comb, plan.up, plan.down
+        self.begin([f"# MoE experts {plan.name}: each expert on the tokens routed to it (gate != 0)"]
+                   + self._comment(comb))
+        try:
+            T, E, N2 = f.stmt.type.shape
+            H, I = f.stmt.reduce.ranks[0][1], d.stmt.reduce.ranks[0][1]
+            H2 = d.stmt.type.shape[2]
+
+            def operand(e: Expr, ext: dict) -> str:
+                ctx = Ctx(self, list(ext), {r: (0, n) for r, n in ext.items()})
+                v = ctx.full(ctx.convert(ctx.value(e, dt.f32), dt.f32))
+                return self.reuse(v.code) if (v.fresh or not v.atom) else v.code
+
+            x = operand(f.a, {f.t: T, f.h: H})
+            gate = operand(plan.gate, {f.t: T, f.e: E})
+            w_up = operand(f.b, {f.e: E, f.n: N2, f.h: H})
+            w_down = operand(d.b, {d.e: E, d.h: H2, d.i: I})
+            self.emit(f"{self.pyname(comb.name)} = rt.moe({x}, {gate}, {w_up}, {w_down})")
+            self.layout[comb.name] = Layout.dense(comb.type.shape)
+        except Exception as why:  # noqa: BLE001 (run the chain's statements one by one)
+            self.lines = None
+            log.debug("einfuse: MoE chain %s runs statement by statement: %s", plan.name, _reason(why))
+            for op in self.m.body:
+                if isinstance(op, Statement) and op.name in plan.skipped:
+                    self.statement_step(op)
+            self.statement_step(comb)
+            return
+        self.end([comb.name])
 
     def _attn_ctx(self, plan: AttnPlan, dims, ext) -> Ctx:
         return Ctx(self, dims, {r: (0, ext[r]) for r in dims})

@@ -169,6 +169,21 @@ class TorchRunner:
         return src.index_select(0, flat).view(*index.shape, *src.shape[1:])
 
     @staticmethod
+    def moe(x: torch.Tensor, gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """Routed SwiGLU experts (einfuse.codegen.torch_moe): x [T, H], gate [T, E] (0 where a token does
+        not use the expert), w_up [E, 2I, H] (gate rows, then up rows), w_down [E, H2, I] -> [T, H2]: each
+        expert's two GEMMs on the rows routed to it, added in weighted by the gate."""
+        out = x.new_zeros(x.shape[0], w_down.shape[1])
+        half = w_up.shape[1] // 2
+        routed = gate != 0
+        for e in routed.any(0).nonzero().flatten().tolist():
+            rows = routed[:, e].nonzero().flatten()
+            h = x.index_select(0, rows) @ w_up[e].t()
+            act = torch.nn.functional.silu(h[:, :half]) * h[:, half:]
+            out.index_add_(0, rows, (act @ w_down[e].t()) * gate.index_select(0, rows)[:, e, None])
+        return out
+
+    @staticmethod
     def imin(a, b):
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
