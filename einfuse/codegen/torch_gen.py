@@ -1827,15 +1827,18 @@ class TorchGen:
             self.reads.discard("__O")
             self.assign(out, ctx, v)
         except Exception as why:  # noqa: BLE001 (run the members it would have replaced one by one)
-            self.lines = None
             self.attention[:] = [(g, f"statements ({_reason(why)})" if g == plan.group.name else how)
                                  for g, how in self.attention]
-            for op in self.m.body:
-                if isinstance(op, Statement) and op.name in plan.skipped:
-                    self.statement_step(op)
-            self.statement_step(out)
-            return
+            return self.one_by_one(plan.skipped, out)
         self.end([out.name])
+
+    def one_by_one(self, skipped: set, last: Statement) -> None:
+        """A group step that could not be emitted: its skipped members, then `last`, as plain statements."""
+        self.lines = None
+        for op in self.m.body:
+            if isinstance(op, Statement) and op.name in skipped:
+                self.statement_step(op)
+        self.statement_step(last)
 
     # ---- MoE experts (einfuse.codegen.torch_moe)
     def moe_step(self, plan: MoEPlan) -> None:
@@ -1860,13 +1863,8 @@ class TorchGen:
             self.emit(f"{self.pyname(comb.name)} = rt.moe({x}, {gate}, {w_up}, {w_down})")
             self.layout[comb.name] = Layout.dense(comb.type.shape)
         except Exception as why:  # noqa: BLE001 (run the chain's statements one by one)
-            self.lines = None
             log.debug("einfuse: MoE chain %s runs statement by statement: %s", plan.name, _reason(why))
-            for op in self.m.body:
-                if isinstance(op, Statement) and op.name in plan.skipped:
-                    self.statement_step(op)
-            self.statement_step(comb)
-            return
+            return self.one_by_one(plan.skipped, comb)
         self.end([comb.name])
 
     def _attn_ctx(self, plan: AttnPlan, dims, ext) -> Ctx:
