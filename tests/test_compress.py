@@ -323,3 +323,24 @@ def test_compress_experts_through_einfuse_compile(tmp_path):
     text = (tmp_path / "00_lower.ir").read_text()
     assert "mlp_experts_gate_up_proj_codes: tdict6[" in text and "decode_experts" in text
     assert "bits_per_param=" in text
+
+
+def test_compressed_moe_generates_through_the_inference_runtime():
+    """compress_experts as a prepare pass of the paged runner: einfuse.LLM's prefill and decode programs read
+    the dictionary-coded experts (decoded in the program) and greedy generation of three prompts of different
+    lengths gives exactly the tokens of the model whose experts compress_moe replaced by their ternary values."""
+    from einfuse.models import tiny_decoder
+    from einfuse.passes.compress import compress_experts
+    from einfuse.serve import LLM
+    from einfuse.serve.paged import PagedRunner
+
+    model = tiny_decoder("mixtral", num_hidden_layers=2)
+    calib = [torch.randint(1, 256, (1, 32), generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    p = compress_experts(calibration=calib, model=model)
+    prompts = [[int(x) for x in torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (5, 9, 3)]
+    want = LLM(model, backend="eager").generate(prompts, max_new_tokens=8, ignore_eos=True)
+    llm = LLM(model, runner=PagedRunner(model, "torch", prepare=[p]), backend="torch")
+    assert llm.generate(prompts, max_new_tokens=8, ignore_eos=True) == want
+    for program in (llm.runner.programs.prefill, llm.runner.programs.decode):
+        assert any(i.type.dtype.name.startswith("tdict") for i in program.ir.inputs)  # the coded stream is bound

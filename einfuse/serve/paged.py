@@ -37,11 +37,13 @@ class PagedRunner:
     module docstring). backend: as for einfuse.compile; cuda_graphs: replay each decode bucket as a CUDA
     graph (default: on CUDA); graph_factory: makes the replayer for a bucket, called like
     `runtime.graphs.GraphReplay(run, stable=..., keep=...)` (tests pass one whose CUDA calls are replaced,
-    to run the bookkeeping on CPU)."""
+    to run the bookkeeping on CPU); prepare: passes run on the captured module before anything else
+    (`einfuse.passes.compress.compress_experts` serves dictionary-coded experts)."""
 
     def __init__(self, model, backend: str | None = None, *, cuda_graphs: bool | None = None,
-                 graph_factory=None, dump_dir: str | None = None, dist=None):
+                 graph_factory=None, dump_dir: str | None = None, dist=None, prepare=()):
         self.model = model
+        self.prepare = tuple(prepare)  # passes run on the captured module first (compress_experts, ...)
         self.dist = dist  # an einfuse.Dist: this rank's share of the programs (in a torchrun job)
         self.backend = backend
         self.device = next(model.parameters()).device
@@ -61,7 +63,7 @@ class PagedRunner:
 
         self.cache = cache
         self.programs = compile_cached(self.model, block_size=cache.block_size, backend=self.backend,
-                                       dump_dir=self.dump_dir, dist=self.dist)
+                                       dump_dir=self.dump_dir, dist=self.dist, prepare=self.prepare)
         nb = next(s for s in self.programs.decode.ir.sizes if str(s) == "NB")
         self.states = {}
         for i in self.programs.states:
