@@ -69,6 +69,22 @@ def test_gptq_grids_beat_round_to_nearest():
         assert err(res.weight) < err(base.weight)
 
 
+def test_progressive_clip_search_never_loses_and_stays_in_int8():
+    """W4 groups with an outlier: the clip search's (scale, zero) give at most the min/max fit's squared error
+    in every group (less in most: an outlier no longer stretches the integer scale for the whole group), and
+    every value (q - z) * s stays in int8 as the IR's progressive form needs."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 4, 32, generator=g) * 12
+    w[:, :, 0] += torch.randn(64, 4, generator=g).sign() * 100  # one outlier per group
+    w = w.clamp(-119, 119)
+    plain, clipped = ProgressiveGrid(32), ProgressiveGrid(32, clip=True)
+    e0 = clipped._error(w, *plain.fit(w))
+    s, z = clipped.fit(w)
+    e1 = clipped._error(w, s, z)
+    assert (e1 <= e0).all() and (e1 < e0).float().mean() > 0.5, (e1 < e0).float().mean()
+    _, q = clipped.quantize(w, (s[..., None], z[..., None]))
+    assert ((q - z[..., None]) * s[..., None]).abs().max() <= 127 and s.min() >= 1 and s.max() <= 16
+
 # ---------------------------------------------------------------- IR passes against oracles
 
 def _fake_linear_forward(acts: str | None):

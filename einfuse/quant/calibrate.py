@@ -27,15 +27,35 @@ QUANT_BUFFERS = ("weight_q", "weight_s", "weight_gs", "weight_gz")
 
 @dataclass
 class ProgressiveGrid:
-    """Level 2 of W4A8 on level-1 units (the weight divided by its per-channel scale, in ±119)."""
+    """Level 2 of W4A8 on level-1 units (the weight divided by its per-channel scale, in ±119). With `clip`,
+    each group's integer scale and zero are searched (the min/max fit, scales up to 3 smaller, zeros that keep
+    either end or centre the range) for the least squared error: clipping an outlier the integer scale would
+    otherwise stretch the whole group for (QServe's weight clipping, on the progressive grid)."""
 
     group_size: int
+    clip: bool = False
 
     def fit(self, w):
         w = w.clamp(-fm.PROTECT, fm.PROTECT)  # GPTQ's updates may push a weight past the protective range
         lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
         s = torch.ceil((hi - lo) / 15).clamp(1, 16)
-        return s, torch.round(-lo / s).clamp(0, 15)
+        z = torch.round(-lo / s).clamp(0, 15)
+        if not self.clip:
+            return s, z
+        best_s, best_z, best = s, z, self._error(w, s, z)
+        for shrink in range(1, 4):
+            sc = (s - shrink).clamp(min=1)
+            for zc in (torch.round(-lo / sc), torch.round(15 - hi / sc), torch.round((15 - (hi + lo) / sc) / 2)):
+                zc = zc.clamp(0, 15)
+                err = self._error(w, sc, zc)
+                ok = (err < best) & (torch.maximum(zc * sc, (15 - zc) * sc) <= 127)  # (q - z) * s stays in int8
+                best_s, best_z, best = torch.where(ok, sc, best_s), torch.where(ok, zc, best_z), torch.where(ok, err, best)
+        return best_s, best_z
+
+    def _error(self, w, s, z):
+        """Squared error of groups w [..., group] on per-group (s, z) [...]."""
+        deq, _ = self.quantize(w, (s[..., None], z[..., None]))
+        return ((w - deq) ** 2).sum(-1)
 
     def quantize(self, w, params):
         s, z = params
@@ -295,9 +315,10 @@ def quantize_linear(mod: torch.nn.Linear, scheme: Scheme, hessian: torch.Tensor 
         s1 = (w.abs().amax(-1) / fm.PROTECT).clamp_min(1e-12)
         lvl = w / s1[:, None]
         if hessian is not None:
-            res = gptq(lvl, hessian, ProgressiveGrid(g))
+            grid = ProgressiveGrid(g, clip=scheme.clip)
+            res = gptq(lvl, hessian, grid)
             codes = res.codes.to(torch.uint8)
-            gs, gz = _group_params(ProgressiveGrid(g), res)
+            gs, gz = _group_params(grid, res)
         else:
             w8 = torch.round(lvl).clamp(-fm.PROTECT, fm.PROTECT)
             gs, gz = fm.progressive_params(w8, g)

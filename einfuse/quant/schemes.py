@@ -14,7 +14,8 @@ class Scheme:
     rotate_keys: a Hadamard rotation of queries and keys over the head dim before the KV quantization.
     Calibrated transforms: smooth (SmoothQuant's alpha folded into the preceding norm / projection, or
     None), smooth_attention (QServe's alpha on keys -> queries, or None), gptq (else round to nearest),
-    rotate (the residual stream rotated, QuaRot)."""
+    rotate (the residual stream rotated, QuaRot), clip (W4: each group's integer scale and zero searched for
+    the least squared error, which may clip its extremes)."""
 
     name: str
     weights: str | None = None
@@ -26,6 +27,7 @@ class Scheme:
     smooth_attention: float | None = None
     gptq: bool = False
     rotate: bool = False  # rotate the residual stream (QuaRot) before quantizing
+    clip: bool = False  # W4 (progressive): search each group's scale and zero for the least error (clipping)
 
     def __post_init__(self):
         if self.weights in ("w4", "w4a16"):
@@ -64,12 +66,14 @@ class Scheme:
 
 
 _RECIPE = {"rotate": True, "gptq": True}
+_W4 = {**_RECIPE, "clip": True}
 SCHEMES = {
     # the recipes einfuse recommends: the residual stream rotated (QuaRot), GPTQ, keys rotated before 4-bit KV
-    "w4a8kv4": Scheme("w4a8kv4", "w4", "int8", 4, rotate_keys=True, **_RECIPE),
+    "w4a8kv4": Scheme("w4a8kv4", "w4", "int8", 4, rotate_keys=True, **_W4),
     "w8a8": Scheme("w8a8", "w8", "int8", smooth=0.5),
     "w4a16": Scheme("w4a16", "w4a16", **_RECIPE),
-    "w4a8": Scheme("w4a8", "w4", "int8", **_RECIPE),
+    "w4a8": Scheme("w4a8", "w4", "int8", **_W4),
+    "w4a8kv4-noclip": Scheme("w4a8kv4-noclip", "w4", "int8", 4, rotate_keys=True, **_RECIPE),
     "kv4": Scheme("kv4", kv=4, rotate_keys=True),
     # QServe's own recipe (SmoothQuant + SmoothAttention + GPTQ) and single-step ablations
     "w4a8kv4-qserve": Scheme("w4a8kv4-qserve", "w4", "int8", 4, smooth=0.5, smooth_attention=0.5, gptq=True),
