@@ -1358,12 +1358,12 @@ class TorchGen:
             at_end[plan.out.name] = plan
         routed = {}  # combine statement -> MoE plan: the experts run routed at the combine
         for plan in moe_plans(m):
-            inner = plan.members - {plan.comb.name}
+            inner = plan.members - {plan.chain.comb.name}
             if any(n in m.outputs or any(u.outputs[0] not in plan.members for u in users.get(n, [])) for n in inner):
                 continue  # an intermediate value someone else reads: the statements run one by one
             plan.skipped = inner
             skip |= inner
-            routed[plan.comb.name] = plan
+            routed[plan.chain.comb.name] = plan
         epilogues = self._addmm_candidates(skip | set(at_end) | set(routed))
         deferred = {acc.name for acc in epilogues.values()}
         marks = any(isinstance(op, Collective) for op in m.body)  # a distributed program records a timeline
@@ -1843,7 +1843,7 @@ class TorchGen:
     # ---- MoE experts (einfuse.codegen.torch_moe)
     def moe_step(self, plan: MoEPlan) -> None:
         """The chain at its combine: each expert's routed rows through its two GEMMs (`rt.moe`)."""
-        comb, f, d = plan.comb, plan.up, plan.down
+        comb, f, d = plan.chain.comb, plan.chain.up, plan.chain.down
         self.begin([f"# MoE experts {plan.name}: each expert on the tokens routed to it (gate != 0)"]
                    + self._comment(comb))
         try:
@@ -1857,7 +1857,7 @@ class TorchGen:
                 return self.reuse(v.code) if (v.fresh or not v.atom) else v.code
 
             x = operand(f.a, {f.t: T, f.h: H})
-            gate = operand(plan.gate, {f.t: T, f.e: E})
+            gate = operand(plan.chain.gate, {f.t: T, f.e: E})
             w_up = operand(f.b, {f.e: E, f.n: N2, f.h: H})
             w_down = operand(d.b, {d.e: E, d.h: H2, d.i: I})
             self.emit(f"{self.pyname(comb.name)} = rt.moe({x}, {gate}, {w_up}, {w_down})")

@@ -239,6 +239,51 @@ def combine_gate(expr: Expr, down: DownForm) -> Expr:
     return _two_operands(expr, {down.t, down.e}, {down.t, down.e, down.h})[0]
 
 
+@dataclass(frozen=True)
+class Chain:
+    """An experts chain the kind runs: gate/up projection, SwiGLU, down projection, combine (`expr`: the
+    combine's expression in the down projection's ranks). Each statement's dim 0 is the token."""
+
+    up: UpForm
+    act: Statement
+    down: DownForm
+    comb: Statement
+    expr: Expr
+
+    @property
+    def statements(self) -> tuple:
+        return self.up.stmt, self.act, self.down.stmt, self.comb
+
+    @property
+    def gate(self) -> Expr:
+        """The combine's routing weight in the gate/up projection's ranks (t, e)."""
+        return substitute(combine_gate(self.expr, self.down), {self.down.t: self.up.t, self.down.e: self.up.e})
+
+    def gated_by_combine(self) -> bool:
+        """The gate/up projection skips exactly the pairs the combine weighs by 0."""
+        return self.up.gate is not None and _strip(self.up.gate) == _strip(self.gate)
+
+
+def find_chains(m: Module, grouped=frozenset()) -> list:
+    """Every experts chain of `m` none of whose down projection or combine is in `grouped`."""
+    prod, users, found = m.producers(), m.users(), []
+    for s in m.statements:
+        down = find_down(s) if s.name not in grouped else None
+        if down is None:
+            continue
+        readers = users.get(s.name, [])
+        comb = readers[0] if len(readers) == 1 else None
+        expr = combine_form(comb, down) if comb is not None and comb.name not in grouped else None
+        act = prod.get(_strip(down.a).tensor)  # down_form: the act operand is an access through casts
+        up = None
+        if isinstance(act, Statement):
+            reads = [prod.get(t) for t in act.reads()]
+            up = next((f for f in (up_form(r) for r in reads if isinstance(r, Statement)) if f is not None), None)
+        if expr is not None and up is not None and act_form(act, up) is not None:
+            found.append(Chain(up, act, down, comb, expr))
+    return found
+
+
 # ---------------------------------------------------------------- the kind
 
 def _pow2(n: int, lo: int, hi: int) -> int:

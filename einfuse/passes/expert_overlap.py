@@ -1,7 +1,7 @@
 """overlap_experts (Comet-style): with expert parallelism each rank runs its experts on every token and an
 all-reduce sums the experts' weighted outputs across ranks. That combine waits for the whole expert
 computation, then the next layer waits for the combine. This pass cuts the experts chain (gate/up, SwiGLU,
-down, combine — `passes.moe.find_chains`) and its all-reduce into `chunks` pieces along the tokens: chunk c
+down, combine — `kinds.moe.find_chains`) and its all-reduce into `chunks` pieces along the tokens: chunk c
 computes tokens [c*T/C, (c+1)*T/C) and issues its own all-reduce, so chunk c's communication is in flight
 while chunk c+1's expert GEMMs run; one statement joins the chunks where the layer's result was. Each
 chunk is still one experts chain (the MoE kind runs it); the collectives are asynchronous and waited for
@@ -19,7 +19,7 @@ from ..ir import index as ix
 from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, rewrite, substitute
 from ..ir.module import Module, Statement, TensorType
 from .base import Pass
-from .moe import find_chains
+from ..kinds.moe import find_chains
 
 
 class OverlapExperts(Pass):

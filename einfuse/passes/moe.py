@@ -11,11 +11,9 @@ to the other kinds, with a line in the dump saying why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..ir.expr import Call, Const, substitute
+from ..ir.expr import Call, Const
 from ..ir.module import Kernel, Module, Statement
-from ..kinds.moe import DownForm, UpForm, act_form, combine_form, combine_gate, find_down, up_form
+from ..kinds.moe import find_chains
 from .base import Pass
 from .fusion import schedule
 
@@ -38,8 +36,7 @@ class FuseMoE(Pass):
                 continue
             up_stmt = c.up.stmt
             if c.up.gate is None:  # the dense form: skip the pairs the combine weighs by 0
-                gate = substitute(combine_gate(c.expr, c.down), {c.down.t: c.up.t, c.down.e: c.up.e})
-                up_stmt = up_stmt.replace(expr=Call("where", (Call("ne", (gate, Const(0))), up_stmt.expr, Const(0))))
+                up_stmt = up_stmt.replace(expr=Call("where", (Call("ne", (c.gate, Const(0))), up_stmt.expr, Const(0))))
                 replaced[up_stmt.name] = up_stmt
             kernels.append(Kernel(f"moe_{c.act.name}", "moe", (up_stmt.name, c.act.name), (), ("gate_up", "act")))
             kernels.append(Kernel(f"moe_{c.comb.name}", "moe", (c.down.stmt.name, c.comb.name), (),
@@ -58,45 +55,3 @@ class FuseMoE(Pass):
             if others:
                 return f"{s.name} is also read by {', '.join(others)}"
         return None
-
-
-@dataclass(frozen=True)
-class Chain:
-    """An experts chain the MoE kind runs: gate/up projection, SwiGLU, down projection, combine (`expr`: the
-    combine's expression in the down projection's ranks). Each statement's dim 0 is the token."""
-
-    up: UpForm
-    act: Statement
-    down: DownForm
-    comb: Statement
-    expr: object
-
-    @property
-    def statements(self) -> tuple:
-        return self.up.stmt, self.act, self.down.stmt, self.comb
-
-
-def find_chains(m: Module, grouped=frozenset()) -> list:
-    """Every experts chain of `m` none of whose down projection or combine is in `grouped`."""
-    prod, users, found = m.producers(), m.users(), []
-    for s in m.statements:
-        down = find_down(s) if s.name not in grouped else None
-        if down is None:
-            continue
-        readers = users.get(s.name, [])
-        comb = readers[0] if len(readers) == 1 else None
-        expr = combine_form(comb, down) if comb is not None and comb.name not in grouped else None
-        act = prod.get(down.a.tensor if hasattr(down.a, "tensor") else _tensor(down.a))
-        up = None
-        if isinstance(act, Statement):
-            reads = [prod.get(t) for t in act.reads()]
-            up = next((f for f in (up_form(r) for r in reads if isinstance(r, Statement)) if f is not None), None)
-        if expr is not None and up is not None and act_form(act, up) is not None:
-            found.append(Chain(up, act, down, comb, expr))
-    return found
-
-
-def _tensor(e) -> str:
-    while isinstance(e, Call) and e.op == "cast":
-        e = e.args[0]
-    return getattr(e, "tensor", "")

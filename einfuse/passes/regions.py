@@ -143,8 +143,7 @@ class Partition:
                 entries.append((first, final.body, final.kernels, rename, template))
         defined = {}
         for n, (_, ops, _, rename, template) in enumerate(entries):
-            for o in (template.defined if template else ops[0].outputs if len(ops) == 1 else
-                      [o for op in ops for o in op.outputs]):
+            for o in template.defined if template else [o for op in ops for o in op.outputs]:
                 defined[rename.get(o, o) if rename else o] = n
         deps = []
         for n, (_, ops, _, rename, template) in enumerate(entries):
@@ -273,10 +272,13 @@ class _Text:
         return "".join(out)
 
     def body(self, rename: dict | None) -> str:
-        return self._body.format(*[rename.get(n, n) for n in self.names] if rename else self.names)
+        return self._body.format(*self._names(rename))
 
     def kernels(self, rename: dict | None) -> str:
-        return self._kernels.format(*[rename.get(n, n) for n in self.names] if rename else self.names)
+        return self._kernels.format(*self._names(rename))
+
+    def _names(self, rename: dict | None) -> list:
+        return [rename.get(n, n) for n in self.names] if rename else self.names
 
 
 def _rename_kernel(k: Kernel, rename: dict | None) -> Kernel:
