@@ -50,7 +50,7 @@ from ..ir.expr import (Access, Call, Const, Expr, IndexValue, accesses, canonica
 from ..ir.module import Kernel, Module, Opaque, Statement, TensorType, Update
 from ..ir.ops import MAP_OPS, REDUCE_OPS, infer
 from ..ir.printer import fmt_op
-from .torch_moe import MoEPlan, moe_plans
+from .torch_moe import COMPRESSED_NOTE, CompressedOperand, MoEPlan, moe_plans
 
 NEG_INF = Const(-math.inf)
 log = logging.getLogger("einfuse")
@@ -79,6 +79,7 @@ class TorchProgram:
     source: str
     fallbacks: list = field(default_factory=list)  # [(statement, reason)]
     attention: list = field(default_factory=list)  # [(group, "sdpa" | "3-pass" | "statements: why")]
+    moe: list = field(default_factory=list)  # [(chain's down group, "routed" | "routed, compressed ..." | ...)]
 
 
 # ---------------------------------------------------------------- small sympy helpers
@@ -1128,6 +1129,7 @@ class TorchGen:
         self.shared: dict = {}
         self.fallbacks: list = []
         self.attention: list = []
+        self.moe: list = []
         self.views: set = set()  # names bound as views of other tensors
         self.plain_mm = None
         self.kept: dict = {}  # code -> (IR-like name, python name) of a value steps share (see `reuse`)
@@ -1357,13 +1359,20 @@ class TorchGen:
             skip |= plan.skipped
             at_end[plan.out.name] = plan
         routed = {}  # combine statement -> MoE plan: the experts run routed at the combine
+        dead = set()  # outputs of decode_experts calls only routed compressed chains read: never run
         for plan in moe_plans(m):
             inner = plan.members - {plan.chain.comb.name}
             if any(n in m.outputs or any(u.outputs[0] not in plan.members for u in users.get(n, [])) for n in inner):
+                self.moe.append((plan.name, "statements (an intermediate is read outside the chain)"))
                 continue  # an intermediate value someone else reads: the statements run one by one
             plan.skipped = inner
             skip |= inner
             routed[plan.chain.comb.name] = plan
+            if plan.compressed:
+                dead |= {c.decode for c in plan.compressed}
+                self.moe.append((plan.name, f"routed, compressed experts: {COMPRESSED_NOTE}"))
+            else:
+                self.moe.append((plan.name, "routed"))
         epilogues = self._addmm_candidates(skip | set(at_end) | set(routed))
         deferred = {acc.name for acc in epilogues.values()}
         marks = any(isinstance(op, Collective) for op in m.body)  # a distributed program records a timeline
@@ -1379,7 +1388,8 @@ class TorchGen:
                 self.collective(n, op)
                 pending[op.name] = op
             elif isinstance(op, Opaque):
-                self.opaque(n, op)
+                if not set(op.outputs) <= dead:
+                    self.opaque(n, op)
             elif isinstance(op, Update):
                 self.update(n, op)
             elif op.name in at_end:
@@ -1396,7 +1406,7 @@ class TorchGen:
             self.begin([])
             self.emit(f"rt.mark({len(m.body)})")
             self.end([])
-        return TorchProgram(m.name, self.source(), self.fallbacks, self.attention)
+        return TorchProgram(m.name, self.source(), self.fallbacks, self.attention, self.moe)
 
     def collective(self, n: int, op: Collective) -> None:
         """Issue a collective asynchronously: the name holds the call in flight until `wait_step`."""
@@ -1844,7 +1854,9 @@ class TorchGen:
     def moe_step(self, plan: MoEPlan) -> None:
         """The chain at its combine: each expert's routed rows through its two GEMMs (`rt.moe`)."""
         comb, f, d = plan.chain.comb, plan.chain.up, plan.chain.down
-        self.begin([f"# MoE experts {plan.name}: each expert on the tokens routed to it (gate != 0)"]
+        how = (" through the fused decode-and-multiply kernel on their stored codes (compressed experts)"
+               if plan.compressed else "")
+        self.begin([f"# MoE experts {plan.name}: each expert on the tokens routed to it (gate != 0){how}"]
                    + self._comment(comb))
         try:
             T, E, N2 = f.stmt.type.shape
@@ -1858,14 +1870,32 @@ class TorchGen:
 
             x = operand(f.a, {f.t: T, f.h: H})
             gate = operand(plan.chain.gate, {f.t: T, f.e: E})
-            w_up = operand(f.b, {f.e: E, f.n: N2, f.h: H})
-            w_down = operand(d.b, {d.e: E, d.h: H2, d.i: I})
-            self.emit(f"{self.pyname(comb.name)} = rt.moe({x}, {gate}, {w_up}, {w_down})")
+            if plan.compressed:
+                self.emit(f"{self.pyname(comb.name)} = rt.moe_compressed({x}, {gate}, "
+                          + ", ".join(self.stored_operand(c) for c in plan.compressed) + ")")
+            else:
+                w_up = operand(f.b, {f.e: E, f.n: N2, f.h: H})
+                w_down = operand(d.b, {d.e: E, d.h: H2, d.i: I})
+                self.emit(f"{self.pyname(comb.name)} = rt.moe({x}, {gate}, {w_up}, {w_down})")
             self.layout[comb.name] = Layout.dense(comb.type.shape)
         except Exception as why:  # noqa: BLE001 (run the chain's statements one by one)
             log.debug("einfuse: MoE chain %s runs statement by statement: %s", plan.name, _reason(why))
+            self.moe[:] = [(g, f"statements ({_reason(why)})" if g == plan.name else how) for g, how in self.moe]
+            if plan.compressed:  # the statements read the dense weights: their decodes run here after all
+                self.lines = None
+                decodes = {c.decode for c in plan.compressed}
+                for n, op in enumerate(self.m.body):
+                    if isinstance(op, Opaque) and set(op.outputs) & decodes:
+                        self.opaque(n, op)
             return self.one_by_one(plan.skipped, comb)
         self.end([comb.name])
+
+    def stored_operand(self, c: CompressedOperand) -> str:
+        """`rt.moe_compressed`'s arguments for one compressed weight: its stored arrays, checksums, sizes."""
+        self.reads |= c.reads
+        arrays = ", ".join(self.pyname(a) for a in c.arrays)
+        check = self.pyname(c.checksums) if c.checksums else "None"
+        return f"({arrays}), {check}, {dict(c.meta)!r}"
 
     def _attn_ctx(self, plan: AttnPlan, dims, ext) -> Ctx:
         return Ctx(self, dims, {r: (0, ext[r]) for r in dims})

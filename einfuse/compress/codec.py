@@ -219,9 +219,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
-def unpack(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack`: `n` codewords as int32 (the same 24-bit window read the kernel does)."""
-    bitpos = torch.arange(n, dtype=torch.int64) * bits
+def unpack(data: torch.Tensor, bits: int, n: int, start: int = 0) -> torch.Tensor:
+    """Inverse of `pack`: `n` codewords from the `start`-th on, as int32 (the same 24-bit window read the
+    kernel does)."""
+    bitpos = torch.arange(start, start + n, dtype=torch.int64, device=data.device) * bits
     b = bitpos // 8
     d = data.long()
     window = d[b] | (d[b + 1] << 8) | (d[b + 2] << 16)

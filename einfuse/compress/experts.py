@@ -205,6 +205,47 @@ def compress_moe(model: nn.Module, calibration: list[torch.Tensor] | None, metho
     return CompressedModel(tensors, d, reports, stats)
 
 
+def sort_by_expert(expert_of_row: torch.Tensor, num_experts: int):
+    """Rows (token, expert) pairs grouped by expert, as the fused kernel takes them: (order [P] — the pairs
+    in expert order, stable —, seg [A+1] int32 offsets of each active expert's rows, experts [A] int32 ids
+    of the experts at least one pair routes to)."""
+    flat = expert_of_row.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    experts = torch.nonzero(counts).flatten()
+    seg = torch.cat([torch.zeros(1, dtype=torch.long, device=flat.device), torch.cumsum(counts[experts], 0)])
+    return order, seg.to(torch.int32), experts.to(torch.int32)
+
+
+def project(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor, experts: torch.Tensor,
+            dict_tensors=None, kernel: bool = True) -> torch.Tensor:
+    """y [S, rows]: each active expert's rows x[seg[a]:seg[a+1]] @ W_e.T. `kernel`: the fused decode-and-
+    multiply Triton kernel (einfuse.kinds.cdot; W never materialized); else the activated experts alone
+    decoded (`CompressedTensor.dequantize_experts`) and multiplied — the CPU path, same values."""
+    if kernel:
+        from ..kinds.cdot import cdot
+        return cdot(x, ct, d, seg, experts, dict_tensors=dict_tensors)
+    W = ct.dequantize_experts(d, experts).to(x.device)
+    y = torch.empty(x.shape[0], ct.shape[1], dtype=torch.float32, device=x.device)
+    bounds = seg.tolist()
+    for a in range(experts.numel()):
+        y[bounds[a]:bounds[a + 1]] = x[bounds[a]:bounds[a + 1]].float() @ W[a].T
+    return y
+
+
+def swiglu_experts(x: torch.Tensor, seg: torch.Tensor, experts: torch.Tensor, gate_up: CompressedTensor,
+                   down: CompressedTensor, d: Dictionary, act_fn, dict_tensors=None, kernel: bool = True,
+                   down_dictionary: Dictionary | None = None, down_dict_tensors=None):
+    """down(act(gate) * up) per expert segment of x [S, H] (rows sorted by expert), both projections
+    through `project`; returns (y [S, H2], the intermediate h [S, I])."""
+    gu = project(x, gate_up, d, seg, experts, dict_tensors, kernel)
+    gate, up = gu.chunk(2, dim=-1)
+    h = (act_fn(gate) * up).contiguous()
+    dd = down_dictionary if down_dictionary is not None else d
+    ddt = down_dict_tensors if down_dictionary is not None else dict_tensors
+    return project(h, down, dd, seg, experts, ddt, kernel), h
+
+
 class CompressedExperts(nn.Module):
     """Drop-in for a fused experts module (forward(hidden, top_k_index, top_k_weights)) that keeps the
     experts compressed and multiplies through the fused kernel; only activated experts are read."""
@@ -219,21 +260,14 @@ class CompressedExperts(nn.Module):
     def route(self, hidden_states, top_k_index):
         """Tokens sorted by expert: (x [T*k, H] f32, seg [A+1], active experts [A], order, token of each row)."""
         k = top_k_index.shape[-1]
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order, seg, experts = sort_by_expert(top_k_index, self.num_experts)
         token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        experts = torch.nonzero(counts).flatten().to(torch.int32)
-        seg = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts[experts.long()], 0)]).to(torch.int32)
         return hidden_states[token].float().contiguous(), seg, experts, order, token
 
     def experts_forward(self, x, seg, experts):
         """down(act(gate_up(x))) per expert segment, through the fused kernel; the intermediate h returned too."""
-        from ..kinds.cdot import cdot
-        gu = cdot(x, self.gate_up, self.dictionary, seg, experts, dict_tensors=self.dict_tensors)
-        gate, up = gu.chunk(2, dim=-1)
-        h = (self.act_fn(gate) * up).contiguous()
-        return cdot(h, self.down, self.dictionary, seg, experts, dict_tensors=self.dict_tensors), h
+        return swiglu_experts(x, seg, experts, self.gate_up, self.down, self.dictionary, self.act_fn,
+                              self.dict_tensors)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         T, H = hidden_states.shape

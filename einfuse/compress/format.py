@@ -123,6 +123,21 @@ class CompressedTensor:
         s = self.scales.float()
         return dequantize(self.symbols(d), s[..., 0], s[..., 1])
 
+    def dequantize_experts(self, d: Dictionary, experts) -> torch.Tensor:
+        """Dense float32 W [A, rows, cols] of the experts `experts` (ids, any order) only: their codewords
+        unpacked from the stream and decoded, the other experts' bytes not read."""
+        ids = [int(e) for e in torch.as_tensor(experts).reshape(-1).tolist()]
+        _, rows, cols = self.shape
+        if not ids:
+            return torch.zeros(0, rows, cols)
+        ranges = [self.expert_code_range(e) for e in ids]
+        codes = torch.cat([unpack(self.codes, self.bits, b - a, start=a) for a, b in ranges])
+        index = torch.tensor(ids, dtype=torch.long)
+        counts = self.row_counts.index_select(0, index).reshape(-1).to(torch.int32)
+        sym = decode(Encoded(codes, counts), d, cols).view(len(ids), rows, cols)
+        s = self.scales.index_select(0, index).float()
+        return dequantize(sym, s[..., 0], s[..., 1])
+
     # ---- accounting
     def nbytes(self) -> dict[str, int]:
         return {"codes": self.codes.numel(), "offsets": self.counts.numel() * self.counts.element_size()
