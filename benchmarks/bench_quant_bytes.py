@@ -13,11 +13,12 @@ bytes (each element a kernel touches once: what DRAM sees when a kernel's re-rea
 Baselines: the bf16 step as einfuse compiles it today (its decode attention is not fused in bf16: the
 scores go through memory, so it moves far more than it must), the f32 step (fused attention; halved it
 estimates a fused bf16 step), and the bf16 minimum (weights, the live KV cache and the logits, each once).
-The W4A8KV4 programs come from einfuse.quant (scheme w4a8kv4-rtn: calibration does not change bytes)
-over the f32 model: the quantization passes do not yet rewrite a bf16 capture's Linears, so its
-activations are f32 — more bytes than a bf16-activation W4A8KV4 step. Its LM head, which the scheme does
-not quantize (it is tied to the embedding), is counted from the bf16 step's outside-the-layers bytes,
-so that an f32 LM head (113 MB) does not stand in for a bf16 one.
+The W4A8KV4 programs come from einfuse.quant (schemes w4a8kv4-rtn and w4a8kv4-head-rtn: calibration does
+not change bytes) over the f32 model: the quantization passes do not yet rewrite a bf16 capture's Linears,
+so its activations are f32 — more bytes than a bf16-activation W4A8KV4 step. `w4a8kv4` leaves the LM head
+in float (it is tied to the embedding): its outside-the-layers bytes are the bf16 step's, so that an f32 LM
+head (113 MB) does not stand in for a bf16 one. `w4a8kv4-head` quantizes the LM head like the layers (W4
+g128, untied from the embedding): everything it moves is measured.
 """
 from __future__ import annotations
 
@@ -40,16 +41,16 @@ def truncated(dtype, layers: int):
     return model
 
 
-def step_bytes(model, quantized: bool, batch: int, ctx: int, group: int) -> dict:
+def step_bytes(model, scheme: str | None, batch: int, ctx: int, group: int) -> dict:
     """One decode step of `batch` sequences at context `ctx` (every cached block live): bytes per kernel kind."""
     from einfuse.serve import CacheConfig, StepEntry
     from einfuse.serve.paged import PagedRunner
 
     bs = 16
-    if quantized:
+    if scheme:
         from einfuse.quant.calibrate import QuantPagedRunner, calibrate
 
-        q = calibrate(model, scheme="w4a8kv4-rtn", group=group, progress=False)
+        q = calibrate(model, scheme=scheme, group=group, progress=False)
         runner = QuantPagedRunner(q, "triton")
     else:
         runner = PagedRunner(model, "triton")
@@ -96,12 +97,13 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--full-layers", type=int, default=30)
-    ap.add_argument("--configs", nargs="+", default=["bf16", "f32", "w4a8kv4"])
+    ap.add_argument("--configs", nargs="+", default=["bf16", "f32", "w4a8kv4", "w4a8kv4-head"])
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     out: dict = {}
-    configs = (("bf16", torch.bfloat16, False), ("f32", torch.float32, False), ("w4a8kv4", torch.float32, True))
+    configs = (("bf16", torch.bfloat16, None), ("f32", torch.float32, None), ("w4a8kv4", torch.float32, "w4a8kv4-rtn"),
+               ("w4a8kv4-head", torch.float32, "w4a8kv4-head-rtn"))
     for label, dtype, quantized in configs:
         if label not in args.configs:
             continue
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
            "layers": L, "bf16_minimum": minimum, "configs": out}
     print(f"SmolLM2-135M decode step, batch {args.batch}, context {args.context}, {L} layers; bytes measured "
           "under Triton's interpreter (1- and 2-layer truncations; layer = difference)")
-    print(f"{'':28}{'per layer':>14}{'outside layers':>16}{'30-layer step':>16}")
+    print(f"{'':34}{'per layer':>14}{'outside layers':>16}{'30-layer step':>16}")
     rows = {}
     for label in out:
         for metric in ("total", "distinct"):
@@ -130,20 +132,23 @@ def main(argv=None) -> int:
             outside = out["bf16"][metric]["outside"] if label == "w4a8kv4" and "bf16" in out else e["outside"]
             step = outside + L * e["layer"]
             rows[(label, metric)] = step
-            print(f"{label + ' ' + ('accessed' if metric == 'total' else 'distinct'):28}{e['layer']:>14,}{outside:>16,}{step:>16,}")
+            print(f"{label + ' ' + ('accessed' if metric == 'total' else 'distinct'):34}{e['layer']:>14,}{outside:>16,}{step:>16,}")
     min_step = minimum["outside"] + L * minimum["layer"]
-    print(f"{'bf16 minimum':28}{minimum['layer']:>14,}{minimum['outside']:>16,}{min_step:>16,}")
-    if ("w4a8kv4", "total") in rows:
-        q, qd = rows[("w4a8kv4", "total")], rows[("w4a8kv4", "distinct")]
+    print(f"{'bf16 minimum':34}{minimum['layer']:>14,}{minimum['outside']:>16,}{min_step:>16,}")
+    res["ratios"] = {}
+    for label in ("w4a8kv4", "w4a8kv4-head"):
+        if (label, "total") not in rows:
+            continue
+        q, qd = rows[(label, "total")], rows[(label, "distinct")]
         ratios = {"vs bf16 minimum (accessed)": q / min_step, "vs bf16 minimum (distinct)": qd / min_step}
         if ("bf16", "total") in rows:
             ratios["vs bf16 as compiled (accessed)"] = q / rows[("bf16", "total")]
         if ("f32", "total") in rows:
             ratios["vs f32 step / 2 (accessed)"] = q / (rows[("f32", "total")] / 2)
         for k, v in ratios.items():
-            print(f"W4A8KV4 step {k}: {v:.3f}")
-        res["ratios"] = ratios
-        res["steps"] = {f"{a} {b}": v for (a, b), v in rows.items()}
+            print(f"{label} step {k}: {v:.3f}")
+        res["ratios"][label] = ratios
+    res["steps"] = {f"{a} {b}": v for (a, b), v in rows.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -298,3 +298,35 @@ def test_quantized_llm_generates_from_4bit_cache(llama, tmp_path):
     for _ in range(6):
         seq.append(int(cm(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
     assert out == seq[len(prompt):]
+
+
+def test_quantized_lm_head_is_untied_matches_the_oracle_and_roundtrips(llama, tmp_path):
+    """Scheme(head=True): the tied LM head gets a 4-bit weight of its own, the embedding keeps its float one;
+    the compiled logits equal the fake-quantized eager model; a checkpoint loads back into a tied model."""
+    import copy
+
+    llama = copy.deepcopy(llama)
+    llama.lm_head.weight = llama.model.embed_tokens.weight  # tied, as SmolLM2's
+    llama.config.tie_word_embeddings = True
+    scheme = get_scheme("w4a8-rtn").with_(head=True)
+    q = calibrate(llama, None, scheme, progress=False)
+    assert "lm_head" in q.layers and q.model.lm_head.weight is not q.model.model.embed_tokens.weight
+    assert torch.equal(q.model.model.embed_tokens.weight, llama.model.embed_tokens.weight)
+    ids = ids_of(3)
+    cm = q.compile((ids,), {"use_cache": False}, backend="torch")
+    names = {i.name: i.type.dtype.name for i in cm.variant.ir.inputs}
+    assert names.get("p_lm_head_weight_q") == "u4" and "p_lm_head_weight" not in names
+    orig, fake = _fake_linear_forward(acts="int8")
+    torch.nn.Linear.forward = fake
+    try:
+        want = q.model(ids, use_cache=False).logits
+    finally:
+        torch.nn.Linear.forward = orig
+    got = cm(ids, use_cache=False).logits
+    assert rel(got, want) < 2e-3
+    einfuse.quant.save(q, str(tmp_path / "h"))
+    back = einfuse.quant.load(llama, str(tmp_path / "h"))
+    assert torch.equal(back.model.lm_head.weight_q, q.model.lm_head.weight_q)
+    assert torch.equal(back.model.model.embed_tokens.weight, llama.model.embed_tokens.weight)
+    c2 = back.compile((ids,), {"use_cache": False}, backend="torch")
+    assert torch.equal(c2(ids, use_cache=False).logits, got)

@@ -167,10 +167,19 @@ def QuantPagedRunner(q: Quantized, backend=None):
 # ---------------------------------------------------------------- calibration
 
 def linears(model: torch.nn.Module, skip=("lm_head",)) -> dict:
-    """{name: nn.Linear} of every Linear to quantize (not the LM head, not one sharing an embedding's weight)."""
-    embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and not any(s in n for s in skip) and id(m.weight) not in embeds}
+    """{name: nn.Linear} of every Linear to quantize (none named by `skip`: the LM head by default; a Linear
+    sharing an embedding's weight is untied from it first)."""
+    out = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not any(s in n for s in skip)}
+    for mod in out.values():
+        untie(model, mod)
+    return out
+
+
+def untie(model: torch.nn.Module, mod: torch.nn.Linear) -> None:
+    """Give `mod` a weight of its own when it shares one with an embedding (a tied LM head), so that
+    quantizing it leaves the embedding as it was."""
+    if any(isinstance(m, torch.nn.Embedding) and m.weight is mod.weight for m in model.modules()):
+        mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
 
 
 def token_segments(texts, tokenizer, seq_len: int, segments: int) -> list:
@@ -263,7 +272,7 @@ def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer
     pieces = token_segments(texts, tokenizer, seq_len, segments) if scheme.calibrated else []
     model = model if inplace else copy.deepcopy(model)
     model.eval()
-    layers = linears(model)
+    layers = linears(model, scheme.skip)
     report = {"scheme": scheme.name, "group": scheme.group, "calibration_tokens": sum(len(p) for p in pieces)}
     with _progress(progress) as bar, torch.no_grad():
         stats = None
@@ -502,10 +511,7 @@ def rotate_residual(model, stats: Stats | None = None, seed: int = 0) -> int:
         norm.weight.data.fill_(1.0)
 
     emb = model.model.embed_tokens
-    head = model.lm_head
-    gain = model.model.norm.weight.data.double()
-    set_(head, (head.weight.data.double() * gain[None, :]) @ Q)
-    model.model.norm.weight.data.fill_(1.0)
+    reads(model.model.norm, [model.lm_head])  # before the embedding: a tied head reads the unrotated weight
     emb.weight = torch.nn.Parameter((emb.weight.data.double() @ Q).to(emb.weight.dtype), requires_grad=False)
     for b in blocks:
         a, m = b.self_attn, b.mlp

@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import formats as fm
-from .calibrate import QUANT_BUFFERS, Quantized
+from .calibrate import QUANT_BUFFERS, Quantized, untie
 from .schemes import Scheme
 
 FORMAT = "einfuse.quant/1"
@@ -93,6 +93,7 @@ def load(model: torch.nn.Module, directory: str, inplace: bool = False) -> Quant
     layers = manifest["layers"]
     for name in layers:
         mod = model.get_submodule(name)
+        untie(model, mod)  # a quantized LM head: the embedding keeps its own weight
         bufs = {b: tensors.pop(f"{name}.{b}") for b in QUANT_BUFFERS if f"{name}.{b}" in tensors}
         for b, t in bufs.items():
             mod.register_buffer(b, t)

@@ -15,7 +15,8 @@ class Scheme:
     Calibrated transforms: smooth (SmoothQuant's alpha folded into the preceding norm / projection, or
     None), smooth_attention (QServe's alpha on keys -> queries, or None), gptq (else round to nearest),
     rotate (the residual stream rotated, QuaRot), clip (W4: each group's integer scale and zero searched for
-    the least squared error, which may clip its extremes)."""
+    the least squared error, which may clip its extremes); head: the LM head quantized like the other Linears
+    (untied from the embedding first) — at decode it is a fifth of a small model's bytes."""
 
     name: str
     weights: str | None = None
@@ -28,6 +29,12 @@ class Scheme:
     gptq: bool = False
     rotate: bool = False  # rotate the residual stream (QuaRot) before quantizing
     clip: bool = False  # W4 (progressive): search each group's scale and zero for the least error (clipping)
+    head: bool = False  # quantize the LM head too
+
+    @property
+    def skip(self) -> tuple:
+        """Linear names quantize_weights leaves in float."""
+        return () if self.head else ("lm_head",)
 
     def __post_init__(self):
         if self.weights in ("w4", "w4a16"):
@@ -44,13 +51,13 @@ class Scheme:
         """The passes over the whole captured module: keys rotated, weights, activations."""
         out = [RotateKeys()] if self.rotate_keys else []
         if self.weights == "w4":
-            out.append(QuantizeWeights(bits=4, group=self.group, progressive=True))
+            out.append(QuantizeWeights(bits=4, group=self.group, progressive=True, skip=self.skip))
         elif self.weights == "w4a16":
-            out.append(QuantizeWeights(bits=4, group=self.group, progressive=False))
+            out.append(QuantizeWeights(bits=4, group=self.group, progressive=False, skip=self.skip))
         elif self.weights == "w8":
-            out.append(QuantizeWeights(bits=8))
+            out.append(QuantizeWeights(bits=8, skip=self.skip))
         elif self.weights == "fp8":
-            out.append(QuantizeWeights(fmt="fp8"))
+            out.append(QuantizeWeights(fmt="fp8", skip=self.skip))
         if self.acts == "int8":
             out.append(QuantizeActivations(bits=8))
         elif self.acts == "fp8":
@@ -73,6 +80,7 @@ SCHEMES = {
     "w8a8": Scheme("w8a8", "w8", "int8", smooth=0.5),
     "w4a16": Scheme("w4a16", "w4a16", **_RECIPE),
     "w4a8": Scheme("w4a8", "w4", "int8", **_W4),
+    "w4a8kv4-head": Scheme("w4a8kv4-head", "w4", "int8", 4, rotate_keys=True, head=True, **_W4),
     "w4a8kv4-noclip": Scheme("w4a8kv4-noclip", "w4", "int8", 4, rotate_keys=True, **_RECIPE),
     "kv4": Scheme("kv4", kv=4, rotate_keys=True),
     # QServe's own recipe (SmoothQuant + SmoothAttention + GPTQ) and single-step ablations
@@ -85,6 +93,7 @@ SCHEMES = {
     "fp8": Scheme("fp8", "fp8", "fp8"),
     # round to nearest, nothing calibrated (the baselines)
     "w4a8kv4-rtn": Scheme("w4a8kv4-rtn", "w4", "int8", 4),
+    "w4a8kv4-head-rtn": Scheme("w4a8kv4-head-rtn", "w4", "int8", 4, head=True),
     "w8a8-rtn": Scheme("w8a8-rtn", "w8", "int8"),
     "w4a16-rtn": Scheme("w4a16-rtn", "w4a16"),
     "w4a8-rtn": Scheme("w4a8-rtn", "w4", "int8"),
