@@ -310,7 +310,6 @@ def test_compress_experts_through_einfuse_compile(tmp_path):
     """prepare=[compress_experts(...)] on a captured Mixtral: the dumps carry the tdict code streams and the
     decode; the compiled model (torch backend) equals the model with its experts replaced by the ternary
     weights; the derived inputs bind to the buffers compress_experts registered."""
-    import einfuse
     from einfuse.passes.compress import compress_experts
     model = _tiny_mixtral(layers=1)
     ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
@@ -327,7 +326,7 @@ def test_compress_experts_through_einfuse_compile(tmp_path):
 
 def test_compressed_moe_generates_through_the_inference_runtime():
     """compress_experts as a prepare pass of the paged runner: einfuse.LLM's prefill and decode programs read
-    the dictionary-coded experts (decoded in the program) and greedy generation of three prompts of different
+    the dictionary-coded experts (the routed MoE step computes with the stored codes) and greedy generation of three prompts of different
     lengths gives exactly the tokens of the model whose experts compress_moe replaced by their ternary values."""
     from einfuse.models import tiny_decoder
     from einfuse.passes.compress import compress_experts
@@ -344,3 +343,88 @@ def test_compressed_moe_generates_through_the_inference_runtime():
     assert llm.generate(prompts, max_new_tokens=8, ignore_eos=True) == want
     for program in (llm.runner.programs.prefill, llm.runner.programs.decode):
         assert any(i.type.dtype.name.startswith("tdict") for i in program.ir.inputs)  # the coded stream is bound
+    # the decode step: each layer's experts run routed on the stored codes, the dense decode is not in the program
+    decode = llm.runner.programs.decode.run
+    assert [how.split(":")[0] for _, how in decode.moe_chains] == ["routed, compressed experts"] * 2
+    assert "decode_experts" not in decode.source
+
+
+# ------------------------------------------------------------------------------------------------ compiled, routed
+
+def _compiled_compressed(experts=8, layers=1):
+    """A tiny Mixtral with its experts compressed (round-to-nearest; the model now holds the dequantized
+    ternary weights: the dequantize-then-eager reference) and its torch-backend compile."""
+    from einfuse.passes.compress import compress_experts
+    model = _tiny_mixtral(layers=layers, experts=experts)
+    p = compress_experts(model=model, calibration=None, widths=(6,), progress=False)
+    ids = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(5))
+    return model, einfuse.compile(model, (ids,), kwargs={"use_cache": False}, prepare=[p], backend="torch")
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["kernel", "decode"])
+def test_compiled_compressed_moe_computes_on_the_stored_codes(monkeypatch, path):
+    """The compiled program's MoE chain runs routed on the dictionary-coded experts: through the fused cdot
+    kernel (Triton's interpreter here) or, the CPU default, by decoding the activated experts alone. The
+    logits equal the dequantize-then-eager model within f32 rounding at 1 token (a decode step) and at 3
+    tokens (8 experts, top-2: at least two receive no token), and the dense decode_experts never runs."""
+    import einfuse.compress.ir
+    import einfuse.kinds.cdot
+    from einfuse.compress.format import CompressedTensor
+    model, fn = _compiled_compressed()
+    monkeypatch.setenv("EINFUSE_COMPRESSED_EXPERTS", path)
+
+    def no_dense_decode(*a, **k):
+        raise AssertionError("the dense decode_experts ran in the routed path")
+    monkeypatch.setattr(einfuse.compress.ir, "decode_experts", no_dense_decode)
+    kernel_calls = _count_calls(monkeypatch, einfuse.kinds.cdot, "cdot")
+    decoded = _count_calls(monkeypatch, CompressedTensor, "dequantize_experts")
+    for T in (1, 3):
+        kernel_calls.clear()
+        decoded.clear()
+        ids = torch.randint(0, 64, (1, T), generator=torch.Generator().manual_seed(10 + T))
+        want = model(ids, use_cache=False).logits
+        got = fn(ids, use_cache=False).logits
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+        run = fn.variant.run
+        assert "decode_experts" not in run.source and "rt.moe_compressed(" in run.source
+        assert [how.startswith("routed, compressed experts") for _, how in run.moe_chains] == [True]
+        if path == "kernel":
+            assert len(kernel_calls) == 2 and not decoded  # gate/up and down, one launch each
+            active = kernel_calls[0][4]
+        else:
+            assert len(decoded) == 2 and not kernel_calls
+            active = decoded[0][2]
+        assert 0 < active.numel() <= 2 * T < 8  # only the activated experts are read
+    assert "routed, compressed experts: the fused decode-and-multiply kernel" in fn.explain(print_it=False).text
+
+
+def test_triton_backend_reports_its_dense_decode_of_compressed_experts():
+    """The Triton backend's MoE kind does not read coded weights: it says so (explain, a warning) for each
+    compressed chain instead of decoding silently."""
+    from einfuse.runtime.triton_backend import compressed_moe_notes
+    _, fn = _compiled_compressed(experts=4)
+    fn(torch.randint(0, 64, (1, 2)), use_cache=False)
+    (note,) = compressed_moe_notes(fn.variant.ir)
+    assert "decoded densely every call" in note and "backend='torch'" in note
+
+
+def test_compiled_compressed_moe_refuses_a_damaged_stream():
+    """The routed path checks the stored checksums (once per array) before computing with them."""
+    _, fn = _compiled_compressed(experts=4)
+    ids = torch.randint(0, 64, (1, 2))
+    fn(ids, use_cache=False)
+    name, codes = next((n, b) for n, b in fn._model[0].named_buffers() if n.endswith("gate_up_proj_codes"))
+    codes[5] ^= 1  # an in-place write: the arrays are checked again
+    with pytest.raises(CorruptCheckpoint, match="code stream checksum"):
+        fn(ids, use_cache=False)

@@ -87,12 +87,18 @@ def _stack(node: fx.Node) -> list:
     return list((node.meta.get("nn_module_stack") or {}).values())
 
 
+def _is_size(node: fx.Node) -> bool:
+    """A node computing a (symbolic) size, not a tensor: torch.export with dynamic shapes computes one
+    once and every layer reads it."""
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
 def find_experts(gm: fx.GraphModule) -> tuple[dict, list]:
     """({node: its ExpertsCall} for every recognized experts module, [note per module not recognized])."""
     calls: dict = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
+        if node.op != "call_function" or _is_size(node):
+            continue  # a size computation (dynamic shapes) is shared by every layer: it stays in the graph
         for path, qual in _stack(node):
             qual = qual if isinstance(qual, str) else f"{qual.__module__}.{qual.__qualname__}"
             if path in calls or _experts_class(qual) is not None:
@@ -123,7 +129,7 @@ def _check(gm: fx.GraphModule, call: ExpertsCall) -> str | None:
     if len(outs) != 1:
         return f"{len(outs)} values leave the module (one expected)"
     call.output = outs[0]
-    ext = list(dict.fromkeys(a for n in call.nodes for a in n.all_input_nodes if a not in inside))
+    ext = list(dict.fromkeys(a for n in call.nodes for a in n.all_input_nodes if a not in inside and not _is_size(a)))
     vals = {a: a.meta.get("val") for a in ext}
     if not all(isinstance(v, torch.Tensor) for v in vals.values()) or len(ext) != 5:
         return f"reads {len(ext)} values ({', '.join(a.name for a in ext)}); states, ids, weights and two weights expected"

@@ -536,6 +536,8 @@ class CompiledModule(torch.nn.Module):
         """What was lowered, what fell back to torch and why, and how long each pass took."""
         v = self._last
         lines = [v.lowering.text(), f"backend: {v.backend}"]
+        lines += [f"  MoE experts {g}: {how}" for g, how in getattr(v.run, "moe_chains", None) or []]
+        lines += [f"  {note}" for note in getattr(v.run, "notes", None) or []]
         if v.timings:
             lines.append("passes:")
             for t in v.timings:

@@ -143,6 +143,7 @@ class TritonRunner:
     allocations: list = field(default_factory=list)  # the pool's log of the last call
     peak_bytes: int = 0  # bytes the pool held at the end of the last call (it only grows within a call)
     graph: GraphReplay | None = None
+    notes: list = field(default_factory=list)  # what runs other than the kinds would: lines for explain()
 
     def __post_init__(self):
         by_stmt = {n: s for s in self.specs for n in s.statements}
@@ -258,9 +259,25 @@ def triton_backend(module: Module, cuda_graphs: bool = False, autotune: bool | N
     on a CUDA device) times each contraction's candidates on the first call and keeps the fastest."""
     specs, directory, hit = kernels_for(module, Cache("kernels"))
     runner = TritonRunner(module, specs, directory, hit, cuda_graphs=cuda_graphs)
+    runner.notes += compressed_moe_notes(module)
     if autotune if autotune is not None else not interpreting():
         import torch
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         runner.autotuner = Autotuner(module, runner.load, device=device)
     return runner
+
+
+def compressed_moe_notes(module: Module) -> list:
+    """A line per MoE chain whose experts are stored compressed (`MoEPlan.compressed`): this backend decodes
+    them densely (the `decode_experts` calls) every call and runs the MoE kind on the dense weights — the
+    kind does not read coded weights yet; the torch backend computes them through the fused cdot kernel."""
+    from ..codegen.torch_moe import moe_plans
+    notes = []
+    for plan in moe_plans(module):
+        if plan.compressed:
+            notes.append(f"MoE experts {plan.name}: compressed experts decoded densely every call (decode_experts) "
+                         "for the MoE kernels — the Triton MoE kind does not read coded weights yet; backend='torch' "
+                         "runs them routed through the fused decode-and-multiply kernel (cdot)")
+            log.warning("einfuse: %s", notes[-1])
+    return notes
