@@ -11,7 +11,10 @@ Run: `nice -n 10 python benchmarks/bench_compress.py [--skip-smollm2] [--gen-tok
    checksums), codes only, and the order-0 entropy of the symbol stream.
 3. One decode step of an MoE layer of the compressed model under Triton's interpreter (traffic counter),
    batch 1 and 8: distinct bytes loaded vs compressed bytes of the activated experts + dictionary +
-   activations, and vs those experts in bf16.
+   activations, and vs those experts in bf16 — for the hand-written module (`decode_step`) and for the
+   COMPILED program (`compiled_decode_step`: einfuse.compile with compress_experts, the MoE chain routed
+   through the fused cdot kernel; bytes per access and distinct). `--compiled-traffic-untrained` measures
+   only the latter, on an untrained model of the same shape (no training).
 4. Greedy generation through the fused kernel (CompressedExperts installed in the transformers model —
    a torch-module wrapper; the MoE kernel kind of einfuse's compiler is not used) against the same
    weights dequantized (tokens must be identical).
@@ -110,6 +113,72 @@ def decode_step_traffic(model, compressed, batch: int) -> dict:
             "max_abs_err_vs_dequantized": float((y - want).abs().max())}
 
 
+def compiled_decode_step_traffic(model, compressed, batch: int, ids: torch.Tensor | None = None) -> dict:
+    """One decode step of the COMPILED program (einfuse.compile, torch backend, prepare=[compress_experts]):
+    `batch` sequences, one new token each, every MoE layer routed on the stored codes through the fused cdot
+    kernel (EINFUSE_COMPRESSED_EXPERTS=kernel; Triton's interpreter on CPU). The traffic counter sees each
+    layer's two cdot launches (gate/up, down): bytes loaded counted per access (a dictionary entry or an
+    activation read twice counts twice) and distinct bytes, against the ideal of the layer — the compressed
+    bytes of its activated experts + the dictionary + the activations of its routed rows (gate/up input and
+    down input, f32) — and against the same experts in bf16. Logits are checked against the dequantized model."""
+    import einfuse.kinds.cdot as cdot_mod
+    from einfuse.passes.compress import compress_experts
+    from einfuse.runtime.traffic import Traffic, counting
+    model = copy.deepcopy(model)
+    p = compress_experts(compressed=compressed, model=model)
+    if ids is None:
+        ids = train_moe.novel_ids(train_moe.TEXT_EVALUATION)[1000:1000 + batch].view(batch, 1)
+    fn = einfuse.compile(model, (ids,), kwargs={"use_cache": False}, prepare=[p], backend="torch")
+    layers = []  # per layer: Traffic and the (ct, experts, x) of its launches
+    real = cdot_mod.cdot
+
+    def counted(x, ct, d, seg, experts, out=None, dict_tensors=None):
+        if not layers or len(layers[-1]["calls"]) == 2:
+            layers.append({"traffic": Traffic(), "calls": []})
+        layer = layers[-1]
+        t = layer["traffic"]
+        dl, dn, dg, _ = dict_tensors
+        for r in (x, ct.codes, ct.counts, ct.bases, ct.scales, dl, dn, dg, seg, experts):
+            t.regions.append((r.data_ptr(), r.numel() * r.element_size(), r.element_size()))
+        layer["calls"].append((ct, experts.clone(), x.shape))
+        with counting(t):
+            return real(x, ct, d, seg, experts, out=out, dict_tensors=dict_tensors)
+
+    os.environ["EINFUSE_COMPRESSED_EXPERTS"] = "kernel"
+    cdot_mod.cdot = counted
+    try:
+        with torch.inference_mode():
+            got = fn(ids, use_cache=False).logits
+    finally:
+        cdot_mod.cdot = real
+        del os.environ["EINFUSE_COMPRESSED_EXPERTS"]
+        with torch.inference_mode():
+            want = model(ids, use_cache=False).logits
+    assert "decode_experts" not in fn.variant.run.source, "the compiled program still decodes the experts densely"
+    (_, layer0), *_ = require_moe_layers(model)
+    E, two_i, H = layer0.gate_up_proj.shape
+    dict_bytes = compressed.dictionary.nbytes
+    rows = []
+    for layer in layers:
+        (gu, experts, xs_shape), (dn, _, hs_shape) = layer["calls"]
+        active = experts.tolist()
+        comp = sum(gu.expert_nbytes(e) + dn.expert_nbytes(e) for e in active)
+        acts = xs_shape[0] * xs_shape[1] * 4 + hs_shape[0] * hs_shape[1] * 4
+        ideal = comp + dict_bytes + acts
+        t = layer["traffic"]
+        rows.append({"active_experts": len(active), "bytes_loaded_per_access": t.bytes_loaded,
+                     "unique_bytes_loaded": t.unique_bytes, "ideal_bytes": ideal, "compressed_expert_bytes": comp,
+                     "bf16_expert_bytes": len(active) * 3 * H * (two_i // 2) * 2})
+    total = {k: sum(r[k] for r in rows) for k in rows[0]}
+    return {"batch": batch, "program": "compiled (einfuse.compile, torch backend, fused cdot kernel)",
+            "layers": len(rows), "per_layer": rows,
+            "ratio_per_access_to_ideal": round(total["bytes_loaded_per_access"] / total["ideal_bytes"], 3),
+            "ratio_distinct_to_ideal": round(total["unique_bytes_loaded"] / total["ideal_bytes"], 3),
+            "bf16_over_compressed_experts": round(total["bf16_expert_bytes"] / total["compressed_expert_bytes"], 2),
+            "rows_per_program": cdot_mod.ROWS_PER_PROGRAM if hasattr(cdot_mod, "ROWS_PER_PROGRAM") else 1,
+            "max_abs_err_vs_dequantized": float((got - want).abs().max())}
+
+
 def greedy(model, prompt, tokens):
     """Greedy decoding with transformers' KV cache (one token per step after the prompt)."""
     with torch.inference_mode():
@@ -124,8 +193,23 @@ def main():
     ap.add_argument("--only-generation", action="store_true", help="just compress (GPTQ) and generate")
     ap.add_argument("--gen-tokens", type=int, default=4)
     ap.add_argument("--json", default="")
+    ap.add_argument("--compiled-traffic-untrained", action="store_true",
+                    help="only the compiled decode-step traffic, on an untrained model of train_moe's shape "
+                         "(round-to-nearest ternary experts): no training, minutes")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.compiled_traffic_untrained:
+        from transformers import MixtralForCausalLM
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(train_moe.config()).float().eval()
+        rtn = compress_moe(model, None, method="rtn", progress=False)
+        g = torch.Generator().manual_seed(0)
+        rows = [compiled_decode_step_traffic(model, rtn, b, torch.randint(0, 256, (b, 1), generator=g)) for b in (1, 8)]
+        print(json.dumps({"bits_per_param": round(rtn.summary()["bits_per_param"], 4), "compiled_decode_step": rows}))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     out: dict = {"date": datetime.date.today().isoformat(), "command": "python benchmarks/bench_compress.py"}
     model, info = train_moe.load_trained()
     out["train"] = info
@@ -163,6 +247,8 @@ def main():
     if not args.only_generation:
         out["decode_step"] = [decode_step_traffic(gptq_model, gq, b) for b in (1, 8)]
         print("decode:", json.dumps(out["decode_step"]), flush=True)
+        out["compiled_decode_step"] = [compiled_decode_step_traffic(gptq_model, gq, b) for b in (1, 8)]
+        print("compiled decode:", json.dumps(out["compiled_decode_step"]), flush=True)
     if args.gen_tokens:
         prompt = train_moe.encode(PROMPT)
         dense_tokens = greedy(gptq_model, prompt, args.gen_tokens)
