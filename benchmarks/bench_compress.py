@@ -175,7 +175,7 @@ def compiled_decode_step_traffic(model, compressed, batch: int, ids: torch.Tenso
             "ratio_per_access_to_ideal": round(total["bytes_loaded_per_access"] / total["ideal_bytes"], 3),
             "ratio_distinct_to_ideal": round(total["unique_bytes_loaded"] / total["ideal_bytes"], 3),
             "bf16_over_compressed_experts": round(total["bf16_expert_bytes"] / total["compressed_expert_bytes"], 2),
-            "rows_per_program": cdot_mod.ROWS_PER_PROGRAM if hasattr(cdot_mod, "ROWS_PER_PROGRAM") else 1,
+            "rows_per_program": cdot_mod.ROWS_PER_PROGRAM or "auto (kinds.cdot.rows_per_program)",
             "max_abs_err_vs_dequantized": float((got - want).abs().max())}
 
 
@@ -196,8 +196,13 @@ def main():
     ap.add_argument("--compiled-traffic-untrained", action="store_true",
                     help="only the compiled decode-step traffic, on an untrained model of train_moe's shape "
                          "(round-to-nearest ternary experts): no training, minutes")
+    ap.add_argument("--rows-per-program", type=int, default=0,
+                    help="force the cdot kernel's rows per program (a multiple of 16; default: its heuristic)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.rows_per_program:
+        import einfuse.kinds.cdot
+        einfuse.kinds.cdot.ROWS_PER_PROGRAM = args.rows_per_program
     if args.compiled_traffic_untrained:
         from transformers import MixtralForCausalLM
         torch.manual_seed(0)

@@ -135,6 +135,41 @@ def test_fused_kernel_equals_dequantize_then_matmul(E, N, K, zero, bits, data):
     assert torch.all((got - want).abs() <= 1e-5 * scale), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("rows", [32, 48, 128])
+def test_fused_kernel_programs_of_several_row_groups(monkeypatch, rows):
+    """ROWS_PER_PROGRAM rows per program, the last program's groups past the matrix skipped: the same result,
+    and the dictionary loaded once per program — the only bytes that change with the program count."""
+    import einfuse.kinds.cdot as cdot_mod
+    from einfuse.runtime.traffic import Traffic, counting
+    E, N, K = 3, 70, 40  # 5 groups of 16 rows, the last ragged
+    s = _stream(E * N, K, 0.8, 9).view(E, N, K)
+    g = torch.Generator().manual_seed(9)
+    d = build_dictionary(symbol_probs(s), 6)
+    ct = CompressedTensor.encode(s, -torch.rand(E, N, generator=g), torch.rand(E, N, generator=g), d)
+    seg, experts = torch.tensor([0, 3, 4], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32)
+    x = torch.randn(4, K, generator=g)
+    loaded = {}
+    for r in (16, rows):
+        monkeypatch.setattr(cdot_mod, "ROWS_PER_PROGRAM", r)
+        assert cdot_mod.rows_per_program(2, 5) == r
+        t = Traffic()
+        with counting(t):
+            got = cdot(x, ct, d, seg, experts)
+        assert torch.allclose(got, reference(x, ct.dequantize(d), seg, experts), rtol=1e-5, atol=1e-5)
+        loaded[r] = t.bytes_loaded
+    programs = lambda r: 2 * -(-5 // (r // 16))  # noqa: E731
+    # per program: the dictionary (64 entries of a length byte and two 32-bit masks) and its expert's id and
+    # token range (three int32)
+    assert loaded[16] - loaded[rows] == (programs(16) - programs(rows)) * (64 * (1 + 4 + 4) + 3 * 4)
+
+
+def test_rows_per_program_keeps_the_gpu_busy():
+    from einfuse.kinds.cdot import rows_per_program
+    assert rows_per_program(2, 64) == 16  # a small decode step: 128 programs of 16 rows
+    assert rows_per_program(2, 1792) == 128  # Mixtral-sized experts: 8 groups per program, 448 programs
+    assert rows_per_program(8, 200) == 64
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 def _checkpoint(tmp_path):

@@ -5,7 +5,8 @@ x[seg[a]:seg[a+1]] @ W_e.T` with W_e never materialized: the Triton kernel (`cdo
 reads each row's codewords from the packed stream, expands them through the dictionary (in registers /
 shared memory via tl.gather when it has at most `DICT_IN_REGS_MAX` entries) and multiplies. Tokens are
 sorted by expert (the decode regime: 1-16 tokens per expert, `BLOCK_T`), one program per (active expert,
-tile of 16 rows). An expert no token routes to is not in `experts` and its bytes are never read.
+`ROWS_PER_PROGRAM` rows: 16-row groups in a loop, the dictionary loaded once per program;
+`rows_per_program` chooses). An expert no token routes to is not in `experts` and its bytes are never read.
 
 `reference(...)` is dequantize-then-matmul, the definition the kernel is tested against; `spec(...)` is
 the kernel as a `KernelSpec` for einfuse.codegen.aot.check_gpu (sm_80 / sm_90a, registers and spills).
@@ -45,10 +46,30 @@ def num_warps(bt: int) -> int:
     return 8 if bt >= 8 else 4
 
 
-def constexprs(ct: CompressedTensor, d: Dictionary, bt: int) -> dict:
+ROWS_PER_PROGRAM: int | None = None  # set (a multiple of 16): every launch uses it; None: `rows_per_program`
+MIN_PROGRAMS = 264  # keep at least this many programs (two per SM of an H100) before merging row groups
+MAX_GROUPS_PER_PROGRAM = 8
+
+
+def rows_per_program(active: int, groups: int) -> int:
+    """Rows one program computes (a power-of-two number of 16-row groups, at most 8): as many as keep at
+    least MIN_PROGRAMS programs, so that a large expert loads the dictionary once per 128 rows instead of
+    once per 16 while a small decode step still spreads over the GPU. `ROWS_PER_PROGRAM` overrides."""
+    if ROWS_PER_PROGRAM is not None:
+        if ROWS_PER_PROGRAM <= 0 or ROWS_PER_PROGRAM % GROUP:
+            raise ValueError(f"einfuse.kinds.cdot: ROWS_PER_PROGRAM={ROWS_PER_PROGRAM} is not a positive "
+                             f"multiple of {GROUP}")
+        return ROWS_PER_PROGRAM
+    k = 1
+    while k < MAX_GROUPS_PER_PROGRAM and active * -(-groups // (2 * k)) >= MIN_PROGRAMS:
+        k *= 2
+    return k * GROUP
+
+
+def constexprs(ct: CompressedTensor, d: Dictionary, bt: int, rows: int = GROUP) -> dict:
     size = 1 << d.bits
     return {"BITS": d.bits, "MAX_LEN": MAX_LEN, "BLOCK_R": GROUP, "BLOCK_T": bt, "DICT": size,
-            "DICT_IN_REGS": size <= DICT_IN_REGS_MAX}
+            "DICT_IN_REGS": size <= DICT_IN_REGS_MAX, "ROWS_PER_PROGRAM": rows}
 
 
 def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor, experts: torch.Tensor,
@@ -72,8 +93,9 @@ def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor
     dl, dn, dg, _ = dict_tensors or padded_dictionary(d)
     seg = seg.to(torch.int32).contiguous()
     most = int((seg[1:] - seg[:-1]).max())
-    consts = constexprs(ct, d, block_t(most))
-    cdot_kernel[(A, G)](x, y, seg, experts.to(torch.int32).contiguous(), ct.codes, ct.counts, ct.bases,
+    rows = rows_per_program(A, G)
+    consts = constexprs(ct, d, block_t(most), rows)
+    cdot_kernel[(A, -(-G // (rows // GROUP)))](x, y, seg, experts.to(torch.int32).contiguous(), ct.codes, ct.counts, ct.bases,
                         ct.scales, dl, dn, dg, N, K, G, x.stride(0), y.stride(0), **consts, num_warps=num_warps(consts["BLOCK_T"]))
     return y
 
@@ -87,7 +109,7 @@ def reference(x: torch.Tensor, W: torch.Tensor, seg: torch.Tensor, experts: torc
     return y
 
 
-def spec(ct: CompressedTensor, d: Dictionary, bt: int = 16, name: str = "cdot") -> KernelSpec:
+def spec(ct: CompressedTensor, d: Dictionary, bt: int = 16, name: str = "cdot", rows: int = 8 * GROUP) -> KernelSpec:
     """The kernel as einfuse's AOT check compiles it (pointer dtypes of `ct`, the chosen constexprs)."""
     path = os.path.join(os.path.dirname(__file__), "cdot_triton.py")
     with open(path) as f:
@@ -98,7 +120,7 @@ def spec(ct: CompressedTensor, d: Dictionary, bt: int = 16, name: str = "cdot") 
             ("dict_nz_ptr", "i32"), ("dict_neg_ptr", "i32")]
     args = [Arg(n, "ptr", n, t) for n, t in ptrs] + [Arg(n, "size", n) for n in
                                                      ("N", "K", "G", "stride_x", "stride_y")]
-    consts = constexprs(ct, d, bt)
+    consts = constexprs(ct, d, bt, rows)
     return KernelSpec(name=KERNEL, statements=(name,), outputs=("y",), source=source, args=args,
                       constexprs=consts, grid=[], mapping=Mapping("cdot", tiles=tuple(
                           (k, v) for k, v in consts.items() if k.startswith("BLOCK")), num_warps=num_warps(bt)),
