@@ -444,14 +444,28 @@ def test_compiled_compressed_moe_computes_on_the_stored_codes(monkeypatch, path)
     assert "routed, compressed experts: the fused decode-and-multiply kernel" in fn.explain(print_it=False).text
 
 
-def test_triton_backend_reports_its_dense_decode_of_compressed_experts():
-    """The Triton backend's MoE kind does not read coded weights: it says so (explain, a warning) for each
-    compressed chain instead of decoding silently."""
-    from einfuse.runtime.triton_backend import compressed_moe_notes
-    _, fn = _compiled_compressed(experts=4)
-    fn(torch.randint(0, 64, (1, 2)), use_cache=False)
-    (note,) = compressed_moe_notes(fn.variant.ir)
-    assert "decoded densely every call" in note and "backend='torch'" in note
+def test_triton_backend_runs_compressed_experts_through_the_fused_kernel(monkeypatch):
+    """backend="triton": the compressed chain's MoE kernels and dense decodes are replaced by one routed
+    step on the stored codes through the cdot kernel (Triton's interpreter here); explain() says so."""
+    import einfuse.compress.ir
+    import einfuse.kinds.cdot
+    from einfuse.passes.compress import compress_experts
+    model = _tiny_mixtral(layers=1, experts=4)
+    p = compress_experts(model=model, calibration=None, widths=(6,), progress=False)
+    ids = torch.randint(0, 64, (1, 2), generator=torch.Generator().manual_seed(3))
+    fn = einfuse.compile(model, (ids,), kwargs={"use_cache": False}, prepare=[p], backend="triton")
+
+    def no_dense_decode(*a, **k):
+        raise AssertionError("the dense decode_experts ran")
+    monkeypatch.setattr(einfuse.compress.ir, "decode_experts", no_dense_decode)
+    calls = _count_calls(monkeypatch, einfuse.kinds.cdot, "cdot")
+    want = model(ids, use_cache=False).logits
+    got = fn(ids, use_cache=False).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert len(calls) == 2
+    (note,) = fn.variant.run.notes
+    assert note.startswith("MoE experts moe_moe_out: routed, compressed experts")
+    assert note in fn.explain(print_it=False).text
 
 
 def test_compiled_compressed_moe_refuses_a_damaged_stream():

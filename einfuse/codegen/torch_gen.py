@@ -1362,7 +1362,7 @@ class TorchGen:
         dead = set()  # outputs of decode_experts calls only routed compressed chains read: never run
         for plan in moe_plans(m):
             inner = plan.members - {plan.chain.comb.name}
-            if any(n in m.outputs or any(u.outputs[0] not in plan.members for u in users.get(n, [])) for n in inner):
+            if not plan.self_contained(m):
                 self.moe.append((plan.name, "statements (an intermediate is read outside the chain)"))
                 continue  # an intermediate value someone else reads: the statements run one by one
             plan.skipped = inner

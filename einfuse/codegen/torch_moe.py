@@ -81,6 +81,14 @@ class MoEPlan:
     def members(self) -> set:
         return {s.name for s in self.chain.statements}
 
+    def self_contained(self, m: Module) -> bool:
+        """No value of the chain but the combine's is an output or read outside the chain: a routed step
+        computing only the combine stands for all of it."""
+        users = m.users()
+        inner = self.members - {self.chain.comb.name}
+        return not any(n in m.outputs or any(u.outputs[0] not in self.members for u in users.get(n, []))
+                       for n in inner)
+
 
 def moe_plans(m: Module) -> list:
     """Every chain the module runs as a pair of `moe` kernel groups, f32 throughout, whose gate/up projection

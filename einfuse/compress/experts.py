@@ -246,6 +246,33 @@ def swiglu_experts(x: torch.Tensor, seg: torch.Tensor, experts: torch.Tensor, ga
     return project(h, down, dd, seg, experts, ddt, kernel), h
 
 
+def routed_moe(x: torch.Tensor, gate: torch.Tensor, up: tuple, up_meta: dict, down: tuple, down_meta: dict,
+               kernel: bool, seen: set | None = None, up_checksums=None, down_checksums=None) -> torch.Tensor:
+    """A compiled MoE chain on compressed experts (einfuse.codegen.torch_moe, `MoEPlan.compressed`): x [T, H],
+    gate [T, E] (0 where a token does not use the expert), `up`/`down` the stored arrays of a
+    `decode_experts` call (codes, counts, bases, scales and the padded dictionary) and `*_meta` its shape,
+    ncodes and bits -> [T, H2]. The (token, expert) pairs the gate keeps, sorted by expert, through
+    `swiglu_experts` (`kernel`: the fused cdot kernel; else the activated experts decoded), each row weighted
+    by its gate and added to its token. Only activated experts' bytes are read. With `seen` (a set the
+    caller keeps) the stored checksums are verified the first time the arrays are seen (`verify_once`)."""
+    from .format import verify_once
+    from .ir import stored_weight
+    wu, du = stored_weight(*up, checksums=up_checksums, **up_meta)
+    wd, dd = stored_weight(*down, checksums=down_checksums, **down_meta)
+    if seen is not None:
+        verify_once(seen, "gate/up", wu, up_checksums)
+        verify_once(seen, "down", wd, down_checksums)
+    pairs = (gate != 0).nonzero()  # (token, expert), token-major
+    order, seg, experts = sort_by_expert(pairs[:, 1], wu.shape[0])
+    token, expert = pairs[order, 0], pairs[order, 1]
+    xs = x.index_select(0, token).float().contiguous()
+    size_u, size_d = 1 << int(up_meta["bits"]), 1 << int(down_meta["bits"])
+    y, _ = swiglu_experts(xs, seg, experts, wu, wd, du, torch.nn.functional.silu, dict_tensors=(*up[4:7], size_u),
+                          kernel=kernel, down_dictionary=dd, down_dict_tensors=(*down[4:7], size_d))
+    out = torch.zeros(x.shape[0], wd.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, y * gate[token, expert][:, None].float())
+
+
 class CompressedExperts(nn.Module):
     """Drop-in for a fused experts module (forward(hidden, top_k_index, top_k_weights)) that keeps the
     experts compressed and multiplies through the fused kernel; only activated experts are read."""

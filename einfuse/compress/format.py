@@ -163,6 +163,20 @@ class CompressedTensor:
                    t[f"{prefix}.bases"], t[f"{prefix}.scales"], t[f"{prefix}.checksums"])
 
 
+def verify_once(seen: set, name: str, ct: CompressedTensor, checksums) -> None:
+    """`ct.verify` the first time its arrays are seen (and again after an in-place write to one of them:
+    keyed by their addresses and versions, recorded in `seen`); arrays on a GPU are checked on a CPU copy.
+    No `checksums`: nothing to check."""
+    if checksums is None:
+        return
+    arrays = (ct.codes, ct.counts, ct.bases, ct.scales, checksums)
+    key = tuple((t.data_ptr(), t._version) for t in arrays)
+    if key in seen:
+        return
+    CompressedTensor(ct.shape, ct.bits, ct.ncodes, *(t.cpu() for t in arrays)).verify(f"compressed expert weight ({name})")
+    seen.add(key)
+
+
 def dictionary_checksum(d: Dictionary) -> int:
     return zlib.crc32(d.nz.numpy().tobytes(), zlib.crc32(d.neg.numpy().tobytes(), _crc(d.lengths)))
 

@@ -194,28 +194,13 @@ class TorchRunner:
     def moe_compressed(self, x: torch.Tensor, gate: torch.Tensor, up: tuple, up_checksums, up_meta: dict,
                        down: tuple, down_checksums, down_meta: dict) -> torch.Tensor:
         """`moe` with both expert weights kept dictionary-coded (einfuse.codegen.torch_moe, `MoEPlan.compressed`):
-        `up`/`down` are the stored arrays of a `decode_experts` call (codes, counts, bases, scales and the
-        padded dictionary), `*_meta` its shape, ncodes and bits. The (token, expert) pairs the gate keeps,
-        sorted by expert, go through `compress.experts.swiglu_experts`: the fused decode-and-multiply kernel
+        `compress.experts.routed_moe` on the stored arrays — the fused decode-and-multiply kernel
         (einfuse.kinds.cdot) when `compressed_path(device)` says "kernel" (CUDA; on CPU under Triton's
         interpreter when EINFUSE_COMPRESSED_EXPERTS=kernel), else the activated experts alone decoded and
         multiplied. Only activated experts' bytes are read; the stored checksums are verified once per array."""
-        from ..compress.experts import sort_by_expert, swiglu_experts
-        from ..compress.ir import stored_weight
-        wu, du = stored_weight(*up, checksums=up_checksums, **up_meta)
-        wd, dd = stored_weight(*down, checksums=down_checksums, **down_meta)
-        for name, ct, check in (("gate/up", wu, up_checksums), ("down", wd, down_checksums)):
-            self.verify_stored(name, ct, check)
-        pairs = (gate != 0).nonzero()  # (token, expert), token-major
-        order, seg, experts = sort_by_expert(pairs[:, 1], wu.shape[0])
-        token, expert = pairs[order, 0], pairs[order, 1]
-        xs = x.index_select(0, token).float().contiguous()
-        size_u, size_d = 1 << int(up_meta["bits"]), 1 << int(down_meta["bits"])
-        y, _ = swiglu_experts(xs, seg, experts, wu, wd, du, torch.nn.functional.silu,
-                              dict_tensors=(*up[4:7], size_u), kernel=self.compressed_path(x.device) == "kernel",
-                              down_dictionary=dd, down_dict_tensors=(*down[4:7], size_d))
-        out = x.new_zeros(x.shape[0], wd.shape[1])
-        return out.index_add_(0, token, y * gate[token, expert][:, None])
+        from ..compress.experts import routed_moe
+        return routed_moe(x, gate, up, up_meta, down, down_meta, kernel=self.compressed_path(x.device) == "kernel",
+                          seen=self._verified, up_checksums=up_checksums, down_checksums=down_checksums)
 
     def compressed_path(self, device) -> str:
         """How compressed experts compute: "kernel" (the fused Triton kernel) or "decode" (the activated
@@ -228,20 +213,6 @@ class TorchRunner:
         if how not in ("kernel", "decode"):
             raise ValueError(f"einfuse: EINFUSE_COMPRESSED_EXPERTS={how!r}: expected 'kernel' or 'decode'")
         return how
-
-    def verify_stored(self, name: str, ct, checksums) -> None:
-        """A compressed weight's checksums, checked the first time its arrays are seen (and again after an
-        in-place write to them): damaged weights are refused, never decoded."""
-        if checksums is None:
-            return
-        arrays = (ct.codes, ct.counts, ct.bases, ct.scales, checksums)
-        key = tuple((t.data_ptr(), t._version) for t in arrays)
-        if key in self._verified:
-            return
-        from ..compress.format import CompressedTensor
-        cpu = CompressedTensor(ct.shape, ct.bits, ct.ncodes, *(t.cpu() for t in arrays))
-        cpu.verify(f"compressed expert weight ({name})")
-        self._verified.add(key)
 
     @staticmethod
     def imin(a, b):

@@ -125,6 +125,7 @@ class Step:
     fn: object = None
     tuned: bool = False  # CUDA: the tiling was chosen by timing candidates
     skip: bool = False  # a group member computed by the group's kernel
+    routed: object = None  # a MoE chain on compressed experts (MoEPlan), run by `routed_moe` at this step
 
 
 @dataclass
@@ -158,9 +159,68 @@ class TritonRunner:
                 self.steps.append(Step(op))
         self._types = self.module.types()
         self._last = self.module.last_uses()
+        self._verified: set = set()
+        self._operands: dict = {}
+        self.notes += self._route_compressed_experts()
         if self.cuda_graphs:
             stable = [i.name for i in self.module.inputs if i.kind != "in"]
             self.graph = GraphReplay(self._run, stable)
+
+    def _route_compressed_experts(self) -> list:
+        """MoE chains whose experts are stored compressed (`MoEPlan.compressed`) run on the stored codes: at
+        the gate/up statement's step, `compress.experts.routed_moe` through the fused cdot kernel; the MoE
+        kernels and the dense decode_experts calls are skipped. A chain whose intermediates are read
+        elsewhere keeps its kernels (on the densely decoded weights). Returns a line per chain."""
+        from ..codegen.torch_moe import COMPRESSED_NOTE, moe_plans
+        where = {name: n for n, op in enumerate(self.module.body) for name in op.outputs}
+        notes = []
+        for plan in moe_plans(self.module):
+            if not plan.compressed:
+                continue
+            if not plan.self_contained(self.module):
+                notes.append(f"MoE experts {plan.name}: compressed experts decoded densely every call (decode_experts) "
+                             "for the MoE kernels — an intermediate of the chain is read outside it")
+                log.warning("einfuse: %s", notes[-1])
+                continue
+            for c in plan.compressed:
+                self.steps[where[c.decode]] = Step(self.module.body[where[c.decode]], skip=True)
+            up, down = plan.chain.up.stmt, plan.chain.down.stmt
+            self.steps[where[up.name]] = Step(up, routed=plan)
+            self.steps[where[down.name]] = Step(down, skip=True)
+            notes.append(f"MoE experts {plan.name}: routed, compressed experts: {COMPRESSED_NOTE}")
+        return notes
+
+    def routed_moe(self, plan, env: dict, sizes: dict) -> None:
+        """A compressed chain's combine from its token states and routing weights (evaluated from the IR
+        expressions the MoE kernels would compute them with) and the stored arrays."""
+        from ..compress.experts import routed_moe
+        from ..ir import dtypes as dt
+        from ..ir.evaluator import evaluate
+        from ..ir.module import Input, TensorType
+        f = plan.chain.up
+        sub = self._operands.get(plan.name)
+        if sub is None:
+            T, E, _ = f.stmt.type.shape
+            H = f.stmt.reduce.ranks[0][1]
+            body = (Statement("__moe_x", TensorType(dt.f32, (T, H)), (f.t, f.h), f.a),
+                    Statement("__moe_gate", TensorType(dt.f32, (T, E)), (f.t, f.e), plan.chain.gate))
+            reads = sorted(set().union(*(s.reads() for s in body)))
+            ins = [Input(r, self._types[r]) for r in reads]
+            syms = tuple(self.module.sizes)
+            if syms:
+                ins.append(Input("__sizes", TensorType(dt.u8, syms)))
+            sub = self._operands[plan.name] = Module(f"{self.module.name}_{plan.name}_operands", tuple(ins), body,
+                                                     ("__moe_x", "__moe_gate"), syms, self.module.size_hints)
+        given = {i.name: env[i.name] for i in sub.inputs if i.name != "__sizes"}
+        if sub.sizes:
+            given["__sizes"] = torch.zeros((), dtype=torch.uint8).expand(*[int(sizes[s]) for s in sub.sizes])
+        vals = evaluate(sub, given)
+        cu, cd = plan.compressed
+        arrays = lambda c: tuple(env[a] for a in c.arrays)  # noqa: E731
+        env[plan.chain.comb.name] = routed_moe(
+            vals["__moe_x"].contiguous(), vals["__moe_gate"], arrays(cu), dict(cu.meta), arrays(cd), dict(cd.meta),
+            kernel=True, seen=self._verified, up_checksums=env[cu.checksums] if cu.checksums else None,
+            down_checksums=env[cd.checksums] if cd.checksums else None)
 
     def load(self, spec: KernelSpec):
         """The launchable @triton.jit function of a spec (its source written to the kernel cache first)."""
@@ -202,6 +262,8 @@ class TritonRunner:
             for n, step in enumerate(self.steps):
                 if step.skip:
                     pass
+                elif step.routed is not None:
+                    self.routed_moe(step.routed, env, sizes)
                 elif step.spec is None:
                     run_opaque(step.op, env, sizes)
                     _own_outputs(step.op, env)
@@ -259,7 +321,6 @@ def triton_backend(module: Module, cuda_graphs: bool = False, autotune: bool | N
     on a CUDA device) times each contraction's candidates on the first call and keeps the fastest."""
     specs, directory, hit = kernels_for(module, Cache("kernels"))
     runner = TritonRunner(module, specs, directory, hit, cuda_graphs=cuda_graphs)
-    runner.notes += compressed_moe_notes(module)
     if autotune if autotune is not None else not interpreting():
         import torch
 
@@ -267,17 +328,3 @@ def triton_backend(module: Module, cuda_graphs: bool = False, autotune: bool | N
         runner.autotuner = Autotuner(module, runner.load, device=device)
     return runner
 
-
-def compressed_moe_notes(module: Module) -> list:
-    """A line per MoE chain whose experts are stored compressed (`MoEPlan.compressed`): this backend decodes
-    them densely (the `decode_experts` calls) every call and runs the MoE kind on the dense weights — the
-    kind does not read coded weights yet; the torch backend computes them through the fused cdot kernel."""
-    from ..codegen.torch_moe import moe_plans
-    notes = []
-    for plan in moe_plans(module):
-        if plan.compressed:
-            notes.append(f"MoE experts {plan.name}: compressed experts decoded densely every call (decode_experts) "
-                         "for the MoE kernels — the Triton MoE kind does not read coded weights yet; backend='torch' "
-                         "runs them routed through the fused decode-and-multiply kernel (cdot)")
-            log.warning("einfuse: %s", notes[-1])
-    return notes
