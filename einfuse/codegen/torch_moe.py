@@ -9,7 +9,7 @@ the result. Only f32 chains are planned (a 16-bit chain rounds between its steps
 Compressed experts (einfuse.passes.compress): when both expert weights of a planned chain are the outputs of
 `decode_experts` opaque calls that nothing else reads, the plan records them (`MoEPlan.compressed`, the one
 place that decides it) and the routed step computes with the stored arrays — the fused decode-and-multiply
-kernel (einfuse.kinds.cdot) on the activated experts (`TorchRuntime.moe_compressed`); the dense decodes
+kernel (einfuse.kinds.cdot) on the activated experts (`TorchRunner.moe_compressed`; the Triton backend: `TritonRunner.routed_moe`); the dense decodes
 are dead and never run."""
 from __future__ import annotations
 
