@@ -227,6 +227,9 @@ def test_calibrated_recipe_and_checkpoint_roundtrip(llama, tmp_path):
         for buf in ("weight_q", "weight_s", "weight_gs", "weight_gz"):
             assert torch.equal(getattr(a, buf), getattr(b, buf))
         assert torch.equal(a.weight, b.weight)
+    for block, bb in zip(q.model.model.layers, back.model.model.layers):  # the centred keys' params
+        for buf in ("weight_kc", "weight_kl"):
+            assert torch.equal(getattr(block.self_attn.k_proj, buf), getattr(bb.self_attn.k_proj, buf))
     ids = ids_of(5)
     c1 = q.compile((ids,), {"use_cache": False}, backend="torch")
     c2 = back.compile((ids,), {"use_cache": False}, backend="torch")
@@ -330,3 +333,212 @@ def test_quantized_lm_head_is_untied_matches_the_oracle_and_roundtrips(llama, tm
     assert torch.equal(back.model.model.embed_tokens.weight, llama.model.embed_tokens.weight)
     c2 = back.compile((ids,), {"use_cache": False}, backend="torch")
     assert torch.equal(c2(ids, use_cache=False).logits, got)
+
+
+# ---------------------------------------------------------------- centred, smoothed keys in groups of 32
+
+def _center_scheme(kv=None, key_group=None):
+    from einfuse.quant.schemes import Scheme
+
+    return Scheme("center", kv=kv, rotate_keys=True, center_keys=0.5, key_group=key_group)
+
+
+def _texts():
+    return [ids_of(s, 64)[0] for s in range(4)]
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    # two KV heads of 64 for four query heads: mu / lambda indexed per KV head (h // 2)
+    return tiny_llama(layers=2, hidden=256, intermediate=256, heads=4, kv_heads=2, vocab=128)
+
+
+@pytest.mark.parametrize("model", ["llama", "gqa"])
+def test_centered_smoothed_keys_keep_the_float_model(model, request):
+    """RotateKeys(center=True) with no quantization: q_rot * lam . (k_rot - mu) / lam = q.k - q.mu, the
+    softmax is unchanged; the calibrated buffers are new inputs `<k_proj weight>_kc`, `_kl`."""
+    m = request.getfixturevalue(model)
+    q = calibrate(m, _texts(), _center_scheme(), seq_len=32, segments=8, progress=False)
+    assert q.report["centered_keys"] == len(m.model.layers)
+    kvh = m.config.num_key_value_heads
+    for b in q.model.model.layers:
+        k = b.self_attn.k_proj
+        assert k.weight_kc.shape == k.weight_kl.shape == (kvh, 64)
+        assert abs(k.weight_kl.mean().item() - 1) < 1e-5 and k.weight_kc.abs().max() > 1e-3
+    for (n, p), (n2, p2) in zip(q.model.named_parameters(), m.named_parameters()):
+        assert n == n2 and torch.equal(p, p2)  # the float model itself is unchanged
+    ids = ids_of(9)
+    cm = q.compile((ids,), {"use_cache": False}, backend="torch")
+    names = {i.name for i in cm.variant.ir.inputs}
+    assert "p_model_layers_0_self_attn_k_proj_weight_kc" in names and "p_model_layers_0_self_attn_k_proj_weight_kl" in names
+    assert rel(cm(ids, use_cache=False).logits, m(ids, use_cache=False).logits) < 1e-5
+
+
+def _fake_kv(model, key_group: int):
+    """Patch transformers' Llama RoPE and hook v_proj: keys rotated, centred, smoothed and fake-quantized to 4
+    bits per token in groups of `key_group`, queries rotated and smoothed, values per head (f32 scale/zero, as a
+    whole-sequence program keeps them). Returns an undo function."""
+    import transformers.models.llama.modeling_llama as ml
+
+    from einfuse.quant.calibrate import hadamard
+
+    orig = ml.apply_rotary_pos_emb
+    blocks = model.model.layers
+    layer = [0]
+
+    def fake(x, g):
+        sh = x.shape
+        x = x.reshape(*sh[:-1], sh[-1] // g, g)
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        s = torch.clamp_min(hi - lo, 1e-05) / 15
+        return (torch.round((x - lo) / s).clamp(0, 15) * s + lo).reshape(sh)
+
+    def rope(q, k, cos, sin, *a, **kw):
+        q, k = orig(q, k, cos, sin, *a, **kw)
+        kp = blocks[layer[0] % len(blocks)].self_attn.k_proj
+        layer[0] += 1
+        H = hadamard(q.shape[-1])
+        mu, lam = kp.weight_kc[None, :, None], kp.weight_kl[None, :, None]
+        q = (q @ H) * lam.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        k = fake(((k @ H) - mu) / lam, key_group)
+        return q, k
+
+    handles = [b.self_attn.v_proj.register_forward_hook(lambda mod, i, o: fake(o, 64)) for b in blocks]
+    ml.apply_rotary_pos_emb = rope
+
+    def undo():
+        ml.apply_rotary_pos_emb = orig
+        for h in handles:
+            h.remove()
+
+    return undo
+
+
+@pytest.mark.parametrize("model", ["llama", "gqa"])
+def test_kv4_centered_keys_in_groups_of_32_match_the_fake_quant_oracle(model, request):
+    m = request.getfixturevalue(model)
+    q = calibrate(m, _texts(), _center_scheme(kv=4, key_group=32), seq_len=32, segments=8, progress=False)
+    ids = ids_of(10)
+    cm = q.compile((ids,), {"use_cache": False}, backend="torch")
+    got = cm(ids, use_cache=False).logits
+    undo = _fake_kv(q.model, 32)
+    try:
+        want = q.model(ids, use_cache=False).logits
+    finally:
+        undo()
+    assert rel(got, want) < 1e-4, rel(got, want)
+    assert rel(got, m(ids, use_cache=False).logits) > 1e-3  # the 4-bit cache is there
+    ir = str(cm.variant.ir)
+    assert "e // 32]" in ir or "// 32]" in ir  # keys' scale and zero per group of 32 channels
+
+
+def test_kv4_paged_cache_with_key_groups_stays_under_0_3_and_generates_like_the_whole_sequence(llama):
+    q = calibrate(llama, _texts(), "kv4", seq_len=32, segments=8, progress=False)
+    assert q.scheme.key_group == 32 and q.scheme.center_keys == 0.5
+    llm = q.llm(backend="torch")
+    states = dict(llm.runner.states)
+    scales = [t for t in states.values() if t.dtype == torch.float16]
+    assert sorted(t.shape[-1] for t in scales) == [1, 1, 2, 2]  # K: 2 groups of 32 per head, V: 1 per head
+    per_token = sum(t[0, 0].numel() * t.element_size() for t in states.values())
+    fp16 = 1 * 2 * 1 * 64 * 2  # layers x (K, V) x kv heads x head dim x 2 bytes
+    assert per_token == 76 and per_token <= 0.3 * fp16
+    prompt = ids_of(6, 20)[0].tolist()
+    out = llm.generate([prompt], max_new_tokens=4, ignore_eos=True)[0]
+    cm = q.compile((torch.tensor([prompt]),), {"use_cache": False}, backend="torch")
+    seq = list(prompt)
+    for _ in range(4):
+        seq.append(int(cm(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("form", ["per_head", "flat"])
+def test_kv4_paged_decode_attention_with_two_key_groups_per_head(form):
+    """The Triton 4-bit paged decode attention (interpreter) with keys' scale and zero per group of 32
+    channels (two per head; indexed `r // 32` per head, or `(64 * head + r) // 32` over a flat row): it agrees
+    with the evaluator and loads each group's scale and zero once per token (within 1.15x of the distinct
+    bytes), not once per channel."""
+    from test_quant_kernels import _kv4_attention_ir, kv4_inputs
+
+    from einfuse.ir.evaluator import max_rel_error
+
+    src = _kv4_attention_ir()
+    shape, read = ((2, 2), "j // 2, r // 32]") if form == "per_head" else ((1, 4), "0, (64*(j // 2) + r) // 32]")
+    for t in ("ks", "kz"):
+        src = src.replace(f"state {t}: f16[NB, 16, 2, 1]", f"state {t}: f16[NB, 16, {shape[0]}, {shape[1]}]")
+    src = src.replace("l % 16, j // 2, 0])", f"l % 16, {read})")
+    assert src.count(read) == 2
+    m = parse(src)
+    run = backends.build("triton", m)
+    (spec,) = run.specs
+    assert spec.source.count("tl.join(") == 2
+    inputs = kv4_inputs(3, 4, 16, [50, 20, 63], [[3, 7, 1, 12], [5, 9, -1, -1], [2, -1, 4, 6]])
+    g = torch.Generator().manual_seed(1)
+    inputs["ks"] = (torch.rand(16, 16, *shape, generator=g) * 0.2).half()
+    inputs["kz"] = torch.randn(16, 16, *shape, generator=g).half()
+    want = evaluate(m, inputs)["att"]
+    run.measure, run.stats = True, {}
+    assert max_rel_error(run(inputs)["att"], want) <= 1e-5
+    (st,) = run.stats.values()
+    kv_bytes = (4 + 2 + 3) * 16 * 2 * (32 + 4 + 32 + 4)  # per token and KV head: K 32 + 2 x 4, V 32 + 4
+    assert kv_bytes <= st.bytes_loaded <= 1.15 * st.unique_bytes, (st.bytes_loaded, st.unique_bytes, kv_bytes)
+
+
+def test_kv4_key_groups_decode_step_on_triton_matches_the_torch_backend(fresh_einfuse_cache):
+    """A W4A8KV4 decode program with keys in groups of 32 over a live 4-bit cache (two scale/zero groups per
+    key head, GQA 4:2): the Triton step (its attention reading the cache through the 4-bit tile loader, the
+    key groups' scale and zero repeated in registers) agrees with the torch backend's, cache writes included."""
+    from einfuse.quant.calibrate import QuantPagedRunner
+    from einfuse.serve import CacheConfig, StepEntry
+
+    model = tiny_llama(layers=1, hidden=256, intermediate=256, heads=4, kv_heads=2, vocab=128)
+    q = calibrate(model, scheme=get_scheme("w4a8kv4-rtn").with_(key_group=32), progress=False)
+    ctx, batch, bs = 48, 2, 16
+    cfg = CacheConfig(num_blocks=batch * ctx // bs + 2, block_size=bs, max_batch_tokens=16, dtype=torch.float32)
+    entries = [StepEntry(0, (5,), ctx - 1, (0, 1, 2)), StepEntry(1, (9,), 20, (4, 3))]
+    out = {}
+    for backend in ("triton", "torch"):
+        runner = QuantPagedRunner(q, backend)
+        runner.bind(cfg)
+        g = torch.Generator().manual_seed(0)
+        for t in runner.states.values():
+            t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8) if t.dtype == torch.uint8
+                    else (torch.rand(t.shape, generator=g) * 0.1).to(t.dtype))
+        logits = runner.step(entries)
+        out[backend] = (logits, {k: v.clone() for k, v in runner.states.items()}, runner)
+    groups = sorted(t[0, 0].numel() for t in out["torch"][1].values() if t.dtype == torch.float16)
+    assert groups == [2, 2, 4, 4]  # per token: V one scale (and zero) per KV head, K two
+    attention = next(s for s in out["triton"][2].programs.decode.run.specs if s.kind == "attention")
+    assert attention.source.count("tl.join(") == 2
+    assert attention.source.count("tl.expand_dims(") == 2  # the key groups' scale and zero loaded once per group
+    (got, got_states, _), (want, want_states, _) = out["triton"], out["torch"]
+    err = (got - want).abs().max() / want.abs().max()
+    assert err <= 1e-4, err
+    for name, t in want_states.items():
+        assert torch.equal(got_states[name], t), name
+
+
+def test_centered_keys_errors(llama):
+    from einfuse.passes.base import PassError
+    from einfuse.passes.quantize import QuantizeKV, RotateKeys
+    from einfuse.quant.schemes import Scheme
+
+    with pytest.raises(ValueError, match="center_keys needs rotate_keys"):
+        Scheme("x", kv=4, center_keys=0.5)
+    with pytest.raises(ValueError, match="center_keys and smooth_attention"):
+        Scheme("x", kv=4, rotate_keys=True, center_keys=0.5, smooth_attention=0.5)
+    for bad in (12, 0):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            QuantizeKV(4, key_group=bad)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 64, generator=g) for _ in range(3))
+    with pytest.raises(PassError, match="key_group=48 does not divide the head dim 64"):
+        einfuse.compile(_Attn(), (q, k, v), prepare=[QuantizeKV(4, key_group=48)], backend="torch")
+    with pytest.raises(PassError, match="rotate_keys.*einfuse: attention .*no contraction reading a weight"):
+        einfuse.compile(_Attn(), (q, k, v), prepare=[RotateKeys(center=True)], backend="torch")
+    with pytest.raises(ValueError, match="no calibration text"):
+        calibrate(llama, None, "kv4", progress=False)
+    plain = calibrate(llama, None, "kv4-rot", progress=False)  # no weight_kc / weight_kl buffers
+    ids = ids_of()
+    with pytest.raises(RuntimeError, match="k_proj_weight_kc.*einfuse.quant.calibrate"):
+        einfuse.compile(plain.model, (ids,), {"use_cache": False}, prepare=_center_scheme(kv=4).passes(),
+                        backend="torch")

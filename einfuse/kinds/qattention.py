@@ -108,7 +108,71 @@ def load_nibbles(em, tile: Tile, expr: Expr, name: str, axis, block: str, rows: 
         # (0..15) are held in int32 whatever integer type the IR reads them as
         tile.memo[x] = (codes, infer(x, em.dtype_of)[0])
         tile.zero_where[codes] = set()
+    _load_groups(em, tile, expr, axis, block, rows)
     return tile.value(expr, name)[0]
+
+
+def _load_groups(em, tile: Tile, expr: Expr, axis, block: str, rows: bool) -> None:
+    """Reads of a per-group parameter along the head dimension, `S[.., axis // g]` (keys' scale and zero in
+    groups of g channels): loaded once per group ([BLOCK/g, BLOCK_M0]) and repeated g times in registers, not
+    once per channel. A read whose other indices involve the axis, or a g not dividing the tile, is left to
+    the tile's element-by-element load."""
+    kb = em.kb
+    size = _block_size(em, axis)
+    ext = sympy.sympify(em.extents[axis])
+    for x in walk(expr):
+        if not isinstance(x, Access) or x in tile.memo or isinstance(x.indices[-1], Expr):
+            continue
+        found = _group_read(sympy.sympify(x.indices[-1]), axis)
+        if found is None:
+            continue
+        g, c = found
+        if g <= 1 or size % g or not ext.is_Integer or int(ext) != size:
+            continue
+        if any(isinstance(q, Expr) and axis in _symbols(q) or not isinstance(q, Expr)
+               and axis in sympy.sympify(q).free_symbols for q in x.indices[:-1]):
+            continue
+        grp = ix.rank(kb.fresh(f"{axis}_group"))
+        em.extents[grp] = size // g
+        var = kb.let(f"{tile.ranks[axis]}_group", f"tl.arange(0, {block} // {g})" + ("[:, None]" if rows else "[None, :]"),
+                     to=tile.block)
+        gtile = Tile(em, {**tile.ranks, grp: var}, {r: m for r, m in tile.masks.items() if r != axis})
+        gtile.block = tile.block
+        v, d = gtile.value(Access(x.tensor, x.indices[:-1] + (c + grp,)), f"{x.tensor}_groups")
+        if rows:  # [B/g, M0] -> [B/g, g, M0] -> [B, M0]: row e is group e // g's value
+            code = (f"tl.reshape(tl.broadcast_to(tl.expand_dims(tl.broadcast_to({v}, ({block} // {g}, BLOCK_M0)), 1), "
+                    f"({block} // {g}, {g}, BLOCK_M0)), ({block}, BLOCK_M0))")
+        else:  # [M0, B/g] -> [M0, B/g, g] -> [M0, B]
+            code = (f"tl.reshape(tl.broadcast_to(tl.expand_dims(tl.broadcast_to({v}, (BLOCK_M0, {block} // {g})), 2), "
+                    f"(BLOCK_M0, {block} // {g}, {g})), (BLOCK_M0, {block}))")
+        out = tile.emit(code, f"{x.tensor}_per_channel")
+        tile.memo[x] = (out, d)
+        tile.zero_where[out] = set(gtile.zero_where.get(v, set()))
+
+
+def _group_read(last, axis) -> tuple[int, sympy.Expr] | None:
+    """(g, c) when the index `last` is the group `c + axis // g` of the head-dim position axis + g * c
+    (`(axis + g*c) // g` or `c + axis // g`, c free of the axis), else None."""
+    if isinstance(last, ix.FloorDiv) and last.args[1].is_Integer and int(last.args[1]) > 1:
+        g = int(last.args[1])
+        c = sympy.expand(last.args[0] - axis)
+        if axis in c.free_symbols:
+            return None
+        if all(t == 0 or (t.as_coeff_Mul()[0].is_Integer and t.as_coeff_Mul()[0] % g == 0)
+               for t in sympy.Add.make_args(c)):
+            return g, sympy.expand(c / g)
+        return None
+    for t in sympy.Add.make_args(sympy.expand(last)):
+        if isinstance(t, ix.FloorDiv) and t.args[0] == axis and t.args[1].is_Integer and int(t.args[1]) > 1:
+            rest = sympy.expand(last - t)
+            return (int(t.args[1]), rest) if axis not in rest.free_symbols else None
+    return None
+
+
+def _symbols(x: Expr) -> set:
+    from ..ir.expr import index_symbols
+
+    return index_symbols(x)
 
 
 def _block_size(em, axis) -> int:

@@ -9,7 +9,9 @@ exact statements each one writes; kernel kinds match those shapes).
 * `QuantizeKV(bits=4|8)`: asymmetric per token and head; over a serving program's paged cache (after
   `cache_kv`) the cache states themselves become 4-bit (two codes a byte) with f16 scale/zero states.
 * `RotateKeys()`: a Hadamard rotation of queries and keys over the head dim (scores unchanged), so 4-bit
-  keys lose less (QuaRot's online rotation, head dim only).
+  keys lose less (QuaRot's online rotation, head dim only); `center=True` also centres and smooths the
+  rotated keys with calibrated per-channel params `W_kc`, `W_kl` of the key projection's weight `W`.
+* `QuantizeKV(bits, key_group=32)`: keys per token in groups of 32 channels (values per head).
 
 A pass only rewrites the IR; the values of the params it adds come from the model: a param named
 `<W>_<suffix>` is bound to the model's attribute `<target of W>_<suffix>` (`einfuse.quant` registers
@@ -297,31 +299,46 @@ class QuantizeActivations(Pass):
 
 # ---------------------------------------------------------------- the KV cache
 
-def _kv_sources(m: Module) -> dict:
-    """{source tensor: (head dim, {statements reading it as keys or values})} of every attention in a
-    module without a cache."""
+def _kv_sources(m: Module, key_group: int | None = None) -> dict:
+    """{source tensor: (quantization group, {statements reading it as keys or values})} of every attention in
+    a module without a cache: the head dim, or `key_group` for keys."""
     from .attention import find
 
     types = m.types()
     out: dict = {}
     for c in find(m):
         (e, D), = c.qk.reduce.ranks
-        for stmt, expr, ranks, ext in ((c.qk, c.qk.expr, {e, c.qk.index[-1]}, D),
-                                       (c.av, c.av.expr, {c.f, c.key}, dict(c.av.ranks())[c.f])):
+        for stmt, expr, ranks, ext, key in ((c.qk, c.qk.expr, {e, c.qk.index[-1]}, D, True),
+                                            (c.av, c.av.expr, {c.f, c.key}, dict(c.av.ranks())[c.f], False)):
             for a in accesses(expr):
                 if ranks <= index_symbols(a) and a.tensor != c.qk.name and types[a.tensor].dtype.is_float:
-                    out.setdefault(a.tensor, (int(ext), set()))[1].add(stmt.name)
+                    g = _group_of(int(ext), key_group if key else None, c.av.name)
+                    if a.tensor in out and out[a.tensor][0] != g:
+                        raise PassError("quantize_kv", f"attention {c.av.name!r}: {a.tensor} is read as keys and "
+                                                       f"values, in groups of {g} and {out[a.tensor][0]}")
+                    out.setdefault(a.tensor, (g, set()))[1].add(stmt.name)
     return out
+
+
+def _group_of(D: int, key_group: int | None, attention: str) -> int:
+    """The quantization group along a head of D channels: the head, or `key_group` (dividing D)."""
+    if key_group is None or key_group == D:
+        return D
+    if D % key_group:
+        raise PassError("quantize_kv", f"attention {attention!r}: key_group={key_group} does not divide the head "
+                                       f"dim {D}")
+    return key_group
 
 
 def _stats(src: str, t: TensorType, D: int, bits: int, taken: set, loc=None,
            sdtype: dt.DType = dt.f16) -> tuple[list, str, str, str]:
-    """The per-(token, head) statements over `src` (groups of D along its last dim): (statements, scale, zero,
-    codes) names; scale and zero in `sdtype` (f16 when a cache stores them)."""
+    """The per-(token, group) statements over `src` (groups of D channels along its last dim: a head, or a
+    key group): (statements, scale, zero, codes) names; scale and zero in `sdtype` (f16 when a cache stores
+    them)."""
     shape = tuple(t.shape)
     L = sympy.sympify(shape[-1])
     if (L % D) != 0:
-        raise PassError("quantize_kv", f"{src}'s last dimension {L} is not a multiple of the head dim {D}")
+        raise PassError("quantize_kv", f"{src}'s last dimension {L} is not a multiple of the group {D}")
     lead = [ix.rank(f"x{d}") for d in range(len(shape) - 1)]
     h, e, l_ = ix.rank("h"), ix.rank("e"), ix.rank("l")
     gshape = shape[:-1] + (L // D,)
@@ -360,17 +377,20 @@ def _dequant(codes: Expr, scale: Expr, zero: Expr, d: dt.DType) -> Expr:
 
 
 class QuantizeKV(Pass):
-    """Keys and values quantized asymmetrically per token and head (`bits` 4 or 8; f16 scale and zero).
+    """Keys and values quantized asymmetrically per token and head (`bits` 4 or 8; f16 scale and zero); with
+    `key_group`, keys per token in groups of that many channels (dividing the head dim; values stay per head).
     In a serving program (states written by cache_kv's Updates) the cache states become the codes (4 bits:
     two a byte) plus scale and zero states, and the attention dequantizes what it reads; in a whole-sequence
     program the attention reads the dequantized codes."""
 
     name = "quantize_kv"
 
-    def __init__(self, bits: int = 4):
+    def __init__(self, bits: int = 4, key_group: int | None = None):
         if bits not in (4, 8):
             raise ValueError(f"einfuse quantize_kv: bits={bits!r}; use 4 or 8")
-        self.bits = bits
+        if key_group is not None:
+            check_group(key_group)
+        self.bits, self.key_group = bits, key_group
 
     def run(self, m: Module) -> Module:
         if any(isinstance(op, Update) for op in m.body):
@@ -379,7 +399,7 @@ class QuantizeKV(Pass):
         taken = set(types)
         body = list(m.body)
         readers: dict = {}
-        for src, (D, users) in _kv_sources(m).items():
+        for src, (D, users) in _kv_sources(m, self.key_group).items():
             stmts, ks, kz, kq = _stats(src, types[src], D, self.bits, taken, sdtype=dt.f32)
             shape = types[src].shape
             idx = tuple(ix.rank(f"x{d}") for d in range(len(shape)))
@@ -403,7 +423,7 @@ class QuantizeKV(Pass):
         body = list(m.body)
         outputs = list(m.outputs)
         reads = {}  # state version name -> (codes version, scale version, zero version, D, dtype)
-        D_of = _head_dims(m)
+        D_of = _head_dims(m, self.key_group)
         for u in [op for op in m.body if isinstance(op, Update) and op.target in states]:
             st = states[u.target]
             src = next(iter(a.tensor for a in accesses(u.expr)))
@@ -475,13 +495,14 @@ def _cascades(m: Module) -> list:
     return find(m)
 
 
-def _head_dims(m: Module) -> dict:
-    """Cache version name -> the head dim of the attention reading it (serving programs)."""
+def _head_dims(m: Module, key_group: int | None = None) -> dict:
+    """Cache version name -> the quantization group of the attention reading it (serving programs): the head
+    dim, or `key_group` for keys."""
     out = {}
     for c in _cascades(m):
         (_, D), = c.qk.reduce.ranks
         for a in accesses(c.qk.expr):
-            out.setdefault(a.tensor, int(D))
+            out.setdefault(a.tensor, _group_of(int(D), key_group, c.av.name))
         f_ext = dict(c.av.ranks())[c.f]
         for a in accesses(c.av.expr):
             if c.f in index_symbols(a):
@@ -500,13 +521,26 @@ def hadamard_entry(d: sympy.Expr, e: sympy.Expr, D: int) -> sympy.Expr:
     return v
 
 
+CENTER_SUFFIXES = ("kc", "kl")  # the params RotateKeys(center=True) derives from a key projection's weight `W`
+
+
 class RotateKeys(Pass):
     """Each attention's query and key operands rotated by the normalized Hadamard matrix of the head dim
     (`x_rot[.., e] = sum[d:D] x[.., d] * H[d, e]`, H a table statement): the scores are unchanged (H is
     orthogonal), and the keys a cache stores are rotated, their outlier channels spread over the head
-    (QuaRot). The head dim must be a power of two."""
+    (QuaRot). The head dim must be a power of two.
+
+    With `center=True` the rotated keys are also centred and smoothed: `k' = (k_rot - mu) / lam` and
+    `q' = q_rot * lam` (a query head uses its KV head's lam), mu and lam per (KV head, channel) as new params
+    `W_kc`, `W_kl` of `W`, the weight of the key projection the keys come from (found by walking the key
+    operand's producers back, through RoPE and the GQA repeat, to the contraction reading a weight param;
+    einfuse.quant.calibrate registers `weight_kc`, `weight_kl` on it). q'.k' = q.k - q.mu: the same shift for
+    every key of a query, so the softmax is unchanged."""
 
     name = "rotate_keys"
+
+    def __init__(self, center: bool = False):
+        self.center = bool(center)
 
     def run(self, m: Module) -> Module:
         from .attention import find
@@ -515,6 +549,8 @@ class RotateKeys(Pass):
         taken = set(types)
         body = list(m.body)
         tables = {}
+        derived: dict = {}  # key projection weight -> (mu input, lam input)
+        new_inputs = []
         for c in find(m):
             (e, D), = c.qk.reduce.ranks
             D = int(D)
@@ -527,6 +563,7 @@ class RotateKeys(Pass):
                 body.insert(0, Statement(name, TensorType(dt.f32, (D, D)), (d1, d2),
                                          call("mul", cast(IndexValue(hadamard_entry(d1, d2, D)), dt.f32),
                                               1.0 / math.sqrt(D))))
+            plan = self._center_plan(m, c, types, D, derived, new_inputs, taken) if self.center else None
             mapping = {}
             for a in accesses(c.qk.expr):
                 if a.tensor in mapping or e not in index_symbols(a) or a.indices[-1] != e:
@@ -543,9 +580,108 @@ class RotateKeys(Pass):
                 at = body.index(c.qk)
                 body.insert(at, st)
                 mapping[src] = rot
+                if plan is not None and src in plan:
+                    mu, lam, head_of = plan[src]
+                    v = cast(Access(rot, idx), dt.f32) if t.dtype != dt.f32 else Access(rot, idx)
+                    h = head_of(idx)
+                    lam_at = Access(lam, (h, idx[-1]))
+                    if mu is not None:  # the key
+                        v = call("div", call("sub", v, Access(mu, (h, idx[-1]))), lam_at)
+                        suffix = "c"
+                    else:  # the query
+                        v = call("mul", v, lam_at)
+                        suffix = "s"
+                    out = fresh_name(taken, f"{src}_{suffix}")
+                    body.insert(at + 1, Statement(out, t, idx, v if t.dtype == dt.f32 else cast(v, t.dtype),
+                                                  loc=c.qk.loc))
+                    mapping[src] = out
             at = body.index(c.qk)
             body[at] = c.qk.rename_reads(mapping)
-        return m.replace(body=tuple(body))
+        return m.replace(inputs=tuple(m.inputs) + tuple(new_inputs), body=tuple(body))
+
+    def _center_plan(self, m: Module, c, types: dict, D: int, derived: dict, new_inputs: list, taken: set) -> dict:
+        """{query tensor: (None, lam, head), key tensor: (mu, lam, head)} for attention `c`: head(idx) the KV
+        head (an index expression) of the element idx of that tensor."""
+        (e, _), = c.qk.reduce.ranks
+        kpos = c.qk.index[-1]
+        ops = [a for a in accesses(c.qk.expr) if a.indices and a.indices[-1] == e]
+        keys = [a for a in ops if kpos in index_symbols(a)]
+        queries = [a for a in ops if kpos not in index_symbols(a)]
+        if len(keys) != 1 or len(queries) != 1 or keys[0].tensor == queries[0].tensor:
+            raise PassError(self.name, f"einfuse: attention {c.av.name!r}: no single query and key operand in "
+                                       f"{c.qk.name!r} to centre the keys of")
+        key, query = keys[0], queries[0]
+        weight = self._key_weight(m, key.tensor, c, types)
+        W = types[weight]
+        rows = sympy.sympify(W.shape[0])
+        if not rows.is_Integer or int(rows) % D:
+            raise PassError(self.name, f"einfuse: attention {c.av.name!r}: the key projection {weight} has {rows} rows, "
+                                       f"not a multiple of the head dim {D}")
+        kvh = int(rows) // D
+        if weight not in derived:
+            pair = []
+            for suffix in CENTER_SUFFIXES:
+                name = f"{weight}_{suffix}"
+                if name in taken:
+                    raise PassError(self.name, f"{name!r} already exists; rename the model's tensor")
+                taken.add(name)
+                new_inputs.append(Input(name, TensorType(dt.f32, (kvh, D)), next(
+                    i.kind for i in m.inputs if i.name == weight)))
+                pair.append(name)
+            derived[weight] = tuple(pair)
+        mu, lam = derived[weight]
+        if kvh == 1:
+            return {key.tensor: (mu, lam, lambda idx: sympy.Integer(0)),
+                    query.tensor: (None, lam, lambda idx: sympy.Integer(0))}
+        # the KV head: the key's index that reads a query-side rank (the head, e.g. h // 3) over KV-head many rows
+        qranks = {x for x in query.indices if isinstance(x, sympy.Symbol)} - {e}
+        kshape = types[key.tensor].shape
+        cands = [p for p, x in enumerate(key.indices[:-1]) if not isinstance(x, Expr)
+                 and sympy.sympify(kshape[p]) == kvh and kpos not in sympy.sympify(x).free_symbols
+                 and sympy.sympify(x).free_symbols and sympy.sympify(x).free_symbols <= qranks]
+        plain = [p for p in cands if not isinstance(key.indices[p], sympy.Symbol)]
+        pick = plain or cands
+        if len(pick) != 1 and len(cands):
+            pick = pick[-1:]  # [batch, heads, tokens, dim]: the heads follow the batch
+        if not pick:
+            raise PassError(self.name, f"einfuse: attention {c.av.name!r}: no index of the keys {key.tensor} reads the KV "
+                                       f"head ({kvh} heads) in {c.qk.name!r}")
+        pk = pick[0]
+        hexpr = sympy.sympify(key.indices[pk])
+        qpos = {}
+        for s_ in hexpr.free_symbols:
+            at = [p for p, x in enumerate(query.indices) if x == s_]
+            if not at:
+                raise PassError(self.name, f"einfuse: attention {c.av.name!r}: the KV head {hexpr} is not read from the "
+                                           f"query {query.tensor}'s own indices")
+            qpos[s_] = at[0]
+        return {key.tensor: (mu, lam, lambda idx: idx[pk]),
+                query.tensor: (None, lam, lambda idx: hexpr.xreplace({s_: idx[p] for s_, p in qpos.items()}))}
+
+    def _key_weight(self, m: Module, key: str, c, types: dict) -> str:
+        """The weight param of the key projection `key` is computed from (the first contraction reading a
+        weight on the way back through its producers)."""
+        producers = m.producers()
+        kinds = {i.name: i.kind for i in m.inputs}
+        found, seen, todo = set(), set(), [key]
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            op = producers.get(t)
+            if op is None or not isinstance(op, Statement):
+                continue
+            lin = match_linear(op, types)
+            if lin is not None and kinds.get(lin.weight) in ("param", "buffer", "const"):
+                found.add(lin.weight)
+                continue
+            todo += [r for r in op.reads() if r not in kinds]
+        if len(found) != 1:
+            what = "no contraction reading a weight" if not found else f"several weights ({', '.join(sorted(found))})"
+            raise PassError(self.name, f"einfuse: attention {c.av.name!r}: the keys {key} come from {what}; centring the "
+                                       "keys needs one key projection (its weight_kc / weight_kl buffers)")
+        return found.pop()
 
 
 __all__ = [

@@ -6,7 +6,9 @@ preceding norm or projection (SmoothQuant), SmoothAttention (keys -> queries, eq
 GPTQ or round-to-nearest onto the scheme's grid — and registers what `quantize_weights`' params read as
 buffers on each Linear (`weight_q`, `weight_s`, `weight_gs`, `weight_gz`; see docs/quant.md). The Linear's
 float `weight` is replaced by the dequantized values, so the eager model computes what the quantized
-weights stand for (a test oracle for the compiled program).
+weights stand for (a test oracle for the compiled program). A scheme with `center_keys` also measures the
+rotated post-RoPE keys (`KeyStats`) and registers `weight_kc` / `weight_kl` on each key projection (what
+RotateKeys(center=True)'s params read; the float model's function is unchanged).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .gptq import Hessian, gptq
 from .schemes import Scheme, get_scheme
 
 QUANT_BUFFERS = ("weight_q", "weight_s", "weight_gs", "weight_gz")
+KEY_BUFFERS = ("weight_kc", "weight_kl")  # a key projection's centred-key params (RotateKeys(center=True))
 
 
 # ---------------------------------------------------------------- grids for GPTQ (einfuse.quant.gptq's callback)
@@ -253,6 +256,66 @@ class Stats:
             h.remove()
 
 
+class KeyStats:
+    """Per decoder layer: the mean and std of the keys as the attention reads them after RoPE and the Hadamard
+    rotation of RotateKeys (per KV head and channel), from hooks on the key projections (Llama layout: the
+    model's rotary_emb and transformers' apply_rotary_pos_emb at positions 0..T-1 of each piece).
+    `register(alpha)` stores `weight_kc` (the mean) and `weight_kl` (std^alpha, mean 1 per layer) as buffers
+    on each k_proj; the float model's function is unchanged."""
+
+    def __init__(self, model):
+        blocks = _blocks(model)
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if blocks is None or rotary is None or not all(hasattr(b.self_attn, "k_proj") for b in blocks):
+            raise ValueError("einfuse.quant.calibrate: center_keys needs a Llama-layout model (model.model.layers[i]"
+                             ".self_attn.k_proj and model.model.rotary_emb); use a scheme without center_keys")
+        cfg = model.config
+        self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if self.D & (self.D - 1):
+            raise ValueError(f"einfuse.quant.calibrate: center_keys: head dim {self.D} is not a power of two")
+        self.rotary, self.mods = rotary, [b.self_attn.k_proj for b in blocks]
+        self.sums: dict = {}
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.mods)]
+
+    def _hook(self, i):
+        def hook(mod, inp, out):
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            B, T, C = out.shape
+            k = out.detach().float().view(B, T, C // self.D, self.D).transpose(1, 2)  # [B, KVH, T, D]
+            pos = torch.arange(T, device=out.device)[None].expand(B, T)
+            cos, sin = self.rotary(k, pos)
+            _, k = apply_rotary_pos_emb(k, k, cos.float(), sin.float())
+            k = (k @ hadamard(self.D).to(k.device)).double()
+            n, s1, s2 = self.sums.get(i, (0, 0.0, 0.0))
+            self.sums[i] = (n + B * T, s1 + k.sum((0, 2)), s2 + (k * k).sum((0, 2)))
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def register(self, alpha: float) -> int:
+        for i, mod in enumerate(self.mods):
+            n, s1, s2 = self.sums[i]
+            mu = s1 / n
+            sd = (s2 / n - mu * mu).clamp_min(0).sqrt().clamp_min(1e-6)
+            lam = sd.pow(alpha)
+            lam = lam / lam.mean()
+            dev = mod.weight.device
+            mod.register_buffer("weight_kc", mu.float().to(dev).contiguous())
+            mod.register_buffer("weight_kl", lam.float().to(dev).contiguous())
+        return len(self.mods)
+
+
+def hadamard(D: int) -> torch.Tensor:
+    """The normalized Sylvester-Hadamard matrix RotateKeys rotates by (H[d, e] = (-1)^popcount(d & e) / sqrt(D))."""
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < D:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return (H / D ** 0.5).float()
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -275,15 +338,19 @@ def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer
     layers = linears(model, scheme.skip)
     report = {"scheme": scheme.name, "group": scheme.group, "calibration_tokens": sum(len(p) for p in pieces)}
     with _progress(progress) as bar, torch.no_grad():
-        stats = None
+        stats = keys = None
         if pieces and scheme.calibrated:
             stats = Stats(model, layers, hessians=scheme.gptq)
+            keys = KeyStats(model) if scheme.center_keys is not None else None
             task = bar.add_task("einfuse.quant: calibration", total=len(pieces))
             for p in pieces:
                 stats.next_input()
                 model(p[None], use_cache=False) if _is_causal(model) else model(p[None])
                 bar.advance(task)
             stats.close()
+            if keys is not None:
+                keys.close()
+                report["centered_keys"] = keys.register(scheme.center_keys)
         if stats is not None and scheme.smooth_attention:
             report["smooth_attention"] = smooth_attention(model, stats, scheme.smooth_attention)
         if scheme.rotate:

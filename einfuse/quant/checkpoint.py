@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import formats as fm
-from .calibrate import QUANT_BUFFERS, Quantized, untie
+from .calibrate import KEY_BUFFERS, QUANT_BUFFERS, Quantized, untie
 from .schemes import Scheme
 
 FORMAT = "einfuse.quant/1"
@@ -98,6 +98,13 @@ def load(model: torch.nn.Module, directory: str, inplace: bool = False) -> Quant
         for b, t in bufs.items():
             mod.register_buffer(b, t)
         mod.weight.data = dequantize(bufs, scheme, mod.weight.shape).to(mod.weight.dtype)
+    for name in [n for n in tensors if n.rsplit(".", 1)[-1] in KEY_BUFFERS]:  # centred keys' params (k_proj)
+        mod, attr = name.rsplit(".", 1)
+        try:
+            target = model.get_submodule(mod)
+        except AttributeError:
+            continue  # reported as a tensor this model lacks
+        target.register_buffer(attr, tensors.pop(name))
     params = dict(model.named_parameters(remove_duplicate=False))
     owner: dict = {}
     for name in tensors:  # tied in this model, separate in the checkpoint (a rotated model's LM head): untie
