@@ -20,7 +20,7 @@ import time
 
 import torch
 
-ROWS = ["fp32", "bf16", "w8a8-rtn", "w8a8", "w4a16-rtn", "w4a16", "w4a8-rtn", "w4a8", "kv4-rtn", "kv4",
+ROWS = ["fp32", "bf16", "w8a8-rtn", "w8a8", "w4a16-rtn", "w4a16", "w4a8-rtn", "w4a8", "kv4-rtn", "kv4-rot", "kv4",
         "w4a8kv4-rtn", "w4a8kv4"]
 
 
@@ -86,7 +86,7 @@ def smollm2_rows(rows, segments: int, calib_segments: int, group: int, log) -> l
     return out
 
 
-def minilm_rows(rows, sentences: int, group: int, log) -> list:
+def minilm_rows(rows, sentences: int, group: int, log, calib_sentences: int = 256) -> list:
     import einfuse
     from einfuse.models import minilm
     from einfuse.quant import calibrate
@@ -94,7 +94,7 @@ def minilm_rows(rows, sentences: int, group: int, log) -> list:
     model, tok = minilm()
     evaluation, calibration = texts()
     paras = [" ".join(p.split()) for p in evaluation.split("\n\n") if len(p.split()) >= 8][:sentences]
-    cal = [" ".join(p.split()) for p in calibration.split("\n\n") if len(p.split()) >= 8][:64]
+    cal = [" ".join(p.split()) for p in calibration.split("\n\n") if len(p.split()) >= 8][:calib_sentences]
     batch = tok(paras, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
     args = (batch["input_ids"], batch["attention_mask"])
 
@@ -107,9 +107,9 @@ def minilm_rows(rows, sentences: int, group: int, log) -> list:
     ref = embed(model)
     out = []
     for row in rows:
-        cal_ids = torch.cat([torch.tensor(tok(c, add_special_tokens=False)["input_ids"]) for c in cal])
-        q = calibrate(model, [cal_ids], row, seq_len=64, segments=64, group=group if "w4" in row else None,
-                      progress=sys.stderr.isatty())
+        # an encoder calibrates on sentences as it reads them: one paragraph a piece, [CLS] ... [SEP], <= 64 tokens
+        q = calibrate(model, cal, row, tokenizer=tok, seq_len=64, segments=len(cal),
+                      group=group if "w4" in row else None, progress=sys.stderr.isatty())
         cm = einfuse.compile(q.model, args, prepare=q.passes(), backend="torch")
         got = embed(cm)
         cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
@@ -153,6 +153,7 @@ def main():
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--minilm", action="store_true", help="the MiniLM-L6 cosine rows instead")
     ap.add_argument("--sentences", type=int, default=128)
+    ap.add_argument("--calib-sentences", type=int, default=256, help="MiniLM: Emma paragraphs to calibrate on")
     ap.add_argument("--generate", default=None, help="serve this scheme from a checkpoint through einfuse.LLM")
     ap.add_argument("--json", default=None, help="append each row as a JSON line to this file")
     a = ap.parse_args()
@@ -166,7 +167,7 @@ def main():
     if a.generate:
         generate(a.generate, a.calib_segments, log)
     elif a.minilm:
-        minilm_rows(a.rows or ["w8a8-rtn", "w8a8", "w4a8-rtn", "w4a8"], a.sentences, a.group, log)
+        minilm_rows(a.rows or ["w8a8-rtn", "w8a8", "w4a8-rtn", "w4a8"], a.sentences, a.group, log, a.calib_sentences)
     else:
         smollm2_rows(a.rows or ROWS, a.segments, a.calib_segments, a.group, log)
 

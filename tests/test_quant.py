@@ -542,3 +542,26 @@ def test_centered_keys_errors(llama):
     with pytest.raises(RuntimeError, match="k_proj_weight_kc.*einfuse.quant.calibrate"):
         einfuse.compile(plain.model, (ids,), {"use_cache": False}, prepare=_center_scheme(kv=4).passes(),
                         backend="torch")
+
+
+def test_an_encoder_calibrates_on_sentences_a_decoder_on_a_stream(llama):
+    from transformers import BertConfig, BertModel
+
+    from einfuse.quant.calibrate import _is_encoder, token_segments
+
+    bert = BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64)).eval()
+    assert _is_encoder(bert) and not _is_encoder(llama)
+
+    def tok(text, add_special_tokens=True, truncation=False, max_length=None, verbose=False):
+        ids = [10 + len(w) for w in text.split()]
+        ids = [101] + ids + [102] if add_special_tokens else ids
+        return {"input_ids": ids[:max_length] if truncation else ids}
+
+    texts = ["one two three", "a bb ccc dddd eeeee ffffff", "x"]
+    pieces = token_segments(texts, tok, seq_len=5, segments=8, sentences=True)
+    assert [p.tolist() for p in pieces] == [[101, 13, 13, 15, 102], [101, 11, 12, 13, 14], [101, 11, 102]]
+    stream = token_segments(texts, tok, seq_len=4, segments=8)
+    assert [p.tolist() for p in stream] == [[13, 13, 15, 11], [12, 13, 14, 15]]  # no special tokens, cut by length
+    q = calibrate(bert, texts * 4, "w8a8", tokenizer=tok, seq_len=8, progress=False)
+    assert q.report["calibration_tokens"] == 4 * (5 + 8 + 3)

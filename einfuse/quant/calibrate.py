@@ -185,26 +185,33 @@ def untie(model: torch.nn.Module, mod: torch.nn.Linear) -> None:
         mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
 
 
-def token_segments(texts, tokenizer, seq_len: int, segments: int) -> list:
-    """Calibration pieces of `seq_len` tokens from `texts` (strings, or token-id tensors)."""
+def token_segments(texts, tokenizer, seq_len: int, segments: int, sentences: bool = False) -> list:
+    """Calibration pieces of `seq_len` tokens from `texts` (strings, or token-id tensors). A decoder reads a
+    stream: the texts are concatenated and cut into pieces of `seq_len`. An encoder (`sentences=True`) reads
+    sentences as its users give them: each text is one piece, tokenized with the model's special tokens
+    ([CLS] ... [SEP]) and truncated to `seq_len` (a tensor is taken as is)."""
     if texts is None or (isinstance(texts, (list, tuple)) and not texts) or (isinstance(texts, str) and not texts.strip()):
         raise ValueError("einfuse.quant.calibrate: no calibration text; pass texts=[...] (real text, e.g. "
                          "einfuse.hub.austen('emma')['emma']) and the tokenizer, or a tensor of token ids")
     if isinstance(texts, str):
         texts = [texts]
-    ids = []
-    for t in texts:
-        if isinstance(t, torch.Tensor):
+    if any(not isinstance(t, torch.Tensor) for t in texts) and tokenizer is None:
+        raise ValueError("einfuse.quant.calibrate: texts are strings but no tokenizer= was given")
+    if sentences:
+        pieces = [t.reshape(-1).long()[:seq_len] if isinstance(t, torch.Tensor) else torch.tensor(
+            tokenizer(t, truncation=True, max_length=seq_len, verbose=False)["input_ids"]) for t in texts[:segments]]
+        pieces = [p for p in pieces if len(p) > 1]
+    else:
+        ids = []
+        for t in texts:
+            if not isinstance(t, torch.Tensor):
+                t = t[:seq_len * segments * 16]  # enough characters for the pieces (a token is a few characters)
+                t = torch.tensor(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
             ids.append(t.reshape(-1).long())
-        else:
-            if tokenizer is None:
-                raise ValueError("einfuse.quant.calibrate: texts are strings but no tokenizer= was given")
-            t = t[:seq_len * segments * 16]  # enough characters for the pieces (a token is a few characters)
-            ids.append(torch.tensor(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]))
-    flat = torch.cat(ids)
-    pieces = [p for p in flat.split(seq_len) if len(p) == seq_len][:segments]
-    if not pieces:
-        pieces = [flat[:seq_len]] if len(flat) > 1 else []
+        flat = torch.cat(ids)
+        pieces = [p for p in flat.split(seq_len) if len(p) == seq_len][:segments]
+        if not pieces:
+            pieces = [flat[:seq_len]] if len(flat) > 1 else []
     if not pieces:
         raise ValueError("einfuse.quant.calibrate: the calibration text has fewer than 2 tokens; pass more text")
     return pieces
@@ -332,7 +339,7 @@ def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer
     a copy unless `inplace` — with its quantized buffers; `.compile()`, `.llm()`, einfuse.quant.save)."""
     scheme = get_scheme(scheme, group)
     t0 = time.perf_counter()
-    pieces = token_segments(texts, tokenizer, seq_len, segments) if scheme.calibrated else []
+    pieces = token_segments(texts, tokenizer, seq_len, segments, sentences=_is_encoder(model)) if scheme.calibrated else []
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     layers = linears(model, scheme.skip)
@@ -369,6 +376,12 @@ def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer
     if scheme.weights:
         report["weight_bytes"] = q.weight_bytes()
     return q
+
+
+def _is_encoder(model) -> bool:
+    """A transformers model that does not generate (BERT-like): it is calibrated on sentences, not a stream."""
+    can_generate = getattr(model, "can_generate", None)
+    return hasattr(model, "config") and callable(can_generate) and not can_generate()
 
 
 def _is_causal(model) -> bool:
