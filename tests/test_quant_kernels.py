@@ -510,18 +510,23 @@ def test_kv4_cache_write_matches_the_evaluator_bit_for_bit(fresh_einfuse_cache):
 
 # --------------------------------------------------------------------- inside a quantized serving program
 
-@pytest.mark.slow
-def test_w4a8kv4_decode_step_on_triton_matches_the_torch_backend(fresh_einfuse_cache):
-    """einfuse.quant's W4A8KV4 decode program (a tiny Llama with SmolLM2's head dim and a ragged last group,
-    K = 192 = 128 + 64) over a live 4-bit cache: its Linears run as qdot kernels and its attention reads the
-    cache through the 4-bit tile loader; the step's logits and the cache it writes agree with the torch
-    backend's program (the reference for the same IR)."""
+@pytest.mark.parametrize("shape, key_group", [
+    pytest.param(dict(hidden=192, heads=3, kv_heads=1), None, marks=pytest.mark.slow, id="ragged-group"),
+    pytest.param(dict(hidden=256, heads=4, kv_heads=2), 32, id="key-groups-gqa"),
+])
+def test_w4a8kv4_decode_step_on_triton_matches_the_torch_backend(shape, key_group, fresh_einfuse_cache):
+    """einfuse.quant's W4A8KV4 decode program over a live 4-bit cache: its Linears run as qdot kernels and its
+    attention reads the cache through the 4-bit tile loader; the step's logits and the cache it writes agree
+    with the torch backend's program (the reference for the same IR). Two models: SmolLM2's head dim with a
+    ragged last group (K = 192 = 128 + 64); keys in groups of 32 under GQA 4:2 (two scale/zero groups per key
+    head, repeated in registers after one load per group)."""
     from einfuse.models import tiny_llama
     from einfuse.quant.calibrate import QuantPagedRunner, calibrate
+    from einfuse.quant.schemes import get_scheme
     from einfuse.serve import CacheConfig, StepEntry
 
-    model = tiny_llama(layers=1, hidden=192, intermediate=256, heads=3, kv_heads=1, vocab=128)
-    q = calibrate(model, scheme="w4a8kv4-rtn", progress=False)
+    model = tiny_llama(layers=1, intermediate=256, vocab=128, **shape)
+    q = calibrate(model, scheme=get_scheme("w4a8kv4-rtn").with_(key_group=key_group), progress=False)
     ctx, batch, bs = 48, 2, 16
     cfg = CacheConfig(num_blocks=batch * ctx // bs + 2, block_size=bs, max_batch_tokens=16, dtype=torch.float32)
     entries = [StepEntry(0, (5,), ctx - 1, (0, 1, 2)), StepEntry(1, (9,), 20, (4, 3))]
@@ -539,6 +544,10 @@ def test_w4a8kv4_decode_step_on_triton_matches_the_torch_backend(fresh_einfuse_c
     assert kinds.count("qdot") >= 4 and "attention" in kinds
     attention = next(s for s in out["triton"][2].programs.decode.run.specs if s.kind == "attention")
     assert attention.source.count("tl.join(") == 2  # keys and values: bytes split into nibbles in registers
+    if key_group:
+        groups = sorted(t[0, 0].numel() for t in out["torch"][1].values() if t.dtype == torch.float16)
+        assert groups == [2, 2, 4, 4]  # per token: V one scale (and zero) per KV head, K two
+        assert attention.source.count("tl.expand_dims(") == 2  # the key groups' scale and zero loaded once
     (got, got_states, _), (want, want_states, _) = out["triton"], out["torch"]
     err = (got - want).abs().max() / want.abs().max()
     assert err <= 1e-4, err
