@@ -167,7 +167,7 @@ def main():
     if a.generate:
         generate(a.generate, a.calib_segments, log)
     elif a.minilm:
-        minilm_rows(a.rows or ["w8a8-rtn", "w8a8", "w4a8-rtn", "w4a8"], a.sentences, a.group, log, a.calib_sentences)
+        minilm_rows(a.rows or ["w8a8-rtn", "w8a8", "w4a8-rtn", "w4a8", "w4a8-had"], a.sentences, a.group, log, a.calib_sentences)
     else:
         smollm2_rows(a.rows or ROWS, a.segments, a.calib_segments, a.group, log)
 

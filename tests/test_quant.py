@@ -15,7 +15,7 @@ from einfuse.ir.verify import verify
 from einfuse.models import tiny_llama
 from einfuse.quant import calibrate
 from einfuse.quant import formats as fm
-from einfuse.quant.calibrate import Asym4Grid, ProgressiveGrid, quantize_linear
+from einfuse.quant.calibrate import Asym4Grid, ProgressiveGrid, block_rotate, hadamard, quantize_linear
 from einfuse.quant.gptq import gptq, rtn
 from einfuse.quant.schemes import get_scheme
 from einfuse.runtime import backends
@@ -93,13 +93,16 @@ def _fake_linear_forward(acts: str | None):
 
     def forward(self, x):
         if acts and hasattr(self, "weight_q"):
+            w = self.weight
+            if hasattr(self, "weight_hb"):  # rotated inputs: (x Hb) quantized, times (W Hb)^T = deq(W Hb)^T
+                x, w = block_rotate(x, self.weight_hb), block_rotate(w, self.weight_hb)
             xa = x.abs().amax(-1, keepdim=True).float()
             xs = torch.clamp_min(xa, 1e-08) * (1 / (448.0 if acts == "fp8" else 127.0))
             if acts == "fp8":
                 xq = (x / xs).to(torch.float8_e4m3fn).float()
             else:
                 xq = torch.round(x / xs).clamp(-127, 127)
-            return (xq * xs) @ self.weight.T
+            return (xq * xs) @ w.T
         return orig(self, x)
 
     return orig, forward
@@ -531,3 +534,123 @@ def test_an_encoder_calibrates_on_sentences_a_decoder_on_a_stream(llama):
     assert [p.tolist() for p in stream] == [[13, 13, 15, 11], [12, 13, 14, 15]]  # no special tokens, cut by length
     q = calibrate(bert, texts * 4, "w8a8", tokenizer=tok, seq_len=8, progress=False)
     assert q.report["calibration_tokens"] == 4 * (5 + 8 + 3)
+
+
+# ---------------------------------------------------------------- rotated inputs (a block Hadamard per Linear)
+
+def _oracle(q, *args, **kwargs):
+    orig, fake = _fake_linear_forward(acts=q.scheme.acts)
+    torch.nn.Linear.forward = fake
+    try:
+        return q.model(*args, **kwargs)
+    finally:
+        torch.nn.Linear.forward = orig
+
+
+def test_rotated_inputs_keep_the_float_function(llama, tmp_path):
+    """RotateInputs alone over weights W Hb: the function of the float model; q/k/v (and gate/up) share one
+    rotation of their input; blocks of 64 for K = 192 and of 128 for K = 256."""
+    import copy
+
+    from einfuse.passes.quantize import RotateInputs, hadamard_block
+
+    assert [hadamard_block(k) for k in (384, 1536, 576, 192, 256, 36)] == [128, 128, 64, 64, 128, 4]
+    m = copy.deepcopy(llama)
+    for n, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in n:
+            hb = hadamard(hadamard_block(mod.weight.shape[1]))
+            mod.weight.data = block_rotate(mod.weight.data, hb)
+            mod.register_buffer("weight_hb", hb)
+    ids = ids_of(3)
+    cm = einfuse.compile(m, (ids,), {"use_cache": False}, backend="torch", prepare=[RotateInputs()])
+    assert rel(cm(ids, use_cache=False).logits, llama(ids, use_cache=False).logits) < 1e-5
+    ir = cm.variant.ir
+    assert parse(str(ir)) == ir
+    text = str(ir)
+    # down_proj (K = 256) in blocks of 128 of the q/k/v, o, gate/up, down inputs: 4 rotations for 7 Linears
+    assert text.count("_xrot[") - text.count("_xrot[i, r]") == 4 and "x1 % 128" in text
+    plain = calibrate(llama, None, "w4a8-rtn", progress=False)  # no weight_hb buffers: a clear error at bind
+    with pytest.raises(RuntimeError, match="q_proj_weight_hb.*einfuse.quant.calibrate"):
+        einfuse.compile(plain.model, (ids,), {"use_cache": False}, prepare=get_scheme("w4a8-had").passes(),
+                        backend="torch")
+
+
+def test_rotated_inputs_w4a8_match_the_fake_quant_oracle_and_roundtrip(llama, tmp_path):
+    """w4a8-had (GPTQ on Hb^T H Hb, clip search, the residual rotation first): the compiled program equals the
+    fake-quant oracle (activations rotated, then quantized per token); the eager model is deq(W Hb) Hb^T, close
+    to the float model; a checkpoint keeps weight_hb and the program."""
+    texts = [ids_of(s, 64)[0] for s in range(4)]
+    q = calibrate(llama, texts, "w4a8-had", seq_len=32, segments=8, progress=False)
+    q_proj = q.model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight_hb.shape == (64, 64) and q.model.model.layers[0].mlp.down_proj.weight_hb.shape == (128, 128)
+    ids = ids_of(5)
+    want = llama(ids, use_cache=False).logits
+    assert 1e-4 < rel(q.model(ids, use_cache=False).logits, want) < 0.1
+    cm = q.compile((ids,), {"use_cache": False}, backend="torch", dump_dir=str(tmp_path / "dump"))
+    got = cm(ids, use_cache=False).logits
+    assert rel(got, _oracle(q, ids, use_cache=False).logits) < 2e-3
+    dumps = sorted(os.listdir(tmp_path / "dump" / "prepare"))
+    assert [d.split("_", 1)[1] for d in dumps if d.endswith(".ir")][1:] == [
+        "rotate_inputs.ir", "quantize_weights.ir", "quantize_activations.ir"]
+    text = (tmp_path / "dump" / "prepare" / dumps[3]).read_text()
+    assert "mm_xa[i]: f32[24] = max[r:192] abs(mm_xrot[i, r])" in text  # the rotated activation is quantized
+    einfuse.quant.save(q, str(tmp_path / "ckpt"))
+    back = einfuse.quant.load(llama, str(tmp_path / "ckpt"))
+    for name in q.layers:
+        a, b = q.model.get_submodule(name), back.model.get_submodule(name)
+        for buf in ("weight_q", "weight_s", "weight_gs", "weight_gz", "weight_hb"):
+            assert torch.equal(getattr(a, buf), getattr(b, buf)), (name, buf)
+        assert torch.equal(a.weight, b.weight)
+    c2 = back.compile((ids,), {"use_cache": False}, backend="torch")
+    assert torch.equal(c2(ids, use_cache=False).logits, got)
+
+
+def test_rotated_inputs_through_a_tiny_bert():
+    """A post-LN BERT (which the residual rotation skips) through w4a8-had and w8a8-had: blocks of 16 (K = 48)
+    and 32 (K = 96); the compiled encoder equals the fake-quant oracle."""
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=96)).eval()
+    ids = ids_of(2, 12)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    for scheme in ("w4a8-had", "w8a8-had"):
+        q = calibrate(bert, [ids_of(s, 16)[0] for s in range(4)], scheme, seq_len=16, progress=False)
+        assert q.model.encoder.layer[0].intermediate.dense.weight_hb.shape == (16, 16)
+        assert q.model.encoder.layer[0].output.dense.weight_hb.shape == (32, 32)
+        cm = q.compile((ids, mask), backend="torch")
+        got = cm(ids, mask).last_hidden_state
+        assert rel(got, _oracle(q, ids, mask).last_hidden_state) < 2e-3, scheme
+        assert rel(got, bert(ids, mask).last_hidden_state) > 1e-4
+
+
+def test_rotated_inputs_refuse_a_k_without_a_block():
+    from einfuse.passes.base import PassError
+    from einfuse.passes.quantize import RotateInputs
+
+    lin = torch.nn.Sequential(torch.nn.Linear(36, 8, bias=False))
+    with pytest.raises(ValueError, match="w8a8-had.*Linear '0' has 36 in-features.*no power-of-two block >= 8"):
+        calibrate(lin, None, "w8a8-had", progress=False)
+    m = parse("""\
+module lin
+  in x: f32[4, 36]
+  param W: f32[8, 36]
+  y[m, n]: f32[4, 8] = sum[k:36] W[n, k] * x[m, k]
+  out y
+""")
+    with pytest.raises(PassError, match="'W'.*36 in-features.*no power-of-two block >= 8"):
+        RotateInputs().run(m)
+    with pytest.raises(ValueError, match="rotate_inputs.*needs weights"):
+        get_scheme("kv4").with_(rotate_inputs=True)
+
+
+def test_rotated_inputs_on_triton_match_the_torch_backend(llama):
+    """The rotation statement is an ordinary contraction: the Triton program (interpreted on CPU) fuses it and
+    agrees with the torch backend's program."""
+    q = calibrate(llama, None, get_scheme("w4a8-had").with_(gptq=False, clip=False), progress=False)
+    ids = ids_of(4, 8)
+    want = q.compile((ids,), {"use_cache": False}, backend="torch")(ids, use_cache=False).logits
+    cm = q.compile((ids,), {"use_cache": False}, backend="triton")
+    assert rel(cm(ids, use_cache=False).logits, want) < 1e-5
+    assert [s.kind for s in cm.variant.run.specs].count("qdot") == 7 and not cm.variant.fallback

@@ -12,6 +12,8 @@ exact statements each one writes; kernel kinds match those shapes).
   keys lose less (QuaRot's online rotation, head dim only); `center=True` also centres and smooths the
   rotated keys with calibrated per-channel params `W_kc`, `W_kl` of the key projection's weight `W`.
 * `QuantizeKV(bits, key_group=32)`: keys per token in groups of 32 channels (values per head).
+* `RotateInputs()`: each quantized Linear reads its activation rotated by a block Hadamard matrix (param
+  `W_hb`), its weight calibrated as `W Hb` (QuaRot's online Hadamard / QuIP#'s incoherence, per Linear).
 
 A pass only rewrites the IR; the values of the params it adds come from the model: a param named
 `<W>_<suffix>` is bound to the model's attribute `<target of W>_<suffix>` (`einfuse.quant` registers
@@ -27,7 +29,7 @@ import sympy
 from ..ir import dtypes as dt
 from ..ir import index as ix
 from ..ir.contraction import mul_factors, peel_invariant, product
-from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, rewrite
+from ..ir.expr import Access, Call, Const, Expr, IndexValue, accesses, index_symbols, rewrite, substitute
 from ..ir.module import Input, Module, Reduce, Statement, TensorType, Update
 from ..ir.ops import infer
 from .base import Pass, PassError, fresh_name
@@ -205,6 +207,97 @@ class QuantizeWeights(Pass):
             "mul", call("sub", cast(Access(q.name, (n, k)), dt.f32), cast(Access(gz.name, (n, grp)), dt.f32)),
             cast(Access(gs.name, (n, grp)), dt.f32)), T))
         return [q, gs, gz], [stmt], dq
+
+
+# ---------------------------------------------------------------- rotate_inputs (beyond QServe)
+
+HB_SUFFIX = "hb"  # the param RotateInputs derives from a weight `W`: W_hb, the block's normalized Hadamard
+
+
+def hadamard_block(K: int, most: int = 128) -> int:
+    """The block RotateInputs (and einfuse.quant.calibrate) rotates a Linear's K in-features by: the largest
+    power of two <= `most` dividing K (384, 1536 -> 128; 576 -> 64)."""
+    B = 1
+    while B < most and K % (2 * B) == 0:
+        B *= 2
+    return B
+
+
+def input_block(K, what: str, least: int = 8) -> int:
+    """hadamard_block(K), refusing a K (symbolic, or with no power-of-two block >= `least`) it cannot rotate."""
+    K = sympy.sympify(K)
+    if not K.is_Integer:
+        raise PassError("rotate_inputs", f"einfuse: {what}: {K} in-features are not a fixed number; the input "
+                                         "rotation needs a concrete K (use a scheme without rotate_inputs)")
+    B = hadamard_block(int(K))
+    if B < least:
+        raise PassError("rotate_inputs", f"einfuse: {what}: {int(K)} in-features have no power-of-two block >= "
+                                         f"{least} dividing them (the largest is {B}); the input rotation needs K a "
+                                         f"multiple of {least} (use a scheme without rotate_inputs)")
+    return B
+
+
+class RotateInputs(Pass):
+    """Each Linear `y = sum[k:K] X(.., k) * W[n, k]` that quantize_weights will quantize (the same weights,
+    `skip` alike) reads its activation rotated by a block-diagonal normalized Hadamard matrix Hb (blocks of
+    B = hadamard_block(K)): `x_rot[.., j] = sum[r:B] X(.., B*(j // B) + r) * W_hb[r, j % B]`, and W is the
+    calibrated `W Hb` (y = (x Hb) (W Hb)^T). `W_hb: f32[B, B]` is a param bound to the Linear's `weight_hb`
+    (einfuse.quant.calibrate registers it with rotate_inputs). The activation's outliers are spread over each
+    block before quantize_activations sees them (QuaRot's online Hadamard, per Linear). Linears reading the same
+    activation share one rotation."""
+
+    name = "rotate_inputs"
+
+    def __init__(self, skip: tuple = ("lm_head",), block: int = 128):
+        self.skip, self.block = tuple(skip), int(block)
+
+    def run(self, m: Module) -> Module:
+        types = m.types()
+        taken = set(types)
+        weights = weight_inputs(m, self.skip)
+        if not weights:
+            return m
+        kinds = {i.name: i.kind for i in m.inputs}
+        dtype_of = lambda t: types[t].dtype
+        body = list(m.body)
+        new_inputs = []
+        shared: dict = {}  # (the rotation's text with its table left out, B) -> x_rot
+        for w, lins in weights.items():
+            B = input_block(types[w].shape[1], f"Linear weight {w!r}")
+            hb = f"{w}_{HB_SUFFIX}"
+            if hb in taken:
+                raise PassError(self.name, f"{hb!r} already exists; rename the model's tensor")
+            taken.add(hb)
+            new_inputs.append(Input(hb, TensorType(dt.f32, (B, B)), kinds[w] if kinds[w] != "const" else "buffer"))
+            for lin in lins:
+                s, k = lin.stmt, lin.k
+                at = next(i for i, op in enumerate(body) if isinstance(op, Statement) and op.name == s.name)
+                s = body[at]
+                lin = match_linear(s, types)
+                K = dict(s.reduce.ranks)[k]
+                ext = dict(zip(s.index, s.type.shape))
+                xranks = [r for r in s.index if r in index_symbols(lin.x)]
+                canon = [ix.rank(f"x{d}") for d in range(len(xranks))]
+                j, r = ix.rank(f"x{len(xranks)}"), ix.rank("r")
+                src = ix.FloorDiv(j, B) * B + r if B != int(K) else r
+                x = substitute(lin.x, {**dict(zip(xranks, canon)), k: src})
+                xd = infer(lin.x, dtype_of)[0]
+                key = (str(x), B)
+                if key not in shared:
+                    xf = cast(x, dt.f32) if xd != dt.f32 else x
+                    rot = fresh_name(taken, f"{s.name}_xrot")
+                    hidx = (r, ix.Mod(j, B) if B != int(K) else j)
+                    body.insert(at, Statement(rot, TensorType(xd, tuple(ext[q] for q in xranks) + (K,)),
+                                              tuple(canon) + (j,), call("mul", xf, Access(hb, hidx)),
+                                              Reduce("sum", ((r, B),)), loc=s.loc))
+                    at += 1
+                    shared[key] = rot
+                # the weight first: match_linear takes the first rank-2 [n, k] factor as W (x_rot is one too)
+                e = call("mul", Access(lin.weight, (lin.n, k)), Access(shared[key], tuple(xranks) + (k,)))
+                for op, f in lin.post:
+                    e = call(op, e, f)
+                body[at] = s.replace(expr=e)
+        return m.replace(inputs=tuple(m.inputs) + tuple(new_inputs), body=tuple(body))
 
 
 # ---------------------------------------------------------------- quantize_activations
@@ -690,7 +783,9 @@ __all__ = [
     "QuantizeActivations",
     "QuantizeKV",
     "QuantizeWeights",
+    "RotateInputs",
     "RotateKeys",
     "check_group",
+    "hadamard_block",
     "match_linear",
 ]

@@ -24,6 +24,7 @@ from .schemes import Scheme, get_scheme
 
 QUANT_BUFFERS = ("weight_q", "weight_s", "weight_gs", "weight_gz")
 KEY_BUFFERS = ("weight_kc", "weight_kl")  # a key projection's centred-key params (RotateKeys(center=True))
+ROT_BUFFERS = ("weight_hb",)  # a Linear's input rotation (RotateInputs' W_hb: the block's Hadamard matrix)
 
 
 # ---------------------------------------------------------------- grids for GPTQ (einfuse.quant.gptq's callback)
@@ -369,7 +370,7 @@ def calibrate(model: torch.nn.Module, texts=None, scheme="w4a8kv4", *, tokenizer
                                 total=len(layers))
             for name, mod in layers.items():
                 h = stats.hess[name].H if stats is not None and scheme.gptq and name in stats.hess else None
-                quantize_linear(mod, scheme, h)
+                quantize_linear(mod, scheme, h, name=name)
                 bar.advance(task)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     q = Quantized(model, scheme, list(layers) if scheme.weights else [], report)
@@ -392,9 +393,43 @@ def _is_causal(model) -> bool:
 
 # ---------------------------------------------------------------- weight transforms
 
-def quantize_linear(mod: torch.nn.Linear, scheme: Scheme, hessian: torch.Tensor | None = None) -> None:
+def quantize_linear(mod: torch.nn.Linear, scheme: Scheme, hessian: torch.Tensor | None = None,
+                    name: str = "Linear") -> None:
     """Register `mod`'s quantized buffers for `scheme` (GPTQ with `hessian`, else round to nearest) and set
-    its float weight to what they stand for."""
+    its float weight to what they stand for. With `scheme.rotate_inputs` the quantized weight is W Hb (Hb the
+    block-diagonal normalized Hadamard of blocks B = hadamard_block(K); GPTQ on Hb^T H Hb), `weight_hb` the
+    B x B block is registered, and the float weight is deq(W Hb) Hb^T (the same function of the input)."""
+    for b in ROT_BUFFERS:
+        if hasattr(mod, b):
+            delattr(mod, b)
+    if not scheme.rotate_inputs:
+        return _quantize_linear(mod, scheme, hessian)
+    from ..passes.quantize import hadamard_block
+
+    K = mod.weight.shape[1]
+    B = hadamard_block(K)
+    if B < 8:
+        raise ValueError(f"einfuse.quant: scheme {scheme.name!r}: Linear {name!r} has {K} in-features, with no "
+                         f"power-of-two block >= 8 dividing them (the largest is {B}): its input cannot be rotated; "
+                         "use a scheme without rotate_inputs (e.g. 'w4a8')")
+    hb = hadamard(B).double()
+    w = mod.weight.data
+    mod.weight.data = block_rotate(w.double(), hb).to(w.dtype)
+    if hessian is not None:
+        hd = hessian.double()
+        hessian = block_rotate(block_rotate(hd, hb).T.contiguous(), hb).T.to(hessian.dtype).contiguous()
+    _quantize_linear(mod, scheme, hessian)
+    mod.weight.data = block_rotate(mod.weight.data.double(), hb.T).to(w.dtype)
+    mod.register_buffer("weight_hb", hb.float().contiguous())
+
+
+def block_rotate(x: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
+    """x [.., K] times the block-diagonal matrix of `hb` [B, B] (x Hb, block by block along the last dim)."""
+    B = hb.shape[0]
+    return (x.reshape(*x.shape[:-1], x.shape[-1] // B, B) @ hb.to(x.dtype)).reshape(x.shape)
+
+
+def _quantize_linear(mod: torch.nn.Linear, scheme: Scheme, hessian: torch.Tensor | None = None) -> None:
     w = mod.weight.data.float()
     g = scheme.group
     for b in QUANT_BUFFERS:

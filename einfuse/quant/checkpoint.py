@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import formats as fm
-from .calibrate import KEY_BUFFERS, QUANT_BUFFERS, Quantized, untie
+from .calibrate import KEY_BUFFERS, QUANT_BUFFERS, ROT_BUFFERS, Quantized, block_rotate, untie
 from .schemes import Scheme
 
 FORMAT = "einfuse.quant/1"
@@ -98,6 +98,12 @@ def load(model: torch.nn.Module, directory: str, inplace: bool = False) -> Quant
         for b, t in bufs.items():
             mod.register_buffer(b, t)
         mod.weight.data = dequantize(bufs, scheme, mod.weight.shape).to(mod.weight.dtype)
+        rot = {b: tensors.pop(f"{name}.{b}") for b in ROT_BUFFERS if f"{name}.{b}" in tensors}
+        for b, t in rot.items():  # rotated inputs: the stored codes are of W Hb, the float weight deq(W Hb) Hb^T
+            mod.register_buffer(b, t)
+        if "weight_hb" in rot:
+            hb = rot["weight_hb"].double()
+            mod.weight.data = block_rotate(mod.weight.data.double(), hb.T).to(mod.weight.dtype)
     for name in [n for n in tensors if n.rsplit(".", 1)[-1] in KEY_BUFFERS]:  # centred keys' params (k_proj)
         mod, attr = name.rsplit(".", 1)
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..passes.quantize import QuantizeActivations, QuantizeKV, QuantizeWeights, RotateKeys, check_group
+from ..passes.quantize import QuantizeActivations, QuantizeKV, QuantizeWeights, RotateInputs, RotateKeys, check_group
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,10 @@ class Scheme:
     None), smooth_attention (QServe's alpha on keys -> queries, or None), gptq (else round to nearest),
     rotate (the residual stream rotated, QuaRot), clip (W4: each group's integer scale and zero searched for
     the least squared error, which may clip its extremes); head: the LM head quantized like the other Linears
-    (untied from the embedding first) — at decode it is a fifth of a small model's bytes."""
+    (untied from the embedding first) — at decode it is a fifth of a small model's bytes; rotate_inputs: each
+    quantized Linear's input dimension rotated by a block Hadamard matrix (blocks of up to 128), the weight
+    W Hb quantized (GPTQ on Hb^T H Hb) and the activation rotated online (QuaRot's online Hadamard, QuIP#'s
+    incoherence processing, per Linear: any architecture, e.g. a post-LN BERT the residual rotation skips)."""
 
     name: str
     weights: str | None = None
@@ -35,6 +38,7 @@ class Scheme:
     rotate: bool = False  # rotate the residual stream (QuaRot) before quantizing
     clip: bool = False  # W4 (progressive): search each group's scale and zero for the least error (clipping)
     head: bool = False  # quantize the LM head too
+    rotate_inputs: bool = False  # each quantized Linear's K rotated by a block Hadamard (weights and activations)
 
     @property
     def skip(self) -> tuple:
@@ -53,6 +57,9 @@ class Scheme:
                                  "rescale the keys; use one")
         if self.key_group is not None:
             check_group(self.key_group)
+        if self.rotate_inputs and not self.weights:
+            raise ValueError(f"einfuse.quant: scheme {self.name!r}: rotate_inputs rotates the quantized Linears' "
+                             "inputs; it needs weights= (e.g. 'w4')")
 
     def with_(self, **kw) -> Scheme:
         return replace(self, **kw)
@@ -65,6 +72,8 @@ class Scheme:
     def weight_passes(self) -> list:
         """The passes over the whole captured module: keys rotated, weights, activations."""
         out = [RotateKeys(center=self.center_keys is not None)] if self.rotate_keys else []
+        if self.rotate_inputs:
+            out.append(RotateInputs(skip=self.skip))
         if self.weights == "w4":
             out.append(QuantizeWeights(bits=4, group=self.group, progressive=True, skip=self.skip))
         elif self.weights == "w4a16":
@@ -98,6 +107,9 @@ SCHEMES = {
     "w8a8": Scheme("w8a8", "w8", "int8", smooth=0.5),
     "w4a16": Scheme("w4a16", "w4a16", **_RECIPE),
     "w4a8": Scheme("w4a8", "w4", "int8", **_W4),
+    # every quantized Linear's input rotated by a block Hadamard (any architecture: MiniLM's post-LN BERT)
+    "w4a8-had": Scheme("w4a8-had", "w4", "int8", rotate_inputs=True, **_W4),
+    "w8a8-had": Scheme("w8a8-had", "w8", "int8", rotate_inputs=True),
     "w4a8kv4-head": Scheme("w4a8kv4-head", "w4", "int8", 4, head=True, **_KEYS, **_W4),
     "w4a8kv4-noclip": Scheme("w4a8kv4-noclip", "w4", "int8", 4, **_KEYS, **_RECIPE),
     "kv4": Scheme("kv4", kv=4, **_KEYS),
