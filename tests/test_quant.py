@@ -654,3 +654,21 @@ def test_rotated_inputs_on_triton_match_the_torch_backend(llama):
     cm = q.compile((ids,), {"use_cache": False}, backend="triton")
     assert rel(cm(ids, use_cache=False).logits, want) < 1e-5
     assert [s.kind for s in cm.variant.run.specs].count("qdot") == 7 and not cm.variant.fallback
+
+
+def test_a_linear_whose_activation_comes_first_is_still_found():
+    """`x[m, k] * W[n, k]` with a rank-2 activation first: the weight is W (n is the output's last rank),
+    so quantize_weights quantizes it instead of silently leaving the Linear in float."""
+    from einfuse.passes.quantize import QuantizeWeights, match_linear
+
+    ir = parse("""\
+module lin
+  in x: f32[4, 64]
+  param W: f32[8, 64]
+  y[m, n]: f32[4, 8] = sum[k:64] x[m, k] * W[n, k]
+  out y
+""")
+    lin = match_linear(ir.body[0], ir.types())
+    assert lin is not None and lin.weight == "W"
+    out = QuantizeWeights(bits=8).run(ir)
+    assert "W_q" in {i.name for i in out.inputs} and "W" not in {i.name for i in out.inputs}

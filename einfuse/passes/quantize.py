@@ -89,6 +89,8 @@ def match_linear(s, types: dict) -> Linear | None:
     found = [f for f in factors if isinstance(f, Access) and len(f.indices) == 2 and f.indices[1] == k
              and isinstance(f.indices[0], sympy.Symbol) and f.indices[0] in s.index
              and types[f.tensor].rank == 2]
+    # x[m, k] * W[n, k] has two such factors: the weight's n is the output's feature (last) rank
+    found.sort(key=lambda f: f.indices[0] != s.index[-1])
     for w in found:
         n = w.indices[0]
         rest = [f for f in factors if f is not w]
