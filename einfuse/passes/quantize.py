@@ -246,7 +246,9 @@ class RotateInputs(Pass):
     calibrated `W Hb` (y = (x Hb) (W Hb)^T). `W_hb: f32[B, B]` is a param bound to the Linear's `weight_hb`
     (einfuse.quant.calibrate registers it with rotate_inputs). The activation's outliers are spread over each
     block before quantize_activations sees them (QuaRot's online Hadamard, per Linear). Linears reading the same
-    activation share one rotation."""
+    activation share one rotation. The rotation keeps the blocks as a dim of its own — `x_rot[.., a, b] =
+    sum[r:B] X(.., B*a + r) * W_hb[r, b]`, read as `x_rot[.., k // B, k % B]` — so that it is a plain matmul
+    (one flat output dim would make it a product broadcast over every block, 6x slower on CPU)."""
 
     name = "rotate_inputs"
 
@@ -280,22 +282,23 @@ class RotateInputs(Pass):
                 ext = dict(zip(s.index, s.type.shape))
                 xranks = [r for r in s.index if r in index_symbols(lin.x)]
                 canon = [ix.rank(f"x{d}") for d in range(len(xranks))]
-                j, r = ix.rank(f"x{len(xranks)}"), ix.rank("r")
-                src = ix.FloorDiv(j, B) * B + r if B != int(K) else r
-                x = substitute(lin.x, {**dict(zip(xranks, canon)), k: src})
+                # blocks as a dim of their own: x_rot[.., a, b] = sum[r:B] X(.., B*a + r) * W_hb[r, b] is a plain
+                # matmul for every backend, and the Linear reads it as x_rot[.., k // B, k % B] (a view)
+                a, b, r = ix.rank(f"x{len(xranks)}"), ix.rank(f"x{len(xranks) + 1}"), ix.rank("r")
+                nb = int(K) // B
+                x = substitute(lin.x, {**dict(zip(xranks, canon)), k: a * B + r if nb > 1 else r})
                 xd = infer(lin.x, dtype_of)[0]
                 key = (str(x), B)
                 if key not in shared:
                     xf = cast(x, dt.f32) if xd != dt.f32 else x
                     rot = fresh_name(taken, f"{s.name}_xrot")
-                    hidx = (r, ix.Mod(j, B) if B != int(K) else j)
-                    body.insert(at, Statement(rot, TensorType(xd, tuple(ext[q] for q in xranks) + (K,)),
-                                              tuple(canon) + (j,), call("mul", xf, Access(hb, hidx)),
+                    body.insert(at, Statement(rot, TensorType(xd, tuple(ext[q] for q in xranks) + (nb, B)),
+                                              tuple(canon) + (a, b), call("mul", xf, Access(hb, (r, b))),
                                               Reduce("sum", ((r, B),)), loc=s.loc))
                     at += 1
                     shared[key] = rot
-                # the weight first: match_linear takes the first rank-2 [n, k] factor as W (x_rot is one too)
-                e = call("mul", Access(lin.weight, (lin.n, k)), Access(shared[key], tuple(xranks) + (k,)))
+                read = Access(shared[key], tuple(xranks) + (ix.FloorDiv(k, B), ix.Mod(k, B)))
+                e = call("mul", Access(lin.weight, (lin.n, k)), read)
                 for op, f in lin.post:
                     e = call(op, e, f)
                 body[at] = s.replace(expr=e)
