@@ -13,8 +13,8 @@ bytes (each element a kernel touches once: what DRAM sees when a kernel's re-rea
 Baselines: the bf16 step as einfuse compiles it today (its decode attention is not fused in bf16: the
 scores go through memory, so it moves far more than it must), the f32 step (fused attention; halved it
 estimates a fused bf16 step), and the bf16 minimum (weights, the live KV cache and the logits, each once).
-The W4A8KV4 programs come from einfuse.quant (schemes w4a8kv4-rtn and w4a8kv4-head-rtn: calibration does
-not change bytes) over the f32 model: the quantization passes do not yet rewrite a bf16 capture's Linears,
+The W4A8KV4 programs come from einfuse.quant (schemes w4a8kv4-rtn and w4a8kv4-head-rtn with the recipe's key
+groups of 32: calibration does not change bytes) over the f32 model: the quantization passes do not yet rewrite a bf16 capture's Linears,
 so its activations are f32 — more bytes than a bf16-activation W4A8KV4 step. `w4a8kv4` leaves the LM head
 in float (it is tied to the embedding): its outside-the-layers bytes are the bf16 step's, so that an f32 LM
 head (113 MB) does not stand in for a bf16 one. `w4a8kv4-head` quantizes the LM head like the layers (W4
@@ -48,9 +48,12 @@ def step_bytes(model, scheme: str | None, batch: int, ctx: int, group: int) -> d
 
     bs = 16
     if scheme:
+        from einfuse.quant import get_scheme
         from einfuse.quant.calibrate import QuantPagedRunner, calibrate
 
-        q = calibrate(model, scheme=scheme, group=group, progress=False)
+        # round to nearest (calibration does not change bytes), keys in the recipe's groups (that does)
+        q = calibrate(model, scheme=get_scheme(scheme).with_(key_group=get_scheme("w4a8kv4").key_group),
+                      group=group, progress=False)
         runner = QuantPagedRunner(q, "triton")
     else:
         runner = PagedRunner(model, "triton")
