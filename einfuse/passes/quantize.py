@@ -252,8 +252,8 @@ class RotateInputs(Pass):
 
     name = "rotate_inputs"
 
-    def __init__(self, skip: tuple = ("lm_head",), block: int = 128):
-        self.skip, self.block = tuple(skip), int(block)
+    def __init__(self, skip: tuple = ("lm_head",)):
+        self.skip = tuple(skip)
 
     def run(self, m: Module) -> Module:
         types = m.types()
