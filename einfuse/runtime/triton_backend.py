@@ -162,7 +162,12 @@ class TritonRunner:
         self._verified: set = set()
         self._operands: dict = {}
         self.notes += self._route_compressed_experts()
-        if self.cuda_graphs:
+        if self.cuda_graphs and any(step.routed is not None for step in self.steps):
+            # the routed step sorts tokens by expert: data-dependent sizes a CUDA graph cannot capture
+            self.notes.append("CUDA graphs off: the routed compressed experts sort tokens by expert (data-dependent "
+                              "sizes a graph cannot capture); each call launches its kernels")
+            log.warning("einfuse: %s", self.notes[-1])
+        elif self.cuda_graphs:
             stable = [i.name for i in self.module.inputs if i.kind != "in"]
             self.graph = GraphReplay(self._run, stable)
 
