@@ -113,10 +113,19 @@ class CompressedTensor:
     def row_counts(self) -> torch.Tensor:
         return self.counts[:, :self.shape[1]].to(torch.int64)
 
-    def symbols(self, d: Dictionary) -> torch.Tensor:
+    def symbols(self, d: Dictionary, experts: list | None = None) -> torch.Tensor:
+        """Symbols [E, rows, cols] of every expert, or [A, rows, cols] of the expert ids `experts` (in that
+        order): only their codewords are unpacked from the stream."""
         E, rows, cols = self.shape
-        codes = unpack(self.codes, self.bits, self.ncodes)
-        return decode(Encoded(codes, self.row_counts.reshape(-1).to(torch.int32)), d, cols).view(E, rows, cols)
+        counts = self.row_counts
+        if experts is None:
+            codes = unpack(self.codes, self.bits, self.ncodes)
+        else:
+            ranges = [self.expert_code_range(e) for e in experts]
+            codes = torch.cat([unpack(self.codes, self.bits, b - a, start=a) for a, b in ranges])
+            counts = counts.index_select(0, torch.tensor(experts, dtype=torch.long))
+            E = len(experts)
+        return decode(Encoded(codes, counts.reshape(-1).to(torch.int32)), d, cols).view(E, rows, cols)
 
     def dequantize(self, d: Dictionary) -> torch.Tensor:
         """Dense float32 W [E, rows, cols] (the reference the fused kernel is checked against)."""
@@ -130,13 +139,8 @@ class CompressedTensor:
         _, rows, cols = self.shape
         if not ids:
             return torch.zeros(0, rows, cols)
-        ranges = [self.expert_code_range(e) for e in ids]
-        codes = torch.cat([unpack(self.codes, self.bits, b - a, start=a) for a, b in ranges])
-        index = torch.tensor(ids, dtype=torch.long)
-        counts = self.row_counts.index_select(0, index).reshape(-1).to(torch.int32)
-        sym = decode(Encoded(codes, counts), d, cols).view(len(ids), rows, cols)
-        s = self.scales.index_select(0, index).float()
-        return dequantize(sym, s[..., 0], s[..., 1])
+        s = self.scales.index_select(0, torch.tensor(ids, dtype=torch.long)).float()
+        return dequantize(self.symbols(d, ids), s[..., 0], s[..., 1])
 
     # ---- accounting
     def nbytes(self) -> dict[str, int]:
