@@ -282,6 +282,7 @@ class KeyStats:
         if self.D & (self.D - 1):
             raise ValueError(f"einfuse.quant.calibrate: center_keys: head dim {self.D} is not a power of two")
         self.rotary, self.mods = rotary, [b.self_attn.k_proj for b in blocks]
+        self.H = hadamard(self.D)
         self.sums: dict = {}
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.mods)]
 
@@ -294,7 +295,7 @@ class KeyStats:
             pos = torch.arange(T, device=out.device)[None].expand(B, T)
             cos, sin = self.rotary(k, pos)
             _, k = apply_rotary_pos_emb(k, k, cos.float(), sin.float())
-            k = (k @ hadamard(self.D).to(k.device)).double()
+            k = (k @ self.H.to(k.device)).double()
             n, s1, s2 = self.sums.get(i, (0, 0.0, 0.0))
             self.sums[i] = (n + B * T, s1 + k.sum((0, 2)), s2 + (k * k).sum((0, 2)))
         return hook
