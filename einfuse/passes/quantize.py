@@ -274,10 +274,8 @@ class RotateInputs(Pass):
             taken.add(hb)
             new_inputs.append(Input(hb, TensorType(dt.f32, (B, B)), kinds[w] if kinds[w] != "const" else "buffer"))
             for lin in lins:
-                s, k = lin.stmt, lin.k
-                at = next(i for i, op in enumerate(body) if isinstance(op, Statement) and op.name == s.name)
-                s = body[at]
-                lin = match_linear(s, types)
+                s, k = lin.stmt, lin.k  # each Linear is rewritten once (its own weight): body still holds `s`
+                at = body.index(s)
                 K = dict(s.reduce.ranks)[k]
                 ext = dict(zip(s.index, s.type.shape))
                 xranks = [r for r in s.index if r in index_symbols(lin.x)]
