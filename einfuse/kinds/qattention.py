@@ -14,7 +14,7 @@ from __future__ import annotations
 import sympy
 
 from ..ir import index as ix
-from ..ir.expr import Access, Call, Const, Expr, IndexValue, walk
+from ..ir.expr import Access, Call, Const, Expr, IndexValue, index_symbols, walk
 from ..ir.ops import infer
 from .attention import KV_LOADERS
 from .tile import Tile
@@ -129,7 +129,7 @@ def _load_groups(em, tile: Tile, expr: Expr, axis, block: str, rows: bool) -> No
         g, c = found
         if g <= 1 or size % g or not ext.is_Integer or int(ext) != size:
             continue
-        if any(isinstance(q, Expr) and axis in _symbols(q) or not isinstance(q, Expr)
+        if any(isinstance(q, Expr) and axis in index_symbols(q) or not isinstance(q, Expr)
                and axis in sympy.sympify(q).free_symbols for q in x.indices[:-1]):
             continue
         grp = ix.rank(kb.fresh(f"{axis}_group"))
@@ -167,12 +167,6 @@ def _group_read(last, axis) -> tuple[int, sympy.Expr] | None:
             rest = sympy.expand(last - t)
             return (int(t.args[1]), rest) if axis not in rest.free_symbols else None
     return None
-
-
-def _symbols(x: Expr) -> set:
-    from ..ir.expr import index_symbols
-
-    return index_symbols(x)
 
 
 def _block_size(em, axis) -> int:
