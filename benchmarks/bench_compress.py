@@ -55,6 +55,11 @@ def bits_row(summary: dict) -> dict:
             "bytes": summary["bytes"], "params": summary["params"]}
 
 
+def stored(ct) -> list:
+    """The arrays of a compressed tensor a kernel reads (all but the checksums)."""
+    return [t for k, t in ct.arrays().items() if k != "checksums"]
+
+
 def decode_step_traffic(model, compressed, batch: int) -> dict:
     """Bytes one decode step's experts of layer 0 load, under the interpreter's traffic counter."""
     from einfuse.runtime.traffic import Traffic, counting
@@ -85,8 +90,7 @@ def decode_step_traffic(model, compressed, batch: int) -> dict:
     t = Traffic()
     xs, seg, experts, order, token = mod.route(x, idx)
     # the step's second GEMM reads h, the SwiGLU of the first; allocate it up front so it is a known region
-    reads = [gu.codes, gu.counts, gu.bases, gu.scales, dn.codes, dn.counts, dn.bases, dn.scales,
-             *mod.dict_tensors[:3], xs, seg, experts]
+    reads = [*stored(gu), *stored(dn), mod.dict_tensors, xs, seg, experts]
     for r in reads:
         t.regions.append((r.data_ptr(), r.numel() * r.element_size(), r.element_size()))
     with torch.inference_mode(), counting(t):
@@ -137,8 +141,7 @@ def compiled_decode_step_traffic(model, compressed, batch: int, ids: torch.Tenso
             layers.append({"traffic": Traffic(), "calls": []})
         layer = layers[-1]
         t = layer["traffic"]
-        dl, dn, dg, _ = dict_tensors
-        for r in (x, ct.codes, ct.counts, ct.bases, ct.scales, dl, dn, dg, seg, experts):
+        for r in (x, *stored(ct), dict_tensors, seg, experts):
             t.regions.append((r.data_ptr(), r.numel() * r.element_size(), r.element_size()))
         layer["calls"].append((ct, experts.clone(), x.shape))
         with counting(t):

@@ -24,14 +24,15 @@ from ..kinds.moe import Chain, find_chains
 DECODE = "einfuse.compress.ir:decode_experts"
 COMPRESSED_NOTE = ("the fused decode-and-multiply kernel (cdot) on the activated experts' stored codes; the dense "
                    "decode_experts never runs")
-STORED = ("codes", "counts", "bases", "scales", "dict_len", "dict_nz", "dict_neg")  # decode_experts' arrays
+STORED = ("codes", "bases", "scales", "sbase", "dictionary")  # decode_experts' arrays
+META = ("shape", "ncodes", "bits", "row_codes")  # its keyword arguments the routed step needs
 
 
 @dataclass(frozen=True)
 class CompressedOperand:
     """An expert weight a `decode_experts` opaque call produces: `decode` (the call's output, dead once the
     chain runs routed), `arrays` (the stored arrays it reads, in `STORED` order), `checksums` (the per-expert
-    checksums, or None) and `meta` (shape, ncodes, bits)."""
+    checksums, or None) and `meta` (shape, ncodes, bits, row_codes)."""
 
     decode: str
     arrays: tuple
@@ -55,15 +56,15 @@ def compressed_operand(m: Module, b: Expr, ranks: tuple) -> CompressedOperand | 
         return None
     kw = dict(op.kwargs)
     if len(op.args) != len(STORED) or not all(isinstance(a, TensorRef) for a in op.args) or any(
-            kw.get(k) is None for k in ("shape", "ncodes", "bits")) or kw.get("dtype", "float32") != "float32":
+            kw.get(k) is None for k in META) or kw.get("dtype", "float32") != "float32":
         return None
     if b.tensor in m.outputs or len(m.users().get(b.tensor, [])) != 1:
         return None
     check = kw.get("checksums")
     return CompressedOperand(b.tensor, tuple(a.name for a in op.args),
                              check.name if isinstance(check, TensorRef) else None,
-                             (("shape", tuple(int(x) for x in kw["shape"])), ("ncodes", int(kw["ncodes"])),
-                              ("bits", int(kw["bits"]))))
+                             (("shape", tuple(int(x) for x in kw["shape"])),
+                              *((k, int(kw[k])) for k in META[1:])))
 
 
 @dataclass

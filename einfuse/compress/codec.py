@@ -67,6 +67,11 @@ class Dictionary:
         return self.size * 8
 
     @property
+    def stored_nbytes(self) -> int:
+        """Bytes a checkpoint stores for it: the three 16-bit weights and the width."""
+        return 3 * PROB_BITS // 8 + 1
+
+    @property
     def lengths(self) -> torch.Tensor:
         return self.entries & 127
 
@@ -105,11 +110,14 @@ def symbol_probs(symbols: torch.Tensor) -> tuple[float, float, float]:
     return tuple(float(c) for c in counts / total)
 
 
-def build_dictionary(probs, bits: int) -> Dictionary:
+def build_dictionary(probs, bits: int, max_len: int = MAX_LEN) -> Dictionary:
     """Tunstall dictionary of at most 2^bits entries for a memoryless ternary source with `probs` (or the
-    integer `weights` of a stored dictionary: the same integers give the same dictionary, bit for bit)."""
+    integer `weights` of a stored dictionary: the same integers give the same dictionary, bit for bit).
+    `max_len` < 64 caps the runs shorter (QMoE's scheme: bits=16, max_len=28; checkpoints use 64)."""
     if not 2 <= bits <= 16:
         raise ValueError(f"einfuse.compress.codec: codeword width {bits} bits is outside 2..16")
+    if not 1 <= max_len <= MAX_LEN:
+        raise ValueError(f"einfuse.compress.codec: max_len {max_len} is outside 1..{MAX_LEN}")
     w = tuple(int(v) for v in probs) if all(isinstance(v, int) for v in probs) else quantize_probs(probs)
     if len(w) != 3 or min(w) < 1:
         raise ValueError(f"einfuse.compress.codec: dictionary weights {w} must be three integers >= 1")
@@ -132,7 +140,7 @@ def build_dictionary(probs, bits: int) -> Dictionary:
             fields.append(f if sym == ZERO else f | ((d | ((sym == LOW) << 6)) << (10 + 7 * k)))
             child.append([-1, -1, -1])
             child[node][sym] = nid
-            if d + 1 < MAX_LEN and nk < NZ_MAX:
+            if d + 1 < max_len and nk < NZ_MAX:
                 heapq.heappush(heap, ((neg_w >> PROB_BITS) * w[sym], nid, nid))
         leaves += 2
     child_t = torch.tensor(child, dtype=torch.int32)
@@ -249,16 +257,17 @@ WIDTH_TOLERANCE = 0.005  # a narrower width within 0.5% of the smallest total wi
 
 
 def choose_bits(streams: torch.Tensor, widths=range(8, 17), sample: int = 256, lengths: torch.Tensor | None = None,
-                total_symbols: int | None = None) -> tuple[int, dict[int, dict]]:
+                total_symbols: int | None = None, probs=None) -> tuple[int, dict[int, dict]]:
     """The codeword width for `streams` [S, n] (the groups einfuse.compress.format codes): each width's
-    dictionary codes a sample of the streams; the stored cost is the codes (the dictionary is 48 bits).
+    dictionary (built from `probs`, default: the streams' frequencies) codes a sample of the streams; the
+    stored cost is the codes (the dictionary is 7 bytes).
     Among the widths within WIDTH_TOLERANCE of the smallest total the narrowest wins (its decoder table,
     8 bytes x 2^bits, is smaller). Returns (width, {width: {"bits_per_symbol", "dictionary_bytes",
     "total_bits"}}), totals scaled to `total_symbols` (default: the sampled streams' whole length)."""
     streams = streams.reshape(-1, streams.shape[-1])
     lengths = torch.full((streams.shape[0],), streams.shape[1]) if lengths is None else lengths
     valid = torch.arange(streams.shape[1])[None, :] < lengths[:, None]
-    probs = symbol_probs(streams[valid])
+    probs = probs if probs is not None else symbol_probs(streams[valid])
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(streams.shape[0], generator=g)[:sample]
     total = total_symbols or int(lengths.sum())
@@ -267,7 +276,7 @@ def choose_bits(streams: torch.Tensor, widths=range(8, 17), sample: int = 256, l
         d = build_dictionary(probs, w)
         enc = encode(streams[pick], d, lengths[pick])
         bps = enc.codes.numel() * w / max(int(lengths[pick].sum()), 1)
-        table[w] = {"bits_per_symbol": bps, "dictionary_bytes": d.nbytes, "total_bits": bps * total + 3 * PROB_BITS}
+        table[w] = {"bits_per_symbol": bps, "dictionary_bytes": d.nbytes, "total_bits": bps * total + 8 * d.stored_nbytes}
     least = min(v["total_bits"] for v in table.values())
     best = min(w for w in table if table[w]["total_bits"] <= least * (1 + WIDTH_TOLERANCE))
     return best, table

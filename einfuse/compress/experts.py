@@ -26,7 +26,7 @@ from torch import nn
 
 from ..quant.gptq import Hessian
 from .codec import Dictionary, build_dictionary, choose_bits, entropy, symbol_probs
-from .format import CompressedTensor
+from .format import CompressedTensor, group_streams
 from .ternary import dequantize, ternary_gptq, ternary_rtn
 
 
@@ -79,9 +79,10 @@ class CompressedModel:
         for ct in self.tensors.values():
             for k, v in ct.nbytes().items():
                 parts[k] = parts.get(k, 0) + v
-        parts["dictionary"] = self.dictionary.nbytes
+        parts["dictionary"] = self.dictionary.stored_nbytes
         total = sum(parts.values())
         return {"params": params, "bytes": parts, "total_bytes": total, "bits_per_param": 8 * total / params,
+                "decoder_table_bytes": self.dictionary.nbytes,
                 "code_bits_per_param": 8 * parts["codes"] / params, **self.stats,
                 "no_tokens": [(r.layer, r.tensor, r.expert) for r in self.experts if r.tokens == 0],
                 "few_tokens": [(r.layer, r.tensor, r.expert, r.tokens) for r in self.experts
@@ -143,7 +144,7 @@ def _hessians(xs: list[torch.Tensor], cols: int, min_tokens: int) -> tuple[torch
 
 
 def compress_moe(model: nn.Module, calibration: list[torch.Tensor] | None, method: str = "gptq",
-                 min_tokens: int | None = None, damp: float = 0.01, widths=range(6, 17),
+                 min_tokens: int | None = None, damp: float = 0.01, widths=range(8, 17),
                  progress: bool = True) -> CompressedModel:
     """Quantize every expert of `model` to ternary (`method` "gptq" with `calibration` token batches, or
     "rtn"), write the dequantized weights back into the model (so it evaluates as compressed), and encode."""
@@ -193,16 +194,34 @@ def compress_moe(model: nn.Module, calibration: list[torch.Tensor] | None, metho
                     reports.append(ExpertReport(name, tname, e, ns[e], meths[e], float(zero[e])))
                 with torch.no_grad():
                     getattr(layer, tname).copy_(dequantize(*q).to(getattr(layer, tname).dtype))
+    return encode_all(quantized, widths, method, reports)
+
+
+SAMPLE_SYMBOLS = 2 ** 21  # symbols of the sample that chooses the codeword width
+
+
+def encode_all(quantized: dict[str, tuple], widths, method: str, reports=()) -> CompressedModel:
+    """One dictionary for every tensor's symbols (its width by `choose_bits` on a sample of each tensor's
+    16-row groups), every tensor encoded with it."""
     symbols = torch.cat([q[0].reshape(-1) for q in quantized.values()])
     probs = symbol_probs(symbols)
-    rows = torch.cat([q[0].reshape(-1, q[0].shape[-1])[:, :min(q[0].shape[-1] for q in quantized.values())]
-                      for q in quantized.values()])
-    bits, table = choose_bits(rows, widths=widths, total_symbols=symbols.numel())
+    g = torch.Generator().manual_seed(0)
+    samples, lengths = [], []
+    for s, _, _ in quantized.values():  # a sample of each tensor's groups in proportion to its size
+        streams, lens = group_streams(s if s.dim() == 3 else s[None])
+        share = max(1, round(SAMPLE_SYMBOLS * s.numel() / symbols.numel() / max(streams.shape[1], 1)))
+        pick = torch.randperm(streams.shape[0], generator=g)[:share]
+        samples.append(streams[pick])
+        lengths.append(lens[pick])
+    width = max(t.shape[1] for t in samples)
+    streams = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in samples])
+    bits, table = choose_bits(streams, widths=widths, sample=streams.shape[0], lengths=torch.cat(lengths),
+                              total_symbols=symbols.numel(), probs=probs)
     d = build_dictionary(probs, bits)
     tensors = {k: CompressedTensor.encode(s, lo, hi, d) for k, (s, lo, hi) in quantized.items()}
     stats = {"method": method, "probs": probs, "entropy_bits": entropy(probs), "bits": bits,
              "width_table": {w: round(v["total_bits"] / symbols.numel(), 4) for w, v in table.items()}}
-    return CompressedModel(tensors, d, reports, stats)
+    return CompressedModel(tensors, d, list(reports), stats)
 
 
 def sort_by_expert(expert_of_row: torch.Tensor, num_experts: int):
@@ -250,8 +269,8 @@ def routed_moe(x: torch.Tensor, gate: torch.Tensor, up: tuple, up_meta: dict, do
                kernel: bool, seen: set | None = None, up_checksums=None, down_checksums=None) -> torch.Tensor:
     """A compiled MoE chain on compressed experts (einfuse.codegen.torch_moe, `MoEPlan.compressed`): x [T, H],
     gate [T, E] (0 where a token does not use the expert), `up`/`down` the stored arrays of a
-    `decode_experts` call (codes, counts, bases, scales and the padded dictionary) and `*_meta` its shape,
-    ncodes and bits -> [T, H2]. The (token, expert) pairs the gate keeps, sorted by expert, through
+    `decode_experts` call (codes, bases, scales, sbase and the padded dictionary) and `*_meta` its shape,
+    ncodes, bits and row_codes -> [T, H2]. The (token, expert) pairs the gate keeps, sorted by expert, through
     `swiglu_experts` (`kernel`: the fused cdot kernel; else the activated experts decoded), each row weighted
     by its gate and added to its token. Only activated experts' bytes are read. With `seen` (a set the
     caller keeps) the stored checksums are verified the first time the arrays are seen (`verify_once`)."""
@@ -266,9 +285,8 @@ def routed_moe(x: torch.Tensor, gate: torch.Tensor, up: tuple, up_meta: dict, do
     order, seg, experts = sort_by_expert(pairs[:, 1], wu.shape[0])
     token, expert = pairs[order, 0], pairs[order, 1]
     xs = x.index_select(0, token).float().contiguous()
-    size_u, size_d = 1 << int(up_meta["bits"]), 1 << int(down_meta["bits"])
-    y, _ = swiglu_experts(xs, seg, experts, wu, wd, du, torch.nn.functional.silu, dict_tensors=(*up[4:7], size_u),
-                          kernel=kernel, down_dictionary=dd, down_dict_tensors=(*down[4:7], size_d))
+    y, _ = swiglu_experts(xs, seg, experts, wu, wd, du, torch.nn.functional.silu, dict_tensors=up[4],
+                          kernel=kernel, down_dictionary=dd, down_dict_tensors=down[4])
     out = torch.zeros(x.shape[0], wd.shape[1], dtype=torch.float32, device=x.device)
     return out.index_add_(0, token, y * gate[token, expert][:, None].float())
 
@@ -317,18 +335,9 @@ def install(model: nn.Module, compressed: CompressedModel) -> nn.Module:
     return model
 
 
-def compress_matrices(weights: dict[str, torch.Tensor], widths=range(6, 17)) -> CompressedModel:
+def compress_matrices(weights: dict[str, torch.Tensor], widths=range(8, 17)) -> CompressedModel:
     """Round-to-nearest ternary + the dictionary code for any weights {name: W [E, rows, cols] or [rows, cols]}
     (dense nn.Linear weights treated as experts, e.g. a dense model's MLP projections)."""
     quantized = {k: ternary_rtn(W.detach().double() if W.dim() == 3 else W.detach().double()[None])
                  for k, W in weights.items()}
-    symbols = torch.cat([q[0].reshape(-1) for q in quantized.values()])
-    probs = symbol_probs(symbols)
-    narrow = min(q[0].shape[-1] for q in quantized.values())
-    rows = torch.cat([q[0].reshape(-1, q[0].shape[-1])[:, :narrow] for q in quantized.values()])
-    bits, table = choose_bits(rows, widths=widths, total_symbols=symbols.numel())
-    d = build_dictionary(probs, bits)
-    tensors = {k: CompressedTensor.encode(s, lo, hi, d) for k, (s, lo, hi) in quantized.items()}
-    stats = {"method": "rtn", "probs": probs, "entropy_bits": entropy(probs), "bits": bits,
-             "width_table": {w: round(v["total_bits"] / symbols.numel(), 4) for w, v in table.items()}}
-    return CompressedModel(tensors, d, [], stats)
+    return encode_all(quantized, widths, "rtn")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import dtypes as dt
-from .codec import MAX_LEN, Dictionary
+from .codec import Dictionary
 from .format import CompressedTensor
 
 
@@ -26,26 +26,26 @@ for _b in range(2, 17):  # registered at import, so any dump parses back
     code_dtype(_b)
 
 
-def stored_weight(codes, counts, bases, scales, dict_len, dict_nz, dict_neg, *, shape, ncodes, bits,
+def stored_weight(codes, bases, scales, sbase, dictionary, *, shape, ncodes, bits, row_codes,
                   checksums=None) -> tuple[CompressedTensor, Dictionary]:
     """The `CompressedTensor` and `Dictionary` a `decode_experts` call's arrays hold (views, no copy; the
-    dictionary arrays are the kernel's padded ones: entries past the last of nonzero length are padding)."""
-    size = int((dict_len > 0).sum())
-    d = Dictionary(int(bits), MAX_LEN, dict_len[:size], dict_nz[:size], dict_neg[:size])
-    ct = CompressedTensor(tuple(int(s) for s in shape), int(bits), int(ncodes), codes, counts, bases, scales,
-                          checksums if checksums is not None else torch.zeros(int(shape[0]), 3, dtype=torch.int64))
+    dictionary array is the kernel's padded table: entries of length 0 past its last are padding)."""
+    size = int(((dictionary & 127) > 0).sum())
+    d = Dictionary(int(bits), (0, 0, 0), dictionary[:size])
+    ct = CompressedTensor(tuple(int(s) for s in shape), int(bits), int(ncodes), int(row_codes), codes, bases, scales,
+                          sbase, checksums if checksums is not None else torch.zeros(int(shape[0]), 3, dtype=torch.int64))
     return ct, d
 
 
-def decode_experts(codes, counts, bases, scales, dict_len, dict_nz, dict_neg, *, shape, ncodes, bits,
-                   dtype="float32", checksums=None, stored_bytes=None, dense_bytes=None, bits_per_param=None):
+def decode_experts(codes, bases, scales, sbase, dictionary, *, shape, ncodes, bits, row_codes, dtype="float32",
+                   checksums=None, stored_bytes=None, dense_bytes=None, bits_per_param=None):
     """Dense W [E, rows, cols] from the stored arrays (the reference evaluator's decode of a compressed
     weight; the fused kernel computes with the same values). Verifies per-expert checksums when given.
     `stored_bytes`, `dense_bytes`, `bits_per_param` are the sizes the dump shows (informational).
     The torch backend's routed experts never call it: they compute with the stored arrays directly
     (einfuse.codegen.torch_moe, `MoEPlan.compressed`)."""
-    ct, d = stored_weight(codes, counts, bases, scales, dict_len, dict_nz, dict_neg, shape=shape, ncodes=ncodes,
-                          bits=bits, checksums=checksums)
+    ct, d = stored_weight(codes, bases, scales, sbase, dictionary, shape=shape, ncodes=ncodes, bits=bits,
+                          row_codes=row_codes, checksums=checksums)
     if checksums is not None:
         ct.verify("compressed expert weight")
     return ct.dequantize(d).to(getattr(torch, dtype))

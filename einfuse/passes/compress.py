@@ -7,7 +7,7 @@
 
 `compress_experts(...)` runs `einfuse.compress.experts.compress_moe` on the torch model (ternary GPTQ with
 routing-aware Hessians, the dictionary code), registers the stored arrays as buffers next to each expert
-weight (`<weight>_codes`, `_counts`, `_bases`, `_scales`, `_checksums`, `_dlen`, `_dnz`, `_dneg`: what
+weight (`<weight>_codes`, `_bases`, `_scales`, `_sbase`, `_checksums`, `_dict`: what
 einfuse binds a pass's derived inputs to), and returns the pass. The pass replaces each expert weight
 input `W [E, N, K]` whose name ends with the weight's path (dots as underscores) by those inputs — the code
 stream typed `tdict<bits>[bytes]` — and an opaque decode `W_dq = decode_experts(...)` that the reference
@@ -27,27 +27,26 @@ from ..ir import dtypes as dt
 from ..ir.module import Input, Module, Opaque, TensorRef, TensorType
 from .base import Pass, PassError
 
-SUFFIXES = ("codes", "counts", "bases", "scales", "checksums", "dlen", "dnz", "dneg")
+SUFFIXES = ("codes", "bases", "scales", "sbase", "checksums", "dict")
 
 
 def _flat(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name)
 
 
-def arrays(ct: CompressedTensor, dict_tensors) -> dict[str, torch.Tensor]:
-    dl, dn, dg = dict_tensors
-    return {"codes": ct.codes, "counts": ct.counts, "bases": ct.bases, "scales": ct.scales,
-            "checksums": ct.checksums, "dlen": dl, "dnz": dn, "dneg": dg}
+def arrays(ct: CompressedTensor, dict_table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The arrays a compressed weight binds, in SUFFIXES order (the decode call reads them without checksums)."""
+    return {**ct.arrays(), "dict": dict_table}
 
 
 def register_buffers(model: torch.nn.Module, compressed: CompressedModel) -> None:
     """`<weight>_<suffix>` buffers beside every compressed expert weight (what bind_derived reads)."""
     from ..kinds.cdot import padded_dictionary
-    dtensors = padded_dictionary(compressed.dictionary)[:3]
+    table = padded_dictionary(compressed.dictionary)
     for name, ct in compressed.tensors.items():
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        for suffix, t in arrays(ct, dtensors).items():
+        for suffix, t in arrays(ct, table).items():
             owner.register_buffer(f"{attr}_{suffix}", t, persistent=False)
 
 
@@ -60,7 +59,7 @@ class CompressExperts(Pass):
         self.bits = bits
         self._compressed = compressed
         from ..kinds.cdot import padded_dictionary
-        self._dict = padded_dictionary(compressed.dictionary)[:3]
+        self._dict = padded_dictionary(compressed.dictionary)
         # what the pass does depends on the compressed weights: their checksums identify them
         blob = b"".join(ct.checksums.numpy().tobytes() for ct in compressed.tensors.values())
         self.weights_digest = hashlib.sha256(blob).hexdigest()[:16]
@@ -104,6 +103,7 @@ class CompressExperts(Pass):
             decodes.append(Opaque(((out, i.type),), "einfuse.compress.ir:decode_experts",
                                   tuple(TensorRef(x.name) for x in new if not x.name.endswith("_checksums")),
                                   (("shape", list(ct.shape)), ("ncodes", ct.ncodes), ("bits", ct.bits),
+                                   ("row_codes", ct.row_codes),
                                    ("dtype", str(i.type.dtype.storage).removeprefix("torch.")),
                                    ("checksums", TensorRef(f"{i.name}_checksums")),
                                    ("stored_bytes", nbytes), ("dense_bytes", params * i.type.dtype.bits // 8),
@@ -116,7 +116,7 @@ class CompressExperts(Pass):
 
 def _dtype_of(t: torch.Tensor) -> dt.DType:
     return {torch.uint8: dt.u8, torch.int16: dt.i16, torch.int32: dt.i32, torch.int64: dt.i64,
-            torch.float16: dt.f16}[t.dtype]
+            torch.float16: dt.f16, torch.float32: dt.f32}[t.dtype]
 
 
 def compress_experts(bits: str = "ternary", calibration=None, model: torch.nn.Module | None = None,
