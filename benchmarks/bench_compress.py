@@ -195,6 +195,7 @@ def main():
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--only-generation", action="store_true", help="just compress (GPTQ) and generate")
     ap.add_argument("--gen-tokens", type=int, default=4)
+    ap.add_argument("--skip-decode-steps", action="store_true", help="no decode-step traffic (perplexity and bits only)")
     ap.add_argument("--json", default="")
     ap.add_argument("--compiled-traffic-untrained", action="store_true",
                     help="only the compiled decode-step traffic, on an untrained model of train_moe's shape "
@@ -252,7 +253,7 @@ def main():
         out["bits_smollm2_mlp_rtn"] = bits_row(sc.summary())
         print("bits (smollm2):", json.dumps(out["bits_smollm2_mlp_rtn"]), flush=True)
         del sm
-    if not args.only_generation:
+    if not args.only_generation and not args.skip_decode_steps:
         out["decode_step"] = [decode_step_traffic(gptq_model, gq, b) for b in (1, 8)]
         print("decode:", json.dumps(out["decode_step"]), flush=True)
         out["compiled_decode_step"] = [compiled_decode_step_traffic(gptq_model, gq, b) for b in (1, 8)]
