@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import einfuse  # noqa: F401  (selects Triton's interpreter on CPU)
@@ -22,7 +22,6 @@ from einfuse.compress.codec import (
 )
 from einfuse.compress.format import CompressedTensor, CorruptCheckpoint, load, save
 from einfuse.compress.ternary import TernaryGrid, dequantize, ternary_gptq, ternary_rtn
-from einfuse.kinds.cdot import cdot, reference
 
 QMOE = (0.885, 0.0575, 0.0575)
 
