@@ -180,3 +180,17 @@ def test_roofline_plot_names_the_kernels_with_the_most_bytes(tmp_path):
     assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     biggest = sorted(kernels, key=lambda k: -k.unique_bytes)[:8]
     assert sorted(named) == sorted(k.name for k in biggest)
+
+
+def test_a_tensor_listed_twice_is_touched_once():
+    """Distinct bytes: a tensor passed to a launch twice (two regions at one address), or a view inside
+    another listed tensor, counts its touched elements once — by hand: 10 f32 of a, 3 of its view."""
+    import numpy as np
+
+    from einfuse.runtime.traffic import Traffic
+    a = torch.zeros(10)
+    view = a[2:5]
+    t = Traffic(regions=[(a.data_ptr(), 40, 4), (a.data_ptr(), 40, 4), (view.data_ptr(), 12, 4)])
+    t.touch(a.data_ptr() + 4 * np.arange(10), 4)
+    t.touch(view.data_ptr() + 4 * np.arange(3), 4)
+    assert t.unique_bytes == 40

@@ -18,6 +18,8 @@ class Traffic:
     _seen: dict = field(default_factory=dict)  # region index -> bool array of touched elements
 
     def touch(self, addrs: np.ndarray, elem: int) -> None:
+        """Mark the elements at `addrs` touched, each in the first region that holds it (a tensor listed
+        twice, or a view inside another listed tensor, is counted once)."""
         for n, (base, nbytes, esize) in enumerate(self.regions):
             inside = (addrs >= base) & (addrs < base + nbytes)
             if not inside.any():
@@ -26,6 +28,9 @@ class Traffic:
             if seen is None:
                 seen = self._seen[n] = np.zeros(max(1, nbytes // esize), dtype=bool)
             seen[((addrs[inside] - base) // esize).astype(np.int64)] = True
+            addrs = addrs[~inside]
+            if not addrs.size:
+                return
 
     @property
     def unique_bytes(self) -> int:
