@@ -90,16 +90,16 @@ def decode_step_traffic(model, compressed, batch: int) -> dict:
     t = Traffic()
     xs, seg, experts, order, token = mod.route(x, idx)
     # the step's second GEMM reads h, the SwiGLU of the first; allocate it up front so it is a known region
-    reads = [*stored(gu), *stored(dn), mod.dict_tensors, xs, seg, experts]
+    reads = [*stored(gu), *stored(dn), mod.dict_table, xs, seg, experts]
     for r in reads:
         t.regions.append((r.data_ptr(), r.numel() * r.element_size(), r.element_size()))
     with torch.inference_mode(), counting(t):
         from einfuse.kinds.cdot import cdot
-        gu_out = cdot(xs, gu, compressed.dictionary, seg, experts, dict_tensors=mod.dict_tensors)
+        gu_out = cdot(xs, gu, compressed.dictionary, seg, experts, dict_table=mod.dict_table)
         gate, up = gu_out.chunk(2, dim=-1)
         h = (mod.act_fn(gate) * up).contiguous()
         t.regions.append((h.data_ptr(), h.numel() * h.element_size(), h.element_size()))
-        yd = cdot(h, dn, compressed.dictionary, seg, experts, dict_tensors=mod.dict_tensors)
+        yd = cdot(h, dn, compressed.dictionary, seg, experts, dict_table=mod.dict_table)
     y = torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, yd * w.reshape(-1)[order, None].float())
     active = experts.tolist()
     want = layer(x, idx, w)
@@ -136,16 +136,16 @@ def compiled_decode_step_traffic(model, compressed, batch: int, ids: torch.Tenso
     layers = []  # per layer: Traffic and the (ct, experts, x) of its launches
     real = cdot_mod.cdot
 
-    def counted(x, ct, d, seg, experts, out=None, dict_tensors=None):
+    def counted(x, ct, d, seg, experts, out=None, dict_table=None):
         if not layers or len(layers[-1]["calls"]) == 2:
             layers.append({"traffic": Traffic(), "calls": []})
         layer = layers[-1]
         t = layer["traffic"]
-        for r in (x, *stored(ct), dict_tensors, seg, experts):
+        for r in (x, *stored(ct), dict_table, seg, experts):
             t.regions.append((r.data_ptr(), r.numel() * r.element_size(), r.element_size()))
         layer["calls"].append((ct, experts.clone(), x.shape))
         with counting(t):
-            return real(x, ct, d, seg, experts, out=out, dict_tensors=dict_tensors)
+            return real(x, ct, d, seg, experts, out=out, dict_table=dict_table)
 
     os.environ["EINFUSE_COMPRESSED_EXPERTS"] = "kernel"
     cdot_mod.cdot = counted

@@ -60,7 +60,7 @@ def test_fused_kernel_long_rows_16_bit_codes():
     dt = padded_dictionary(d)
     assert dt.dtype == torch.int64 and dt.numel() == 2 ** 16 and not dt[d.size:].any()
     out = torch.full((4, 20), float("nan"))
-    got = cdot(x, ct, d, seg, experts, out=out, dict_tensors=dt)
+    got = cdot(x, ct, d, seg, experts, out=out, dict_table=dt)
     assert got is out
     _assert_matches(x, ct, d, seg, experts, got)
 

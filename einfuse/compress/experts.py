@@ -237,13 +237,13 @@ def sort_by_expert(expert_of_row: torch.Tensor, num_experts: int):
 
 
 def project(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor, experts: torch.Tensor,
-            dict_tensors=None, kernel: bool = True) -> torch.Tensor:
+            dict_table=None, kernel: bool = True) -> torch.Tensor:
     """y [S, rows]: each active expert's rows x[seg[a]:seg[a+1]] @ W_e.T. `kernel`: the fused decode-and-
     multiply Triton kernel (einfuse.kinds.cdot; W never materialized); else the activated experts alone
     decoded (`CompressedTensor.dequantize_experts`) and multiplied — the CPU path, same values."""
     if kernel:
         from ..kinds.cdot import cdot
-        return cdot(x, ct, d, seg, experts, dict_tensors=dict_tensors)
+        return cdot(x, ct, d, seg, experts, dict_table=dict_table)
     W = ct.dequantize_experts(d, experts).to(x.device)
     y = torch.empty(x.shape[0], ct.shape[1], dtype=torch.float32, device=x.device)
     bounds = seg.tolist()
@@ -253,15 +253,15 @@ def project(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Ten
 
 
 def swiglu_experts(x: torch.Tensor, seg: torch.Tensor, experts: torch.Tensor, gate_up: CompressedTensor,
-                   down: CompressedTensor, d: Dictionary, act_fn, dict_tensors=None, kernel: bool = True,
-                   down_dictionary: Dictionary | None = None, down_dict_tensors=None):
+                   down: CompressedTensor, d: Dictionary, act_fn, dict_table=None, kernel: bool = True,
+                   down_dictionary: Dictionary | None = None, down_dict_table=None):
     """down(act(gate) * up) per expert segment of x [S, H] (rows sorted by expert), both projections
     through `project`; returns (y [S, H2], the intermediate h [S, I])."""
-    gu = project(x, gate_up, d, seg, experts, dict_tensors, kernel)
+    gu = project(x, gate_up, d, seg, experts, dict_table, kernel)
     gate, up = gu.chunk(2, dim=-1)
     h = (act_fn(gate) * up).contiguous()
     dd = down_dictionary if down_dictionary is not None else d
-    ddt = down_dict_tensors if down_dictionary is not None else dict_tensors
+    ddt = down_dict_table if down_dictionary is not None else dict_table
     return project(h, down, dd, seg, experts, ddt, kernel), h
 
 
@@ -285,8 +285,8 @@ def routed_moe(x: torch.Tensor, gate: torch.Tensor, up: tuple, up_meta: dict, do
     order, seg, experts = sort_by_expert(pairs[:, 1], wu.shape[0])
     token, expert = pairs[order, 0], pairs[order, 1]
     xs = x.index_select(0, token).float().contiguous()
-    y, _ = swiglu_experts(xs, seg, experts, wu, wd, du, torch.nn.functional.silu, dict_tensors=up[4],
-                          kernel=kernel, down_dictionary=dd, down_dict_tensors=down[4])
+    y, _ = swiglu_experts(xs, seg, experts, wu, wd, du, torch.nn.functional.silu, dict_table=up[4],
+                          kernel=kernel, down_dictionary=dd, down_dict_table=down[4])
     out = torch.zeros(x.shape[0], wd.shape[1], dtype=torch.float32, device=x.device)
     return out.index_add_(0, token, y * gate[token, expert][:, None].float())
 
@@ -300,7 +300,7 @@ class CompressedExperts(nn.Module):
         super().__init__()
         self.gate_up, self.down, self.dictionary, self.act_fn = gate_up, down, d, act_fn
         self.num_experts = gate_up.shape[0]
-        self.dict_tensors = padded_dictionary(d)
+        self.dict_table = padded_dictionary(d)
 
     def route(self, hidden_states, top_k_index):
         """Tokens sorted by expert: (x [T*k, H] f32, seg [A+1], active experts [A], order, token of each row)."""
@@ -312,7 +312,7 @@ class CompressedExperts(nn.Module):
     def experts_forward(self, x, seg, experts):
         """down(act(gate_up(x))) per expert segment, through the fused kernel; the intermediate h returned too."""
         return swiglu_experts(x, seg, experts, self.gate_up, self.down, self.dictionary, self.act_fn,
-                              self.dict_tensors)
+                              self.dict_table)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         T, H = hidden_states.shape

@@ -84,9 +84,9 @@ def constexprs(ct: CompressedTensor, d: Dictionary, bt: int, rows: int = GROUP) 
 
 
 def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor, experts: torch.Tensor,
-         out: torch.Tensor | None = None, dict_tensors: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, dict_table: torch.Tensor | None = None) -> torch.Tensor:
     """y [S, rows] for x [S, cols] (tokens sorted by expert), seg [A+1] token offsets, experts [A] ids.
-    `dict_tensors`: `padded_dictionary(d)` computed once by the caller, on x's device (else per call)."""
+    `dict_table`: `padded_dictionary(d)` computed once by the caller, on x's device (else per call)."""
     import triton  # noqa: F401  (selects the interpreter on CPU before the kernel module is imported)
 
     from .cdot_triton import cdot_kernel
@@ -104,7 +104,7 @@ def cdot(x: torch.Tensor, ct: CompressedTensor, d: Dictionary, seg: torch.Tensor
     if A == 0 or N == 0 or x.shape[0] == 0:
         return y.zero_() if out is None else y
     G = ct.bases.shape[1]
-    dt = dict_tensors if dict_tensors is not None else padded_dictionary(d).to(x.device)
+    dt = dict_table if dict_table is not None else padded_dictionary(d).to(x.device)
     seg = seg.to(torch.int32).contiguous()
     most = int((seg[1:] - seg[:-1]).max())
     rows = rows_per_program(A, G)
