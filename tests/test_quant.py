@@ -35,6 +35,25 @@ def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def cache_bytes_per_token(states):
+    """(bytes one token takes in the served 4-bit cache, the same in fp16) for the tiny 1-layer, 1-KV-head,
+    head-dim-64 models these tests serve."""
+    per_token = sum(t[0, 0].numel() * t.element_size() for t in states.values())
+    return per_token, 1 * 2 * 1 * 64 * 2  # layers x (K, V) x kv heads x head dim x 2 bytes
+
+
+def assert_serves_the_compiled_greedy_tokens(llm, q, n):
+    """`llm.generate` over the quantized cache gives the tokens greedy decoding of the compiled quantized
+    model (no cache) gives, `n` of them."""
+    prompt = ids_of(6, 20)[0].tolist()
+    out = llm.generate([prompt], max_new_tokens=n, ignore_eos=True)[0]
+    cm = q.compile((torch.tensor([prompt]),), {"use_cache": False}, backend="torch")
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(cm(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+
+
 # ---------------------------------------------------------------- formats
 
 def test_progressive_values_stay_in_int8_and_pack_roundtrips():
@@ -294,16 +313,9 @@ def test_quantized_llm_generates_from_4bit_cache(llama, tmp_path):
     llm = q.llm(backend="torch")
     states = {n: t for n, t in llm.runner.states.items()}
     assert any(t.dtype == torch.uint8 for t in states.values()) and any(t.dtype == torch.float16 for t in states.values())
-    per_token = sum(t[0, 0].numel() * t.element_size() for t in states.values())
-    fp16 = 1 * 2 * 1 * 64 * 2  # layers x (K, V) x kv heads x head dim x 2 bytes
+    per_token, fp16 = cache_bytes_per_token(states)
     assert per_token <= 0.3 * fp16
-    prompt = ids_of(6, 20)[0].tolist()
-    out = llm.generate([prompt], max_new_tokens=6, ignore_eos=True)[0]
-    cm = q.compile((torch.tensor([prompt]),), {"use_cache": False}, backend="torch")
-    seq = list(prompt)
-    for _ in range(6):
-        seq.append(int(cm(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+    assert_serves_the_compiled_greedy_tokens(llm, q, 6)
 
 
 def test_quantized_lm_head_is_untied_matches_the_oracle_and_roundtrips(llama, tmp_path):
@@ -442,16 +454,9 @@ def test_kv4_paged_cache_with_key_groups_stays_under_0_3_and_generates_like_the_
     states = dict(llm.runner.states)
     scales = [t for t in states.values() if t.dtype == torch.float16]
     assert sorted(t.shape[-1] for t in scales) == [1, 1, 2, 2]  # K: 2 groups of 32 per head, V: 1 per head
-    per_token = sum(t[0, 0].numel() * t.element_size() for t in states.values())
-    fp16 = 1 * 2 * 1 * 64 * 2  # layers x (K, V) x kv heads x head dim x 2 bytes
+    per_token, fp16 = cache_bytes_per_token(states)
     assert per_token == 76 and per_token <= 0.3 * fp16
-    prompt = ids_of(6, 20)[0].tolist()
-    out = llm.generate([prompt], max_new_tokens=4, ignore_eos=True)[0]
-    cm = q.compile((torch.tensor([prompt]),), {"use_cache": False}, backend="torch")
-    seq = list(prompt)
-    for _ in range(4):
-        seq.append(int(cm(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+    assert_serves_the_compiled_greedy_tokens(llm, q, 4)
 
 
 @pytest.mark.parametrize("form", ["per_head", "flat"])
